@@ -1,0 +1,48 @@
+"""elf-dd: ELF (EvaLuation with distillation Feature) for dataset distillation.
+
+Public API::
+
+    from elf import ELFTrainer, FeatureBank, split_model, list_split_points, ConvNet, create_model
+"""
+
+__version__ = "0.1.0"
+
+from .augment import DSA, DSAParams
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import ELFError
+from .feature_bank import FeatureBank
+from .losses import DISTANCES, feature_distance
+from .models import AlexNet, ConvNet, ResNet, VGG, create_model, default_split_point, list_models, register_model
+from .protocol import PROTOCOLS, Protocol, get_protocol
+from .split import SplitModules, SplitPoint, list_split_points, split_model
+from .trainer import Callback, ELFTrainer, EvalResult
+
+__all__ = [
+    "AlexNet",
+    "Callback",
+    "ConvNet",
+    "DISTANCES",
+    "DSA",
+    "DSAParams",
+    "ELFError",
+    "ELFTrainer",
+    "EvalResult",
+    "FeatureBank",
+    "PROTOCOLS",
+    "Protocol",
+    "ResNet",
+    "SplitModules",
+    "SplitPoint",
+    "VGG",
+    "__version__",
+    "create_model",
+    "default_split_point",
+    "feature_distance",
+    "get_protocol",
+    "list_models",
+    "list_split_points",
+    "load_checkpoint",
+    "register_model",
+    "save_checkpoint",
+    "split_model",
+]

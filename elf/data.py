@@ -1,0 +1,655 @@
+"""Real datasets: normalization conventions, uint8 image sets, ImageFolder/tar loading with a tensor cache, ZCA.
+
+Images are kept as uint8 tensors of shape (N, C, H, W) on the CPU and converted to normalized float on demand
+(:meth:`ImageSet.as_float`). Decoding an image tree is slow, so :func:`load_image_folder` stores the decoded
+tensors in a safetensors cache keyed by the source's content hash; the second load only hashes and reads.
+
+Normalization conventions differ between code bases (see :data:`CIFAR10_MTT` and :data:`CIFAR100_DC`); mixing them
+up between distillation and evaluation is the most common cause of near-chance accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ELFError
+from .fileio import file_sha256, load_tensors, save_tensors, tensor_sha256
+
+__all__ = [
+    "Normalization",
+    "CIFAR10_MTT",
+    "CIFAR100_DC",
+    "IMAGENET",
+    "NORMALIZATIONS",
+    "get_normalization",
+    "CIFAR10_CLASSES",
+    "ImageSet",
+    "default_cache_dir",
+    "default_data_path",
+    "load_image_folder",
+    "load_cifar",
+    "load_dataset",
+    "ZCA",
+    "fit_zca_cached",
+]
+
+PathLike = str | os.PathLike[str]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_CACHE_VERSION = "1"
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Normalization
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel normalization ``(x - mean) / std`` for float images in [0, 1] of shape (N, C, H, W) or (C, H, W)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ELFError(f"normalization {self.name!r}: mean has {len(self.mean)} values and std {len(self.std)}; give one of each per channel")
+        if any(s <= 0 for s in self.std):
+            raise ELFError(f"normalization {self.name!r}: std {self.std} must be positive")
+
+    @property
+    def channels(self) -> int:
+        """Number of channels C."""
+        return len(self.mean)
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() < 3 or x.shape[-3] != self.channels:
+            raise ELFError(
+                f"normalization {self.name!r} is for {self.channels} channels but got a tensor of shape {tuple(x.shape)}; "
+                "expected (N, C, H, W) or (C, H, W)"
+            )
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=dtype, device=x.device).view(-1, 1, 1)
+        return mean, std
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """[0, 1] float images (N, C, H, W) -> normalized images, same shape."""
+        mean, std = self._stats(x)
+        return (x - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalized images (N, C, H, W) -> [0, 1] float images (not clamped), same shape."""
+        mean, std = self._stats(x)
+        return x * std + mean
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict ``{"name", "mean", "std"}``."""
+        return {"name": self.name, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Normalization":
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), name=str(d.get("name", "custom")))
+        except (KeyError, TypeError) as e:
+            raise ELFError(f"not a normalization description: {d!r}; expected keys 'mean', 'std' and optionally 'name'") from e
+
+
+#: CIFAR-10 statistics as used by DC/DSA/DM for CIFAR-10 and by MTT/ELF/TESLA/DATM for CIFAR-10 *and* CIFAR-100.
+CIFAR10_MTT = Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar10_mtt")
+#: CIFAR-100's own statistics, used by DC/DSA/DM for CIFAR-100 (not by MTT, which reuses CIFAR10_MTT).
+CIFAR100_DC = Normalization((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762), "cifar100_dc")
+#: The usual ImageNet statistics (torchvision models, Tiny-ImageNet in the DD code bases).
+IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet")
+
+NORMALIZATIONS: dict[str, Normalization] = {n.name: n for n in (CIFAR10_MTT, CIFAR100_DC, IMAGENET)}
+
+
+def get_normalization(name: str) -> Normalization:
+    """Look up a named normalization (``cifar10_mtt``, ``cifar100_dc``, ``imagenet``)."""
+    key = name.lower().replace("-", "_")
+    if key not in NORMALIZATIONS:
+        raise ELFError(f"unknown normalization {name!r}; known: {', '.join(sorted(NORMALIZATIONS))}")
+    return NORMALIZATIONS[key]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ImageSet
+
+
+def _as_index_tensor(indices: Tensor | Sequence[int] | np.ndarray) -> Tensor:
+    idx = torch.as_tensor(indices)
+    if idx.dtype == torch.bool:
+        idx = idx.nonzero().flatten()
+    if idx.dim() != 1 or (idx.numel() and idx.is_floating_point()):
+        raise ELFError(f"indices must be a 1-D integer or boolean sequence, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+    return idx.long()
+
+
+@dataclass
+class ImageSet:
+    """A labelled real image set.
+
+    ``images``: uint8 (N, C, H, W) on CPU; ``labels``: int64 (N,); ``classes``: class names (index = label);
+    ``source_hash``: hex digest identifying the content (source file, split and decoding), used as a cache key.
+    """
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+    source_hash: str
+    origin: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ELFError(
+                f"ImageSet.images must be a uint8 tensor (N, C, H, W), got "
+                f"{getattr(self.images, 'dtype', type(self.images))} {tuple(getattr(self.images, 'shape', ()))}"
+            )
+        self.images = self.images.cpu()
+        self.labels = torch.as_tensor(self.labels).cpu().long()
+        if self.labels.shape != (self.images.shape[0],):
+            raise ELFError(f"ImageSet.labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+        self.classes = list(self.classes)
+        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            raise ELFError(f"ImageSet labels must lie in [0, {len(self.classes)}) (one per class name)")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes K (length of ``classes``)."""
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def class_counts(self) -> Tensor:
+        """Images per class, int64 (K,)."""
+        return torch.bincount(self.labels, minlength=self.num_classes)
+
+    def as_float(
+        self,
+        normalization: Normalization | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Images as float (N, C, H, W) on ``device``: scaled to [0, 1], then normalized if ``normalization`` is given."""
+        x = self.images.to(device=device or "cpu").to(dtype).div_(255.0)
+        if normalization is not None:
+            mean, std = normalization._stats(x)
+            x.sub_(mean).div_(std)
+        return x
+
+    def subset(self, indices: Tensor | Sequence[int] | np.ndarray) -> "ImageSet":
+        """The images at ``indices`` (int or bool), in that order; the result gets a derived ``source_hash``."""
+        idx = _as_index_tensor(indices)
+        if idx.numel() and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
+            raise ELFError(f"subset indices out of range for an ImageSet of {len(self)} images")
+        h = hashlib.sha256(f"{self.source_hash}|subset|{tensor_sha256(idx)}".encode()).hexdigest()
+        return ImageSet(self.images[idx].clone(), self.labels[idx].clone(), list(self.classes), h, self.origin)
+
+    def per_class(self, k: int, generator: torch.Generator | None = None) -> "ImageSet":
+        """A random class-balanced subset of ``k`` images per class, class-major (all of class 0, then class 1, ...)."""
+        if k <= 0:
+            raise ELFError(f"per_class: k must be positive, got {k}")
+        picks = []
+        for c in range(self.num_classes):
+            idx = (self.labels == c).nonzero().flatten()
+            if idx.numel() < k:
+                raise ELFError(f"per_class: class {c} ({self.classes[c]!r}) has {idx.numel()} images, fewer than k={k}")
+            chosen = idx[torch.randperm(idx.numel(), generator=generator)[:k]]
+            picks.append(chosen.sort().values)
+        return self.subset(torch.cat(picks))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding image trees
+
+
+def default_cache_dir() -> Path:
+    """Cache directory: env ``ELF_CACHE`` or ``~/.cache/elf-dd``."""
+    env = os.environ.get("ELF_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "elf-dd"
+
+
+def default_data_path() -> Path | None:
+    """The dataset path in env ``ELF_DATA``, or None when unset."""
+    env = os.environ.get("ELF_DATA")
+    return Path(env).expanduser() if env else None
+
+
+def _is_archive(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith(ARCHIVE_SUFFIXES)
+
+
+def _classify(rel: str, split: str | None) -> tuple[tuple[str, ...], str] | None:
+    """Map a relative file path to (prefix folders, class name), or None when the file is not part of the split."""
+    parts = tuple(p for p in rel.replace("\\", "/").split("/") if p not in ("", "."))
+    if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return None
+    if not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+        return None
+    if split is not None:
+        if len(parts) < 3 or parts[-3] != split:
+            return None
+        return parts[:-3], parts[-2]
+    if len(parts) < 2:
+        raise ELFError(f"image {rel!r} is not inside a class folder; an image tree must look like <class>/<image> or <split>/<class>/<image>")
+    return parts[:-2], parts[-2]
+
+
+def _decode_bytes(data: bytes, name: str, mode: str) -> Tensor:
+    """Encoded image bytes -> uint8 (C, H, W); ``mode`` "RGB" (C=3) or "L" (C=1)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=getattr(ImageReadMode, "RGB" if mode == "RGB" else "GRAY"))
+    except (RuntimeError, ValueError):
+        pass  # formats torchvision cannot decode (bmp, tiff, ...): fall back to PIL
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert(mode))
+    except Exception as e:
+        raise ELFError(f"{name}: cannot decode this image ({e}); remove or replace the file") from e
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _iter_archive(path: Path, split: str | None) -> Iterator[tuple[str, tuple[str, ...], str, bytes]]:
+    """Stream (name, prefix, class, bytes) for the image members of a tar archive, without extracting to disk."""
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key = _classify(member.name, split)
+                if key is None:
+                    continue
+                f = tf.extractfile(member)
+                if f is None:
+                    continue
+                yield member.name, key[0], key[1], f.read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ELFError(f"{path}: cannot read this tar archive ({e}); check that the file is complete") from e
+
+
+def _list_directory(root: Path, split: str | None) -> list[tuple[str, tuple[str, ...], str]]:
+    """(relative path, prefix, class) for the image files under ``root``, in sorted order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            rel = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
+            key = _classify(rel, split)
+            if key is not None:
+                out.append((rel, key[0], key[1]))
+    return out
+
+
+def _directory_hash(root: Path, files: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for rel in files:
+        data = (root / rel).read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _top_level_folders(path: Path) -> list[str]:
+    if path.is_dir():
+        return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names: set[str] = set()
+    with tarfile.open(path, "r|*") as tf:
+        for m in tf:
+            parts = [p for p in m.name.split("/") if p not in ("", ".")]
+            if len(parts) > 1 or m.isdir():
+                names.add(parts[0])
+    return sorted(names)
+
+
+def _assemble(
+    path: Path,
+    items: Iterable[tuple[str, tuple[str, ...], str, bytes]],
+    split: str | None,
+    mode: str,
+    progress: bool,
+    total: int | None,
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode items into class-major uint8 images (N, C, H, W), labels (N,) and sorted class names."""
+    from tqdm.auto import tqdm
+
+    records: list[tuple[str, str, Tensor]] = []
+    prefixes: set[tuple[str, ...]] = set()
+    first: tuple[str, tuple[int, ...]] | None = None
+    bar = tqdm(items, total=total, desc=f"decoding {path.name}" + (f" [{split}]" if split else ""), unit="img", disable=not progress)
+    for name, prefix, cls, data in bar:
+        prefixes.add(prefix)
+        img = _decode_bytes(data, f"{path}:{name}", mode)
+        if first is None:
+            first = (name, tuple(img.shape))
+        elif tuple(img.shape) != first[1]:
+            raise ELFError(
+                f"{path}: image {name} has shape (C, H, W) = {tuple(img.shape)} but {first[0]} has {first[1]}; "
+                "all images must share one size: resize them beforehand"
+            )
+        records.append((cls, name, img))
+    bar.close()
+    if not records:
+        folders = _top_level_folders(path)
+        where = f"under a {split!r} folder " if split else ""
+        raise ELFError(
+            f"{path}: found no images {where}(expected <split>/<class>/<image> or <class>/<image>; "
+            f"top-level folders: {', '.join(folders) or 'none'}). Pass split= one of those folders or fix the layout"
+        )
+    if len(prefixes) > 1:
+        shown = sorted("/".join(p) or "." for p in prefixes)
+        raise ELFError(
+            f"{path}: images sit under several parent folders ({', '.join(shown[:6])}); "
+            "pass split= to pick one of them (e.g. 'train' or 'test') or point at a single <class>/<image> tree"
+        )
+    classes = sorted({r[0] for r in records})
+    index = {c: i for i, c in enumerate(classes)}
+    records.sort(key=lambda r: (index[r[0]], r[1]))
+    images = torch.stack([r[2] for r in records])
+    labels = torch.tensor([index[r[0]] for r in records], dtype=torch.int64)
+    return images, labels, classes
+
+
+def _decode_tree(path: PathLike, split: str | None = None, *, mode: str = "RGB", progress: bool = False) -> ImageSet:
+    """Decode an ImageFolder directory or tar archive without any caching (for small trees)."""
+    path = Path(path)
+    if _is_archive(path):
+        content = file_sha256(path)
+        items: Iterable[tuple[str, tuple[str, ...], str, bytes]] = _iter_archive(path, split)
+        total = None
+    elif path.is_dir():
+        files = _list_directory(path, split)
+        content = _directory_hash(path, (f[0] for f in files))
+        items = ((rel, pre, cls, (path / rel).read_bytes()) for rel, pre, cls in files)
+        total = len(files)
+    else:
+        raise ELFError(f"{path}: not an image folder or a tar archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    images, labels, classes = _assemble(path, items, split, mode, progress, total)
+    return ImageSet(images, labels, classes, _source_key(content, split, mode), str(path))
+
+
+def _source_key(content_hash: str, split: str | None, mode: str) -> str:
+    return hashlib.sha256(f"elf-imageset|v{_CACHE_VERSION}|{content_hash}|split={split}|mode={mode}".encode()).hexdigest()
+
+
+def load_image_folder(
+    path: PathLike,
+    split: str | None = None,
+    *,
+    cache_dir: PathLike | None = None,
+    progress: bool = True,
+    mode: str = "RGB",
+) -> ImageSet:
+    """Load an ImageFolder tree (``<class>/<image>``; sorted class names give labels) from a directory or tar archive.
+
+    ``split`` picks a top-level folder (``"train"``/``"test"``). Images are decoded once (``mode`` "RGB": C=3,
+    "L": C=1) into uint8 (N, C, H, W), class-major, and cached under ``cache_dir`` (default
+    :func:`default_cache_dir`) keyed by the content hash of the source (the archive's sha256, or a hash over the
+    relative paths and bytes of a directory's image files) plus split and mode. A cache whose tensors do not match
+    their stored hash is reported with a warning and rebuilt.
+    """
+    path = Path(path).expanduser()
+    if mode not in ("RGB", "L"):
+        raise ELFError(f"mode must be 'RGB' or 'L', got {mode!r}")
+    if _is_archive(path):
+        content = file_sha256(path)
+        files = None
+    elif path.is_dir():
+        files = _list_directory(path, split)
+        content = _directory_hash(path, (f[0] for f in files))
+    elif path.exists():
+        raise ELFError(f"{path}: not a directory or a tar archive ({', '.join(ARCHIVE_SUFFIXES)}); give an ImageFolder tree")
+    else:
+        raise ELFError(f"{path}: no such file or directory")
+    key = _source_key(content, split, mode)
+    cache_file = Path(cache_dir or default_cache_dir()).expanduser() / f"imageset-{key[:40]}.safetensors"
+
+    if cache_file.is_file():
+        cached = _read_cache(cache_file, key)
+        if cached is not None:
+            images, labels, classes = cached
+            return ImageSet(images, labels, classes, key, str(path))
+
+    if files is None:
+        items: Iterable[tuple[str, tuple[str, ...], str, bytes]] = _iter_archive(path, split)
+        total = None
+    else:
+        items = ((rel, pre, cls, (path / rel).read_bytes()) for rel, pre, cls in files)
+        total = len(files)
+    images, labels, classes = _assemble(path, items, split, mode, progress, total)
+    meta = {
+        "format": "elf-dd/imageset",
+        "version": _CACHE_VERSION,
+        "source_hash": key,
+        "content_sha256": content,
+        "split": json.dumps(split),
+        "mode": mode,
+        "classes": json.dumps(classes),
+        "origin": str(path),
+        "tensor_sha256": tensor_sha256(images, labels),
+    }
+    try:
+        save_tensors(cache_file, {"images": images, "labels": labels}, meta)
+    except OSError as e:
+        warnings.warn(f"could not write the image cache {cache_file} ({e}); set ELF_CACHE or cache_dir= to a writable folder", stacklevel=2)
+    return ImageSet(images, labels, classes, key, str(path))
+
+
+def _read_cache(cache_file: Path, key: str) -> tuple[Tensor, Tensor, list[str]] | None:
+    """Read and verify a decoded-image cache; None (with a warning) when it is unusable."""
+    try:
+        tensors, meta = load_tensors(cache_file)
+        images, labels = tensors["images"], tensors["labels"]
+        ok = (
+            meta.get("format") == "elf-dd/imageset"
+            and meta.get("source_hash") == key
+            and meta.get("tensor_sha256") == tensor_sha256(images, labels)
+        )
+        classes = json.loads(meta["classes"])
+    except (ELFError, KeyError, ValueError) as e:
+        warnings.warn(f"image cache {cache_file} is unreadable ({e}); decoding the source again", stacklevel=3)
+        return None
+    if not ok:
+        warnings.warn(f"image cache {cache_file} does not match its stored hash; decoding the source again", stacklevel=3)
+        return None
+    return images, labels, classes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchvision CIFAR and the generic entry point
+
+
+def load_cifar(name: str, root: PathLike, train: bool, download: bool = True) -> ImageSet:
+    """CIFAR-10/100 through ``torchvision.datasets`` (``name`` "cifar10" or "cifar100"); images uint8 (N, 3, 32, 32)."""
+    import torchvision.datasets as tvd
+
+    key = name.lower().replace("-", "")
+    classes_by_name = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+    if key not in classes_by_name:
+        raise ELFError(f"unknown CIFAR variant {name!r}; use 'cifar10' or 'cifar100'")
+    root = Path(root).expanduser()
+    try:
+        ds = getattr(tvd, classes_by_name[key])(root=str(root), train=train, download=download)
+    except Exception as e:  # URLError, OSError, RuntimeError('Dataset not found or corrupted'), ...
+        raise ELFError(
+            f"could not {'download' if download else 'find'} {key} under {root} ({type(e).__name__}: {e}). "
+            "If this machine is offline, pass a local ImageFolder directory or .tar/.tar.gz archive instead, e.g. "
+            "load_dataset('/path/to/cifar10-jpeg.tar.gz', split='train'), or set ELF_DATA to that path"
+        ) from e
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    split = "train" if train else "test"
+    h = hashlib.sha256(f"torchvision:{key}|{split}|{tensor_sha256(images, labels)}".encode()).hexdigest()
+    return ImageSet(images, labels, list(ds.classes), h, f"torchvision:{key}:{split}")
+
+
+def load_dataset(spec: str | PathLike, split: str | None = "train", **kw: Any) -> ImageSet:
+    """Load a real dataset: ``spec`` "cifar10"/"cifar100" (torchvision; keywords ``root``, ``download``) or a path
+    to an ImageFolder directory / tar archive (keywords of :func:`load_image_folder`)."""
+    s = str(spec)
+    if s.lower().replace("-", "") in ("cifar10", "cifar100") and not Path(s).exists():
+        if split not in ("train", "test"):
+            raise ELFError(f"{s}: split must be 'train' or 'test', got {split!r}")
+        root = kw.pop("root", default_cache_dir() / "torchvision")
+        download = kw.pop("download", True)
+        if kw:
+            raise ELFError(f"load_dataset({s!r}) does not take {', '.join(sorted(kw))}; it takes root= and download=")
+        return load_cifar(s, root, train=split == "train", download=download)
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise ELFError(f"{s!r} is neither a known dataset name (cifar10, cifar100) nor an existing directory or archive")
+    return load_image_folder(path, split, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ZCA whitening
+
+
+class ZCA:
+    """ZCA whitening of flattened images as in the DD code bases (kornia ``ZCAWhitening``, eps 0.1).
+
+    With the data mean m and the unbiased covariance U diag(S) U^T of the flattened (N, C*H*W) images,
+    ``transform(x) = (x - m) W`` with W = U diag(1/sqrt(S + eps)) U^T, and ``inverse(z) = z W^-1 + m``.
+    Fit it on the whole *normalized* training set and apply it to normalized images.
+    """
+
+    def __init__(self, mean: Tensor, W: Tensor, W_inv: Tensor, shape: tuple[int, ...], eps: float, info: dict[str, str] | None = None):
+        d = int(np.prod(shape))
+        if mean.shape != (d,) or W.shape != (d, d) or W_inv.shape != (d, d):
+            raise ELFError(f"ZCA tensors do not match image shape {shape}: mean {tuple(mean.shape)}, W {tuple(W.shape)}")
+        self.mean, self.W, self.W_inv = mean, W, W_inv
+        self.shape = tuple(int(s) for s in shape)
+        self.eps = float(eps)
+        self.info = dict(info or {})
+
+    @classmethod
+    def fit(cls, x: Tensor, eps: float = 0.1, batch_size: int = 4096) -> "ZCA":
+        """Fit on float images (N, C, H, W) (already normalized)."""
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ELFError(f"ZCA.fit needs float images (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        return cls._fit_batches(lambda: (x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)), tuple(x.shape[1:]), x.shape[0], eps)
+
+    @classmethod
+    def _fit_batches(cls, batches: Callable[[], Iterable[Tensor]], shape: tuple[int, ...], n: int, eps: float) -> "ZCA":
+        """Two passes over ``batches()`` (mean, then centered Gram matrix accumulated in float64)."""
+        if n < 2:
+            raise ELFError("ZCA.fit needs at least 2 images")
+        d = int(np.prod(shape))
+        total = torch.zeros(d, dtype=torch.float64)
+        for b in batches():
+            total += b.reshape(b.shape[0], -1).double().sum(0).cpu()
+        mean = total / n
+        mean32 = mean.float()
+        gram = torch.zeros(d, d, dtype=torch.float64)
+        for b in batches():
+            xc = b.reshape(b.shape[0], -1).float().cpu() - mean32
+            gram += (xc.T @ xc).double()
+        cov = gram / (n - 1)
+        S, U = torch.linalg.eigh(cov)
+        S = S.clamp_min(0.0)
+        W = (U * (S + eps).rsqrt()) @ U.T
+        W_inv = (U * (S + eps).sqrt()) @ U.T
+        return cls(mean32, W.float(), W_inv.float(), shape, eps)
+
+    def _flat(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ELFError(f"ZCA was fit on images of shape {self.shape}, got {tuple(x.shape)}; expected (N, {', '.join(map(str, self.shape))})")
+        return x.reshape(x.shape[0], -1)
+
+    def transform(self, x: Tensor) -> Tensor:
+        """Whiten float images (N, C, H, W) -> (N, C, H, W)."""
+        flat = self._flat(x)
+        W, m = self.W.to(flat.device, flat.dtype), self.mean.to(flat.device, flat.dtype)
+        return ((flat - m) @ W).reshape(x.shape)
+
+    __call__ = transform
+
+    def inverse(self, x: Tensor) -> Tensor:
+        """Undo :meth:`transform`: whitened (N, C, H, W) -> normalized images (N, C, H, W)."""
+        flat = self._flat(x)
+        W_inv, m = self.W_inv.to(flat.device, flat.dtype), self.mean.to(flat.device, flat.dtype)
+        return (flat @ W_inv + m).reshape(x.shape)
+
+    def to(self, device: str | torch.device) -> "ZCA":
+        """A copy with its matrices on ``device`` (avoids a transfer on every call)."""
+        return ZCA(self.mean.to(device), self.W.to(device), self.W_inv.to(device), self.shape, self.eps, self.info)
+
+    def save(self, path: PathLike) -> Path:
+        """Write to a safetensors file (atomic)."""
+        meta = {"format": "elf-dd/zca", "eps": repr(self.eps), "shape": json.dumps(list(self.shape)), "info": json.dumps(self.info)}
+        return save_tensors(path, {"mean": self.mean, "W": self.W, "W_inv": self.W_inv}, meta)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "ZCA":
+        """Read a file written by :meth:`save`."""
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != "elf-dd/zca":
+            raise ELFError(f"{path}: not an elf-dd ZCA file (format {meta.get('format')!r}); create it with ZCA.save")
+        try:
+            return cls(tensors["mean"], tensors["W"], tensors["W_inv"], tuple(json.loads(meta["shape"])), float(meta["eps"]), json.loads(meta.get("info", "{}")))
+        except (KeyError, ValueError) as e:
+            raise ELFError(f"{path}: incomplete ZCA file ({e}); delete it and fit again") from e
+
+
+def fit_zca_cached(
+    imageset: ImageSet,
+    normalization: Normalization | None,
+    eps: float = 0.1,
+    cache_dir: PathLike | None = None,
+    batch_size: int = 4096,
+) -> ZCA:
+    """Fit :class:`ZCA` on ``imageset`` normalized with ``normalization``; cached under ``cache_dir`` keyed by
+    the set's ``source_hash``, the normalization and ``eps``."""
+    norm = json.dumps(normalization.to_dict() if normalization else None, sort_keys=True)
+    key = hashlib.sha256(f"elf-zca|v1|{imageset.source_hash}|{norm}|{eps!r}".encode()).hexdigest()
+    path = Path(cache_dir or default_cache_dir()).expanduser() / f"zca-{key[:40]}.safetensors"
+    if path.is_file():
+        try:
+            zca = ZCA.load(path)
+            if zca.info.get("key") == key:
+                return zca
+            warnings.warn(f"ZCA cache {path} belongs to another key; fitting again", stacklevel=2)
+        except ELFError as e:
+            warnings.warn(f"ZCA cache {path} is unusable ({e}); fitting again", stacklevel=2)
+    n = len(imageset)
+
+    def batches() -> Iterator[Tensor]:
+        for i in range(0, n, batch_size):
+            x = imageset.images[i : i + batch_size].float().div_(255.0)
+            yield normalization.normalize(x) if normalization is not None else x
+
+    zca = ZCA._fit_batches(batches, imageset.image_shape, n, eps)
+    zca.info = {"key": key, "source_hash": imageset.source_hash, "normalization": norm}
+    zca.save(path)
+    return zca

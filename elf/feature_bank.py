@@ -1,0 +1,234 @@
+"""FeatureBank: the teacher's feature F(x) for every synthetic image, computed once and kept on the device.
+
+Stored as safetensors with string metadata (teacher and image content hashes, split point, shape, dtype, a hash
+of the features themselves, library version). A cache directory keyed by the content hashes makes evaluating the
+same (teacher, images, point) again compute nothing; every read is verified against the stored hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .errors import ELFError
+from .fileio import PathLike, load_tensors, save_tensors, state_dict_sha256, tensor_sha256
+from .models import create_model, default_split_point
+from .split import split_model
+
+__all__ = ["FeatureBank"]
+
+FORMAT = "elf-feature-bank/1"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise ELFError(f"feature storage dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ELFError(f"feature storage dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    _dtype_name(dtype)
+    return dtype
+
+
+class FeatureBank:
+    """Teacher features ``(N, C, h, w)`` aligned with the synthetic images, resident on one device.
+
+    Build with :meth:`build` (a teacher module) or :meth:`from_checkpoint` (a file plus a model name); save and load
+    with :meth:`save` / :meth:`load`. Index with a LongTensor of image indices to get float32 features.
+    """
+
+    def __init__(self, features: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
+        if features.dim() < 2:
+            raise ELFError(f"features must be (N, ...) with one row per image, got shape {tuple(features.shape)}")
+        self.features = features
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    # ---- access -------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
+        """Features of the given images as float32 (storage may be float16/bfloat16)."""
+        return self.features[index].float()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-image feature shape, e.g. ``(512, 4, 4)``."""
+        return tuple(self.features.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    @property
+    def point(self) -> str | None:
+        return self.metadata.get("point")
+
+    def to(self, device: torch.device | str) -> FeatureBank:
+        """Move the features to ``device`` (returns ``self``)."""
+        self.features = self.features.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"FeatureBank(n={len(self)}, shape={self.shape}, dtype={self.features.dtype}, point={self.point!r}, device={self.device})"
+
+    # ---- building -----------------------------------------------------------------------------------------
+    @staticmethod
+    def cache_key(teacher_sha256: str, images_sha256: str, point: str, dtype: torch.dtype) -> str:
+        """Content key of a bank: hash of the teacher's weights, the images, the point and the storage dtype."""
+        raw = f"{FORMAT}|{teacher_sha256}|{images_sha256}|{point}|{_dtype_name(dtype)}"
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    @classmethod
+    def build(
+        cls,
+        teacher: nn.Module,
+        images: torch.Tensor,
+        point: str | None = None,
+        *,
+        batch_size: int = 256,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        cache_dir: PathLike | None = None,
+        progress: bool = False,
+    ) -> FeatureBank:
+        """Run ``teacher`` up to ``point`` on every image (eval mode, no grad, in batches) and keep the result.
+
+        Args:
+            teacher: the distillation model trained on real data (e.g. ``ConvNetW512``).
+            images: synthetic images ``(N, C, H, W)``, normalized as the teacher expects, un-augmented.
+            point: split point of the teacher (default: its ``elf_split_point``, "features" for ConvNet).
+            batch_size: images per teacher forward. device: where to compute and keep the features
+                (default: the teacher's device). dtype: storage dtype, float32 (default), float16 or bfloat16.
+            cache_dir: if given, reuse ``<cache_dir>/<key>.safetensors`` when its key matches, else write it.
+            progress: print a progress bar over batches.
+        """
+        if images.dim() != 4:
+            raise ELFError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        point = point or default_split_point(teacher)
+        dtype = _resolve_dtype(dtype)
+        param = next(teacher.parameters(), None)
+        dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        teacher_hash = state_dict_sha256(teacher)
+        images_hash = tensor_sha256(images)
+        key = cls.cache_key(teacher_hash, images_hash, point, dtype)
+        cache_file = Path(cache_dir) / f"features-{key[:40]}.safetensors" if cache_dir is not None else None
+        if cache_file is not None and cache_file.exists():
+            try:
+                bank = cls.load(cache_file, device=dev)
+                if bank.metadata.get("key") == key:
+                    return bank
+                warnings.warn(f"feature cache {cache_file} holds another key; recomputing", stacklevel=2)
+            except ELFError as e:
+                warnings.warn(f"feature cache {cache_file} is unusable ({e}); recomputing", stacklevel=2)
+        front = split_model(teacher, point).front
+        was_training = teacher.training
+        teacher.eval()
+        chunks = []
+        batches = range(0, images.shape[0], batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="teacher features", unit="batch")
+        try:
+            with torch.no_grad():
+                for start in batches:
+                    x = images[start : start + batch_size].to(dev, non_blocking=True)
+                    chunks.append(front(x).to(dtype))
+        finally:
+            teacher.train(was_training)
+        features = torch.cat(chunks)
+        meta = {
+            "format": FORMAT,
+            "key": key,
+            "teacher_sha256": teacher_hash,
+            "teacher_class": type(teacher).__name__,
+            "teacher_model": str(getattr(teacher, "elf_model_name", type(teacher).__name__)),
+            "images_sha256": images_hash,
+            "point": point,
+            "shape": ",".join(map(str, features.shape)),
+            "dtype": _dtype_name(dtype),
+        }
+        bank = cls(features, meta)
+        if cache_file is not None:
+            bank.save(cache_file)
+        return bank
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: PathLike,
+        model: str,
+        images: torch.Tensor,
+        point: str | None = None,
+        *,
+        num_classes: int = 10,
+        **build_kwargs: Any,
+    ) -> FeatureBank:
+        """Build from a teacher checkpoint file (safetensors or ``weights_only`` torch file) and its model name."""
+        if images.dim() != 4:
+            raise ELFError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        teacher = create_model(model, channel=images.shape[1], num_classes=num_classes, im_size=tuple(images.shape[2:]))
+        load_checkpoint(teacher, checkpoint)
+        device = build_kwargs.get("device")
+        if device is not None:
+            teacher.to(device)
+        return cls.build(teacher, images, point, **build_kwargs)
+
+    # ---- files ----------------------------------------------------------------------------------------------
+    def save(self, path: PathLike) -> Path:
+        """Write features and metadata to a safetensors file (atomic), with a hash of the features for verification."""
+        meta = dict(self.metadata)
+        meta.setdefault("format", FORMAT)
+        meta["features_sha256"] = tensor_sha256(self.features)
+        meta["shape"] = ",".join(map(str, self.features.shape))
+        meta["dtype"] = _dtype_name(self.features.dtype)
+        from . import __version__
+
+        meta["elf_version"] = __version__
+        return save_tensors(path, {"features": self.features}, meta)
+
+    @classmethod
+    def load(cls, path: PathLike, device: torch.device | str = "cpu", verify: bool = True) -> FeatureBank:
+        """Read a bank written by :meth:`save`; ``verify`` checks the stored hash, shape and dtype.
+
+        Raises:
+            ELFError: missing, truncated or tampered file.
+        """
+        tensors, meta = load_tensors(path)
+        if "features" not in tensors or meta.get("format") != FORMAT:
+            raise ELFError(f"{path}: not an elf-dd feature bank (expected a 'features' tensor and format {FORMAT!r})")
+        features = tensors["features"]
+        if verify:
+            expected_shape = ",".join(map(str, features.shape))
+            if meta.get("shape") != expected_shape or meta.get("dtype") != _dtype_name(features.dtype):
+                raise ELFError(f"{path}: features have shape {expected_shape} / {features.dtype} but the metadata says "
+                               f"{meta.get('shape')} / {meta.get('dtype')}; the file was modified, rebuild it")
+            if meta.get("features_sha256") != tensor_sha256(features):
+                raise ELFError(f"{path}: the features do not match their stored hash; the file was modified or corrupted, rebuild it")
+        return cls(features.to(device), meta)
+
+    def check_matches(self, images: torch.Tensor) -> None:
+        """Raise if this bank was computed for other images (by count, and by content hash when recorded)."""
+        if images.shape[0] != len(self):
+            raise ELFError(f"the feature bank holds {len(self)} features but there are {images.shape[0]} images")
+        recorded = self.metadata.get("images_sha256")
+        if recorded is not None and recorded != tensor_sha256(images):
+            raise ELFError("the feature bank was computed for other images (content hash differs); rebuild it for these images")
+
+

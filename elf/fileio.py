@@ -1,0 +1,143 @@
+"""File helpers shared by every module that reads or writes: atomic writes, content hashes, safe loading.
+
+Rules this module enforces for the whole library:
+
+* writes are atomic (a temporary file in the same directory, then :func:`os.replace`);
+* caches are keyed by content hashes (:func:`tensor_sha256`, :func:`state_dict_sha256`);
+* untrusted files are never unpickled: :func:`safe_torch_load` uses ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ELFError
+
+__all__ = [
+    "atomic_write",
+    "file_sha256",
+    "tensor_sha256",
+    "state_dict_sha256",
+    "save_tensors",
+    "load_tensors",
+    "safe_torch_load",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path`` atomically; returns ``path``.
+
+    A crash while writing leaves at most a stray ``*.tmp`` file, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def file_sha256(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        # view as bytes so every dtype (bf16 included) hashes without a numpy round trip
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    """Hex SHA-256 over dtype, shape and bytes of one or more tensors (device and grad state ignored)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        _update_with_tensor(h, t)
+    return h.hexdigest()
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
+    """Hex SHA-256 of a module's (or a state dict's) names, dtypes, shapes and values, in sorted key order."""
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    h = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        h.update(key.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            _update_with_tensor(h, value)
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a safetensors file atomically. Metadata values are stored as strings."""
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
+
+
+def load_tensors(path: PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file: ``(tensors, metadata)``. A missing or unreadable file raises :class:`ELFError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ELFError(f"{path}: no such file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ELFError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt, delete it and recreate it") from e
+    return tensors, meta
+
+
+def safe_torch_load(path: PathLike, allowlist: Iterable[Any] = (), map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` that never runs pickled code: ``weights_only=True`` plus the given allowlisted globals.
+
+    A file that needs anything beyond plain tensors, containers and the allowlist is refused with an
+    :class:`ELFError` that says why and how to convert it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ELFError(f"{path}: no such file")
+    allow = list(allowlist)
+    try:
+        if allow:
+            with torch.serialization.safe_globals(allow):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise ELFError(
+            f"{path}: refused to load: the file needs objects that are not plain tensors or containers ({e}). "
+            "elf-dd never unpickles arbitrary code. If you trust the file, convert it once with "
+            "torch.load(path, weights_only=False) in your own session and save the tensors with "
+            "safetensors.torch.save_file or torch.save of a dict of tensors."
+        ) from e

@@ -1,0 +1,528 @@
+"""Synthetic (distilled) sets and the file formats published by the dataset-distillation code bases.
+
+* our format: :func:`save_synthetic` / :func:`load_synthetic` (safetensors + string metadata);
+* MTT / ELF / TESLA / DATM ``images_best.pt`` + ``labels_best.pt`` (+ ``lr_best.pt``): :func:`load_mtt`;
+* DC / DSA / DM ``res_<method>_<dataset>_<model>_<ipc>ipc.pt``: :func:`load_dc_result`;
+* KIP-style ``.npz`` (NHWC images, one-hot labels): :func:`load_npz`;
+* a folder of class subfolders of PNG images: :func:`load_image_dir`;
+* MTT expert trajectories ``replay_buffer_<n>.pt``: :func:`load_expert_buffer`, :func:`load_parameters_into`,
+  :func:`recompute_bn_stats`.
+
+Every ``.pt`` file is read with ``torch.load(weights_only=True)`` (:func:`elf.fileio.safe_torch_load`): a file
+that would run code when unpickled is refused with an :class:`ELFError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import CIFAR10_CLASSES, CIFAR10_MTT, CIFAR100_DC, Normalization, _decode_tree
+from .errors import ELFError
+from .fileio import file_sha256, load_tensors, safe_torch_load, save_tensors
+
+__all__ = [
+    "SyntheticSet",
+    "LABEL_KINDS",
+    "infer_label_kind",
+    "save_synthetic",
+    "load_synthetic",
+    "load_mtt",
+    "load_dc_result",
+    "load_npz",
+    "load_image_dir",
+    "load_any",
+    "load_expert_buffer",
+    "load_parameters_into",
+    "recompute_bn_stats",
+]
+
+PathLike = str | os.PathLike[str]
+LABEL_KINDS = ("index", "prob", "logits")
+_FORMAT = "elf-dd/synthetic"
+_PROB_TOL = 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SyntheticSet
+
+
+def _is_prob(labels: Tensor) -> bool:
+    return bool((labels >= 0).all()) and bool(torch.allclose(labels.sum(1), torch.ones(labels.shape[0], dtype=labels.dtype), atol=_PROB_TOL))
+
+
+def infer_label_kind(labels: Tensor) -> str:
+    """"index" for 1-D integer labels (N,); "prob" for (N, K) rows that are non-negative and sum to 1; else "logits"."""
+    if labels.dim() == 1 and not labels.is_floating_point():
+        return "index"
+    if labels.dim() == 2 and labels.is_floating_point():
+        return "prob" if _is_prob(labels.detach().cpu()) else "logits"
+    raise ELFError(f"labels must be (N,) integer class indices or (N, K) float probabilities/logits, got {labels.dtype} {tuple(labels.shape)}")
+
+
+@dataclass
+class SyntheticSet:
+    """A distilled image set.
+
+    ``images``: float (N, C, H, W), in the space the set was distilled in (normalized, and ZCA-whitened when
+    ``zca``); ``labels``: int64 (N,) for ``label_kind`` "index", float (N, K) for "prob" (rows sum to 1) or
+    "logits" ("auto" infers the kind); ``ipc``: images per class, inferred when the (argmax) labels are class-major
+    and balanced; ``lr``: the learned learning rate (MTT/DATM), if any; ``metadata``: free-form strings
+    (method, source, ...).
+    """
+
+    images: Tensor
+    labels: Tensor
+    label_kind: str = "auto"
+    normalization: Normalization | None = None
+    zca: bool = False
+    classes: list[str] | None = None
+    ipc: int | None = None
+    lr: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, Tensor):
+            raise ELFError(f"SyntheticSet.images must be a tensor, got {type(self.images).__name__}")
+        if not isinstance(self.labels, Tensor):
+            self.labels = torch.as_tensor(self.labels)
+        self.images = self.images.detach()
+        self.labels = self.labels.detach()
+        x = self.images
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ELFError(f"synthetic images must be float (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ELFError("synthetic images contain NaN or inf values; the file is corrupt or the distillation diverged")
+        n = x.shape[0]
+        if self.labels.shape[:1] != (n,):
+            raise ELFError(f"labels have shape {tuple(self.labels.shape)} but there are {n} images; need one label per image")
+        if self.label_kind == "auto":
+            self.label_kind = infer_label_kind(self.labels)
+        if self.label_kind not in LABEL_KINDS:
+            raise ELFError(f"label_kind must be one of {', '.join(LABEL_KINDS)} or 'auto', got {self.label_kind!r}")
+        if self.label_kind == "index":
+            if self.labels.dim() != 1 or self.labels.is_floating_point() or self.labels.dtype == torch.bool:
+                raise ELFError(f"index labels must be integer (N,), got {self.labels.dtype} {tuple(self.labels.shape)}")
+            self.labels = self.labels.long()
+            if n and int(self.labels.min()) < 0:
+                raise ELFError("index labels must be non-negative class indices")
+        else:
+            if self.labels.dim() != 2 or not self.labels.is_floating_point():
+                raise ELFError(f"{self.label_kind} labels must be float (N, K), got {self.labels.dtype} {tuple(self.labels.shape)}")
+            if not bool(torch.isfinite(self.labels).all()):
+                raise ELFError("soft labels contain NaN or inf values")
+            if self.label_kind == "prob" and not _is_prob(self.labels.cpu()):
+                raise ELFError("label_kind 'prob' needs non-negative rows that sum to 1; use 'logits' for unnormalized scores")
+        if isinstance(self.normalization, dict):
+            self.normalization = Normalization.from_dict(self.normalization)
+        if self.normalization is not None and self.normalization.channels != x.shape[1]:
+            raise ELFError(f"normalization {self.normalization.name!r} has {self.normalization.channels} channels but images have {x.shape[1]}")
+        self.zca = bool(self.zca)
+        if self.classes is not None:
+            self.classes = [str(c) for c in self.classes]
+            if self.label_kind != "index" and len(self.classes) != self.labels.shape[1]:
+                raise ELFError(f"{len(self.classes)} class names given but soft labels have {self.labels.shape[1]} columns")
+            if self.label_kind == "index" and n and int(self.labels.max()) >= len(self.classes):
+                raise ELFError(f"label {int(self.labels.max())} has no class name ({len(self.classes)} names given)")
+        if self.lr is not None:
+            self.lr = float(self.lr.detach().reshape(-1)[0]) if isinstance(self.lr, Tensor) else float(self.lr)
+            if not math.isfinite(self.lr):
+                raise ELFError(f"learned lr is {self.lr}; expected a finite number")
+        if self.ipc is None:
+            self.ipc = self._infer_ipc()
+        elif int(self.ipc) <= 0:
+            raise ELFError(f"ipc must be positive, got {self.ipc}")
+        else:
+            self.ipc = int(self.ipc)
+        self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """K: the soft-label width, else the number of class names, else max label + 1."""
+        if self.label_kind != "index":
+            return int(self.labels.shape[1])
+        if self.classes is not None:
+            return len(self.classes)
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+    def hard_labels(self) -> Tensor:
+        """int64 (N,) class indices (argmax of soft labels)."""
+        return self.labels if self.label_kind == "index" else self.labels.argmax(1)
+
+    def _infer_ipc(self) -> int | None:
+        if not len(self):
+            return None
+        y = self.hard_labels().cpu()
+        counts = torch.bincount(y, minlength=self.num_classes)
+        sorted_ = bool((y[1:] >= y[:-1]).all())
+        if sorted_ and bool((counts == counts[0]).all()) and int(counts[0]) > 0:
+            return int(counts[0])
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Our format
+
+
+def save_synthetic(path: PathLike, sset: SyntheticSet) -> Path:
+    """Write ``sset`` to a safetensors file (tensors "images", "labels", optional 0-dim "lr"; fields in metadata)."""
+    tensors = {"images": sset.images, "labels": sset.labels}
+    if sset.lr is not None:
+        tensors["lr"] = torch.tensor(sset.lr, dtype=torch.float64)
+    meta = {
+        "format": _FORMAT,
+        "format_version": "1",
+        "label_kind": sset.label_kind,
+        "normalization": json.dumps(sset.normalization.to_dict() if sset.normalization else None),
+        "zca": json.dumps(sset.zca),
+        "classes": json.dumps(sset.classes),
+        "ipc": json.dumps(sset.ipc),
+        "metadata": json.dumps(sset.metadata, sort_keys=True),
+    }
+    return save_tensors(path, tensors, meta)
+
+
+def load_synthetic(path: PathLike) -> SyntheticSet:
+    """Read a file written by :func:`save_synthetic`."""
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != _FORMAT:
+        raise ELFError(f"{path}: not an elf-dd synthetic set (format {meta.get('format')!r}); load published files with load_any")
+    try:
+        norm = json.loads(meta["normalization"])
+        lr = tensors.get("lr")
+        return SyntheticSet(
+            images=tensors["images"],
+            labels=tensors["labels"],
+            label_kind=meta["label_kind"],
+            normalization=Normalization.from_dict(norm) if norm else None,
+            zca=json.loads(meta["zca"]),
+            classes=json.loads(meta["classes"]),
+            ipc=json.loads(meta["ipc"]),
+            lr=float(lr) if lr is not None else None,
+            metadata=json.loads(meta["metadata"]),
+        )
+    except (KeyError, ValueError) as e:
+        if isinstance(e, ELFError):
+            raise
+        raise ELFError(f"{path}: incomplete synthetic-set file (missing or bad {e}); write it again with save_synthetic") from e
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Published formats
+
+
+def _load_tensor(path: Path, what: str) -> Tensor:
+    obj = safe_torch_load(path)
+    if not isinstance(obj, Tensor):
+        raise ELFError(f"{path}: expected a single tensor of {what}, found {type(obj).__name__}")
+    return obj.detach()
+
+
+def _mtt_paths(images_path: Path, labels_path: PathLike | None, lr_path: PathLike | None) -> tuple[Path, Path, Path | None]:
+    if images_path.is_dir():
+        d = images_path
+        images_path = d / "images_best.pt"
+        if not images_path.is_file():
+            found = sorted(p.name for p in d.glob("images_*.pt"))
+            raise ELFError(f"{d}: no images_best.pt inside (found: {', '.join(found) or 'no images_*.pt'}); pass the images file itself")
+    m = re.fullmatch(r"images(_.*)?\.pt", images_path.name)
+    suffix = m.group(1) or "" if m else "_best"
+    if labels_path is None:
+        labels_path = images_path.with_name(f"labels{suffix}.pt")
+        if not labels_path.is_file():
+            raise ELFError(f"{images_path}: no {labels_path.name} next to it; pass labels_path=")
+    if lr_path is None:
+        cand = images_path.with_name(f"lr{suffix}.pt")
+        lr_path = cand if cand.is_file() else None
+    return images_path, Path(labels_path), Path(lr_path) if lr_path is not None else None
+
+
+def load_mtt(
+    images_path: PathLike,
+    labels_path: PathLike | None = None,
+    lr_path: PathLike | None = None,
+    *,
+    normalization: Normalization | None = None,
+    zca: bool = False,
+    classes: list[str] | None = None,
+    label_kind: str = "auto",
+) -> SyntheticSet:
+    """MTT / ELF / TESLA / DATM results: ``images_best.pt`` float (N, C, H, W); ``labels_best.pt`` int (N,) ("index"),
+    (N, K) probabilities ("prob", TESLA) or (N, K) logits ("logits", DATM); optional ``lr_best.pt`` 0-dim.
+
+    A directory finds those names inside it; ``images_<x>.pt`` finds ``labels_<x>.pt`` / ``lr_<x>.pt`` beside it.
+    The files do not record the normalization or whether ZCA was used: pass ``normalization`` and ``zca``.
+    """
+    ip, lp, rp = _mtt_paths(Path(images_path).expanduser(), labels_path, lr_path)
+    images = _load_tensor(ip, "images (N, C, H, W)").float()
+    labels = _load_tensor(lp, "labels")
+    lr = _load_tensor(rp, "the learned lr") if rp is not None else None
+    if lr is not None and lr.numel() != 1:
+        raise ELFError(f"{rp}: expected a single learned lr, found a tensor of shape {tuple(lr.shape)}")
+    meta = {"format": "mtt", "images_path": str(ip), "images_sha256": file_sha256(ip), "labels_path": str(lp)}
+    if rp is not None:
+        meta["lr_path"] = str(rp)
+    return SyntheticSet(images, labels, label_kind, normalization, zca, classes, None, lr, meta)
+
+
+def _numpy_float64_allowlist() -> list[Any]:
+    """The globals a pickled ``numpy.float64`` needs under ``weights_only=True``: numpy's scalar reconstructor
+    (under its numpy>=2 and numpy 1.x module names), ``numpy.dtype`` and the float64 dtype class."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    return [
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        np.dtype,
+        type(np.dtype(np.float64)),
+    ]
+
+
+_DC_NAME = re.compile(r"res_(?P<method>[A-Za-z0-9]+)_(?P<dataset>[A-Za-z0-9]+)_(?P<model>.+)_(?P<ipc>\d+)ipc\.pt")
+_DC_NORMALIZATION = {"cifar10": CIFAR10_MTT, "cifar100": CIFAR100_DC}
+
+
+def load_dc_result(
+    path: PathLike,
+    experiment: int = 0,
+    *,
+    normalization: Normalization | None | str = "auto",
+    classes: list[str] | None = None,
+) -> SyntheticSet:
+    """DC / DSA / DM results ``res_<method>_<dataset>_<model>_<ipc>ipc.pt`` = ``{'data': [[images, labels], ...],
+    'accs_all_exps': {model: [float64, ...]}}``; returns experiment ``experiment``.
+
+    Method, dataset, model and ipc come from the file name. ``normalization="auto"`` uses the DC code's statistics
+    for CIFAR10 / CIFAR100 (:data:`CIFAR10_MTT` / :data:`CIFAR100_DC`) and None for other datasets.
+    """
+    path = Path(path).expanduser()
+    obj = safe_torch_load(path, allowlist=_numpy_float64_allowlist())
+    if not isinstance(obj, dict) or "data" not in obj or not isinstance(obj["data"], (list, tuple)):
+        raise ELFError(f"{path}: not a DC/DSA/DM result (expected a dict with a 'data' list of [images, labels])")
+    data = obj["data"]
+    if not -len(data) <= experiment < len(data):
+        raise ELFError(f"{path}: experiment {experiment} does not exist; the file holds {len(data)} experiment(s) (0..{len(data) - 1})")
+    entry = data[experiment]
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not all(isinstance(t, Tensor) for t in entry):
+        raise ELFError(f"{path}: data[{experiment}] should be [images, labels] tensors")
+    images, labels = entry[0].detach().float(), entry[1].detach()
+    meta: dict[str, str] = {"format": "dc", "path": str(path), "experiment": str(experiment), "num_experiments": str(len(data))}
+    m = _DC_NAME.fullmatch(path.name)
+    ipc = None
+    if m:
+        meta.update(method=m["method"], dataset=m["dataset"], model=m["model"], ipc=m["ipc"])
+        ipc = int(m["ipc"])
+    accs = obj.get("accs_all_exps")
+    if isinstance(accs, dict):
+        meta["accs_all_exps"] = json.dumps({str(k): [float(a) for a in v] for k, v in accs.items()})
+    dataset = (m["dataset"].lower() if m else "")
+    if normalization == "auto":
+        normalization = _DC_NORMALIZATION.get(dataset)
+    if classes is None and dataset == "cifar10" and labels.dim() == 1 and (not labels.numel() or int(labels.max()) < 10):
+        classes = list(CIFAR10_CLASSES)
+    return SyntheticSet(images, labels, "auto", normalization, False, classes, ipc, None, meta)  # type: ignore[arg-type]
+
+
+def _one_hot_index(labels: np.ndarray) -> np.ndarray | None:
+    """Class indices when every row is one-hot (one maximum, all other entries equal: 0/1 or centered), else None."""
+    mx = labels.max(1, keepdims=True)
+    mn = labels.min(1, keepdims=True)
+    is_max = labels == mx
+    if labels.shape[1] < 2 or not (is_max.sum(1) == 1).all() or not ((labels == mn) | is_max).all():
+        return None
+    return labels.argmax(1)
+
+
+def load_npz(
+    path: PathLike,
+    *,
+    normalization: Normalization | None = None,
+    zca: bool = False,
+    classes: list[str] | None = None,
+    images_key: str | None = None,
+    labels_key: str | None = None,
+) -> SyntheticSet:
+    """KIP-style ``.npz``: float images NHWC (N, H, W, C) (NCHW also accepted) and labels one-hot (N, K) or (N,).
+
+    One-hot rows (also centered ones such as 0.9/-0.1) become "index" labels; other (N, K) labels stay soft
+    ("prob" when rows are distributions, else "logits").
+    """
+    path = Path(path).expanduser()
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            ik = images_key or next((k for k in ("images", "x", "X", "x_train", "data", "image") if k in keys), None)
+            lk = labels_key or next((k for k in ("labels", "y", "Y", "y_train", "targets", "label") if k in keys), None)
+            if ik is None or lk is None or ik not in keys or lk not in keys:
+                raise ELFError(f"{path}: cannot find images and labels among the arrays {keys}; pass images_key= and labels_key=")
+            x, y = np.asarray(z[ik]), np.asarray(z[lk])
+    except ELFError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise ELFError(f"{path}: not a readable .npz of plain arrays ({e}); object arrays are refused because they need unpickling") from e
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ELFError(f"{path}: images array {ik!r} has shape {x.shape}; expected (N, H, W, C)")
+    if x.shape[-1] in (1, 3, 4):
+        x = x.transpose(0, 3, 1, 2)
+    elif x.shape[1] not in (1, 3, 4):
+        raise ELFError(f"{path}: cannot tell the channel axis of images with shape {x.shape}; expected (N, H, W, C) with C in 1, 3, 4")
+    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if y.ndim == 2 and np.issubdtype(y.dtype, np.number):
+        idx = _one_hot_index(y)
+        labels = torch.from_numpy(idx.astype(np.int64)) if idx is not None else torch.from_numpy(y.astype(np.float32))
+    elif y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        labels = torch.from_numpy(y.astype(np.int64))
+    else:
+        raise ELFError(f"{path}: labels array {lk!r} has shape {y.shape} dtype {y.dtype}; expected one-hot (N, K) or integer (N,)")
+    meta = {"format": "npz", "path": str(path), "sha256": file_sha256(path)}
+    return SyntheticSet(images, labels, "auto", normalization, zca, classes, None, None, meta)
+
+
+def load_image_dir(path: PathLike, normalization: Normalization | None, *, mode: str = "RGB") -> SyntheticSet:
+    """A folder of class subfolders of images (PNG, ...) -> float set (N, C, H, W), [0, 1] then ``normalization``.
+
+    Sorted folder names give the class indices; images are class-major. 8-bit files quantize the images, so a set
+    saved this way is not bit-identical to the float original.
+    """
+    imgs = _decode_tree(path, None, mode=mode)
+    meta = {"format": "image_dir", "path": str(path), "source_hash": imgs.source_hash}
+    return SyntheticSet(imgs.as_float(normalization), imgs.labels, "index", normalization, False, imgs.classes, None, None, meta)
+
+
+_SUPPORTED = (
+    "elf-dd synthetic sets (*.safetensors, save_synthetic); "
+    "MTT/ELF/TESLA/DATM images_best.pt (+ labels_best.pt, lr_best.pt) or a folder holding them; "
+    "DC/DSA/DM res_<method>_<dataset>_<model>_<ipc>ipc.pt; "
+    "KIP-style *.npz; "
+    "a folder of class subfolders of images"
+)
+
+
+def load_any(path: PathLike, **kw: Any) -> SyntheticSet:
+    """Load a synthetic set in any supported format, chosen by file name / extension; keywords go to that loader."""
+    p = Path(path).expanduser()
+    name = p.name.lower()
+    if p.is_dir():
+        if (p / "images_best.pt").is_file():
+            loader: Any = load_mtt
+        elif any(c.is_dir() for c in p.iterdir()):
+            loader = load_image_dir
+            kw.setdefault("normalization", None)
+        else:
+            raise ELFError(f"{p}: folder holds no images_best.pt and no class subfolders. Supported: {_SUPPORTED}")
+    elif not p.exists():
+        raise ELFError(f"{p}: no such file or directory")
+    elif name.endswith(".safetensors"):
+        loader = load_synthetic
+    elif name.startswith("res_") and name.endswith(".pt"):
+        loader = load_dc_result
+    elif name.startswith("replay_buffer") and name.endswith(".pt"):
+        raise ELFError(f"{p}: an MTT expert buffer (teacher weights), not a synthetic set; use load_expert_buffer")
+    elif name.startswith("images") and name.endswith(".pt"):
+        loader = load_mtt
+    elif name.endswith(".npz"):
+        loader = load_npz
+    else:
+        raise ELFError(f"{p}: unknown synthetic-set format. Supported: {_SUPPORTED}")
+    accepted = set(inspect.signature(loader).parameters)
+    extra = sorted(set(kw) - accepted)
+    if extra:
+        raise ELFError(f"{p}: {loader.__name__} does not take {', '.join(extra)} (it takes {', '.join(sorted(accepted - {'path', 'images_path'}))})")
+    return loader(p, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MTT expert buffers
+
+
+def load_expert_buffer(path: PathLike, trajectory: int = 0, epoch: int = -1) -> list[Tensor]:
+    """Parameters of one snapshot of an MTT ``replay_buffer_<n>.pt``: a list of tensors in ``model.parameters()`` order.
+
+    The file is a list of trajectories; each trajectory a list of (epochs + 1) snapshots; each snapshot a list of
+    CPU tensors. BatchNorm running statistics are *not* stored: after :func:`load_parameters_into`, a model with
+    BatchNorm keeps its initial running stats, so call :func:`recompute_bn_stats` before using it in eval mode.
+    """
+    path = Path(path).expanduser()
+    obj = safe_torch_load(path)
+    if not isinstance(obj, (list, tuple)) or not obj:
+        raise ELFError(f"{path}: not an MTT expert buffer (expected a non-empty list of trajectories)")
+    if not -len(obj) <= trajectory < len(obj):
+        raise ELFError(f"{path}: trajectory {trajectory} does not exist; the buffer holds {len(obj)} trajectories")
+    traj = obj[trajectory]
+    if not isinstance(traj, (list, tuple)) or not traj:
+        raise ELFError(f"{path}: trajectory {trajectory} is not a non-empty list of snapshots")
+    if not -len(traj) <= epoch < len(traj):
+        raise ELFError(f"{path}: epoch {epoch} does not exist; trajectory {trajectory} holds {len(traj)} snapshots (epochs 0..{len(traj) - 1})")
+    snap = traj[epoch]
+    if not isinstance(snap, (list, tuple)) or not all(isinstance(t, Tensor) for t in snap):
+        raise ELFError(f"{path}: snapshot [{trajectory}][{epoch}] is not a list of tensors")
+    return [t.detach() for t in snap]
+
+
+def load_parameters_into(model: nn.Module, params: Sequence[Tensor]) -> nn.Module:
+    """Copy ``params`` into ``model.parameters()`` in order (count and shapes checked); returns ``model``.
+
+    Buffers (BatchNorm running statistics) are untouched: see :func:`recompute_bn_stats`.
+    """
+    named = list(model.named_parameters())
+    for i, ((name, p), t) in enumerate(zip(named, params)):
+        if tuple(p.shape) != tuple(t.shape):
+            raise ELFError(
+                f"parameter {i} {name!r}: the model has shape {tuple(p.shape)} but the buffer has {tuple(t.shape)}; "
+                "build the same architecture (width, depth, norm, image size, classes) as the expert"
+            )
+    if len(named) != len(params):
+        first = named[len(params)][0] if len(named) > len(params) else f"buffer tensor {len(named)} {tuple(params[len(named)].shape)}"
+        raise ELFError(
+            f"the buffer has {len(params)} tensors but the model has {len(named)} parameters (first unmatched: {first}); "
+            "build the same architecture as the expert"
+        )
+    with torch.no_grad():
+        for (_, p), t in zip(named, params):
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+    return model
+
+
+def recompute_bn_stats(model: nn.Module, images: Tensor, batch_size: int = 256) -> nn.Module:
+    """Reset BatchNorm running statistics and re-estimate them on ``images`` (N, C, H, W), already preprocessed.
+
+    Runs forward passes in train mode under ``no_grad`` with ``momentum=None`` (cumulative average over batches);
+    returns the model in eval mode. Models without BatchNorm are only switched to eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if bns:
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = images.device
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        try:
+            with torch.no_grad():
+                for i in range(0, images.shape[0], batch_size):
+                    model(images[i : i + batch_size].to(device))
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+    return model.eval()

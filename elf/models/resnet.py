@@ -1,0 +1,90 @@
+"""ResNet-18 as used in the dataset-distillation literature: CIFAR stem (3x3 conv, no max-pool)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ELFError
+
+__all__ = ["BasicBlock", "ResNet", "resnet18"]
+
+
+def _norm(norm: str, c: int) -> nn.Module:
+    if norm == "instancenorm":
+        return nn.GroupNorm(c, c, affine=True)
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(c)
+    raise ELFError(f"ResNet supports norm 'instancenorm' or 'batchnorm', got {norm!r}")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection; ``(N, in_planes, H, W)`` -> ``(N, planes, H/stride, W/stride)``."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "instancenorm") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = _norm(norm, planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = _norm(norm, planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), _norm(norm, planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet with a CIFAR stem; four stages of 64/128/256/512 channels, global average pool, linear classifier.
+
+    At 32x32 the stages output 32, 16, 8 and 4 pixels; ``layer4.0`` (the paper's "conv5_2" cut) gives
+    ``(N, 512, 4, 4)``. ``stem_stride=2`` (used for 64x64 inputs) halves every stage so the same cut is 4x4 again.
+    """
+
+    def __init__(
+        self,
+        num_blocks: tuple[int, int, int, int] = (2, 2, 2, 2),
+        channel: int = 3,
+        num_classes: int = 10,
+        norm: str = "instancenorm",
+        stem_stride: int = 1,
+    ) -> None:
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(channel, 64, 3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = _norm(norm, 64)
+        self.layer1 = self._stage(64, num_blocks[0], 1, norm)
+        self.layer2 = self._stage(128, num_blocks[1], 2, norm)
+        self.layer3 = self._stage(256, num_blocks[2], 2, norm)
+        self.layer4 = self._stage(512, num_blocks[3], 2, norm)
+        self.classifier = nn.Linear(512 * BasicBlock.expansion, num_classes)
+
+    def _stage(self, planes: int, blocks: int, stride: int, norm: str) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s, norm))
+            self.in_planes = planes * BasicBlock.expansion
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> last stage output ``(N, 512, H/8, W/8)`` (stem stride 1)."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(out))))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Last stage output -> logits ``(N, num_classes)``."""
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def resnet18(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size: tuple[int, int] = (32, 32)) -> ResNet:
+    """ResNet-18; inputs of 64 pixels or more use a stride-2 stem (Tiny-ImageNet setting)."""
+    return ResNet((2, 2, 2, 2), channel, num_classes, norm, stem_stride=2 if im_size[0] >= 64 else 1)

@@ -1,0 +1,62 @@
+"""VGG-11 as used in the dataset-distillation literature (no dropout head, one linear classifier)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ELFError
+
+__all__ = ["VGG", "VGG_CONFIGS", "vgg11"]
+
+VGG_CONFIGS: dict[str, list[int | str]] = {
+    "VGG11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG feature stack of conv3x3 -> norm -> ReLU and 2x2 max-pools, then ``Linear(512 * (H/32)**2, classes)``.
+
+    ``self.features`` is one ``nn.Sequential``; ``features.<i>`` names the point after layer ``i``.
+    """
+
+    def __init__(
+        self,
+        name: str = "VGG11",
+        channel: int = 3,
+        num_classes: int = 10,
+        norm: str = "instancenorm",
+        im_size: tuple[int, int] = (32, 32),
+    ) -> None:
+        super().__init__()
+        if name not in VGG_CONFIGS:
+            raise ELFError(f"unknown VGG configuration {name!r}; known: {sorted(VGG_CONFIGS)}")
+        if norm not in ("instancenorm", "batchnorm"):
+            raise ELFError(f"VGG supports norm 'instancenorm' or 'batchnorm', got {norm!r}")
+        layers: list[nn.Module] = []
+        in_c = channel
+        for i, v in enumerate(VGG_CONFIGS[name]):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            assert isinstance(v, int)
+            layers.append(nn.Conv2d(in_c, v, 3, padding=3 if channel == 1 and i == 0 else 1))
+            layers.append(nn.GroupNorm(v, v, affine=True) if norm == "instancenorm" else nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            in_c = v
+        self.features = nn.Sequential(*layers)
+        side = max(1, im_size[0] // 32) * max(1, im_size[1] // 32)
+        self.classifier = nn.Linear(512 * side, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x.flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def vgg11(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size: tuple[int, int] = (32, 32)) -> VGG:
+    return VGG("VGG11", channel, num_classes, norm, im_size)

@@ -1,0 +1,114 @@
+"""Evaluation protocols: every number of an evaluation run, with the official ELF values as defaults.
+
+Sources (see docs/trainer.md): the public ELF evaluation code (Dec 2023), which builds on DC/DSA's
+``evaluate_synset``: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, ``Epoch = 1000`` with the loop running
+``Epoch + 1`` epochs, lr x0.1 after epoch index ``Epoch // 2 + 1`` with the optimizer re-created (momentum reset),
+DSA ``color_crop_cutout_flip_scale_rotate``, λ_front = λ_rear = 1, soft-target CE as the feature distance, test
+accuracy once at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ELFError
+
+__all__ = ["Protocol", "PROTOCOLS", "get_protocol"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Training and evaluation settings; every number is a field. ``replace(**kw)`` returns a modified copy.
+
+    Attributes:
+        epochs: the official code's ``Epoch``. With ``extra_epoch`` (official) the loop runs ``epochs + 1`` passes.
+        lr, momentum, weight_decay, batch_size: SGD settings (lr per step, batch in images).
+        lr_decay_epoch: epoch index after which lr is multiplied by ``lr_decay``; ``None`` = ``epochs // 2 + 1``.
+        reset_optimizer_at_decay: re-create SGD at the decay (momentum buffers reset), as the official code does.
+        augment: DSA strategy for the student's images, ``None`` for none. dsa_mode: "S" one op per batch.
+        lambda_task, lambda_front, lambda_rear: loss weights; 0 switches a term off (λ_front = λ_rear = 0 is the
+            plain baseline). distance: "ce" | "mse" | "mae" | "cos" or a callable ``(pred, target) -> scalar``.
+        features_on_augmented: compute teacher features on the augmented images every step (teacher in the loop)
+            instead of once on the un-augmented images (official). Needs the teacher module, not only a bank.
+        eval_batch_size: images per forward when testing.
+    """
+
+    name: str = "elf"
+    epochs: int = 1000
+    extra_epoch: bool = True
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    lr_decay_epoch: int | None = None
+    lr_decay: float = 0.1
+    reset_optimizer_at_decay: bool = True
+    augment: str | None = "color_crop_cutout_flip_scale_rotate"
+    dsa_mode: str = "S"
+    lambda_task: float = 1.0
+    lambda_front: float = 1.0
+    lambda_rear: float = 1.0
+    distance: str | Callable[..., Any] = "ce"
+    features_on_augmented: bool = False
+    eval_batch_size: int = 512
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ELFError(f"protocol needs epochs >= 0, batch_size >= 1 and lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
+        for lam in ("lambda_task", "lambda_front", "lambda_rear"):
+            if getattr(self, lam) < 0:
+                raise ELFError(f"{lam} must be >= 0, got {getattr(self, lam)}")
+
+    @property
+    def total_epochs(self) -> int:
+        """Passes over the synthetic set: ``epochs + 1`` with the official extra epoch."""
+        return self.epochs + (1 if self.extra_epoch else 0)
+
+    @property
+    def decay_epoch(self) -> int:
+        """Epoch index after which the lr decays (official: ``epochs // 2 + 1``)."""
+        return self.epochs // 2 + 1 if self.lr_decay_epoch is None else self.lr_decay_epoch
+
+    @property
+    def uses_features(self) -> bool:
+        """True when a feature term is on (λ_front > 0 or λ_rear > 0)."""
+        return self.lambda_front > 0 or self.lambda_rear > 0
+
+    def replace(self, **changes: Any) -> Protocol:
+        """A copy with some fields changed; unknown field names raise :class:`ELFError`."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ELFError(f"unknown protocol field(s) {unknown}; fields are {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def baseline(self) -> Protocol:
+        """The same protocol with both ELF terms off (plain training on the synthetic set)."""
+        return self.replace(lambda_front=0.0, lambda_rear=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (a callable distance is recorded by its name)."""
+        out = dataclasses.asdict(self)
+        if callable(self.distance):
+            out["distance"] = getattr(self.distance, "__name__", repr(self.distance))
+        return out
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "elf": Protocol(notes="official ELF evaluation (public ELF code, Dec 2023)"),
+}
+
+
+def get_protocol(protocol: Protocol | str | None, **overrides: Any) -> Protocol:
+    """A :class:`Protocol` from a preset name (``"elf"``, ...) or an instance, with field overrides."""
+    if protocol is None:
+        protocol = "elf"
+    if isinstance(protocol, str):
+        if protocol not in PROTOCOLS:
+            raise ELFError(f"unknown protocol {protocol!r}; presets: {sorted(PROTOCOLS)}")
+        protocol = PROTOCOLS[protocol]
+    return protocol.replace(**overrides) if overrides else protocol

@@ -1,0 +1,445 @@
+"""ELFTrainer: train an evaluation model on a synthetic set with ELF and report its test accuracy.
+
+    L = λ_task · CE(rear(front(aug(x))), y) + λ_front · D(front(aug(x)), F(x)) + λ_rear · CE(rear(F(x)), y)
+
+F(x) comes from a :class:`~elf.FeatureBank` (teacher features of the un-augmented images, computed once). The
+synthetic set, its labels and the features live on the training device as tensors: batches are index slices, with
+no DataLoader and no host synchronization per step (values are read back only when logging).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import DSA
+from .errors import ELFError
+from .feature_bank import FeatureBank
+from .losses import feature_distance, prepare_targets
+from .models import create_model, default_split_point
+from .protocol import Protocol, get_protocol
+from .split import list_split_points, split_model
+
+__all__ = ["ELFTrainer", "Callback", "EvalResult", "ModelSpec"]
+
+ModelSpec = nn.Module | str | Callable[[], nn.Module] | tuple[nn.Module, nn.Module]
+
+
+class Callback:
+    """Base class for trainer callbacks; override what you need. ``logs`` hold detached tensors (call
+    ``.item()`` yourself if you need numbers: that synchronizes with the device). Set
+    ``trainer.stop_training = True`` to stop after the current batch."""
+
+    def on_fit_start(self, trainer: ELFTrainer) -> None: ...
+
+    def on_epoch_start(self, trainer: ELFTrainer, epoch: int) -> None: ...
+
+    def on_batch_end(self, trainer: ELFTrainer, step: int, logs: dict[str, torch.Tensor]) -> None: ...
+
+    def on_epoch_end(self, trainer: ELFTrainer, epoch: int, logs: dict[str, torch.Tensor]) -> None: ...
+
+    def on_fit_end(self, trainer: ELFTrainer) -> None: ...
+
+
+@dataclass
+class EvalResult:
+    """Test accuracies (percent) of one model under one protocol over several seeds.
+
+    ``std`` is the population standard deviation (``numpy.std``), as the DD code bases report it.
+    """
+
+    model: str
+    accuracies: list[float]
+    seeds: list[int]
+    protocol: dict[str, Any]
+    wall_time_s: list[float] = field(default_factory=list)
+    histories: list[list[dict[str, float]]] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.accuracies)) if self.accuracies else float("nan")
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.accuracies)) if self.accuracies else float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "mean": self.mean,
+            "std": self.std,
+            "accuracies": self.accuracies,
+            "seeds": self.seeds,
+            "protocol": self.protocol,
+            "wall_time_s": self.wall_time_s,
+            "histories": self.histories,
+        }
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _reinitialize(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return module
+
+
+class _Joined(nn.Module):
+    """``rear(front(x))`` for a user-given (front, rear) pair."""
+
+    def __init__(self, front: nn.Module, rear: nn.Module) -> None:
+        super().__init__()
+        self.front = front
+        self.rear = rear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rear(self.front(x))
+
+
+def _model_name(spec: ModelSpec) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, tuple):
+        return f"{type(spec[0]).__name__}+{type(spec[1]).__name__}"
+    if isinstance(spec, nn.Module):
+        return str(getattr(spec, "elf_model_name", type(spec).__name__))
+    return getattr(spec, "__name__", "model")
+
+
+class ELFTrainer:
+    """Evaluate a model on a synthetic set with ELF (or the plain baseline when both λ are 0).
+
+    Args:
+        model: a model name for :func:`~elf.create_model` ("ResNet18BN"), an ``nn.Module`` (each fit trains a
+            re-initialized copy, via ``reset_parameters``), a zero-argument factory, or a ``(front, rear)`` pair
+            for models that cannot be traced.
+        images: synthetic images ``(N, C, H, W)``, float, normalized as the test data.
+        labels: class indices ``(N,)``, or soft labels ``(N, K)`` (probabilities or logits).
+        feature_bank: teacher features of ``images`` (see :class:`FeatureBank`).
+        teacher: alternatively the teacher module; a bank is built from it at ``teacher_point``.
+        split_at: where to cut the model (default: its ``elf_split_point``); ignored for a (front, rear) pair.
+        protocol: a preset name or :class:`Protocol`; ``**overrides`` change single fields (``epochs=300``).
+        label_kind: "auto" | "index" | "prob" | "logits". num_classes: required for names when labels are hard
+            and some classes are absent.
+        device: training device (default: CUDA when available). callbacks: :class:`Callback` objects.
+        progress: show a progress bar. log_every: epochs between logged (synchronized) loss values.
+        leaf_modules: module classes torch.fx must not trace into when splitting.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        feature_bank: FeatureBank | None = None,
+        teacher: nn.Module | None = None,
+        teacher_point: str | None = None,
+        split_at: str | None = None,
+        protocol: Protocol | str | None = "elf",
+        label_kind: str = "auto",
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        callbacks: Iterable[Callback] = (),
+        progress: bool = True,
+        log_every: int | None = None,
+        leaf_modules: Sequence[type] = (),
+        **overrides: Any,
+    ) -> None:
+        self.protocol = get_protocol(protocol, **overrides)
+        self.device = torch.device(device) if device is not None else _default_device()
+        _check_images(images)
+        if not isinstance(labels, torch.Tensor):
+            raise ELFError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.shape[0] != images.shape[0]:
+            raise ELFError(f"there are {images.shape[0]} images but {labels.shape[0]} labels; they must match one to one")
+        targets, hard, self.num_classes = prepare_targets(labels, label_kind, num_classes)
+        self.images = images.detach().to(self.device, torch.float32)
+        self.targets = targets.to(self.device)
+        self.hard_labels = hard.to(self.device)
+        self.model_spec = model
+        self.model_name = _model_name(model)
+        self.split_at = split_at
+        self.leaf_modules = tuple(leaf_modules)
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.log_every = log_every
+        self.teacher = teacher
+        self.teacher_point = teacher_point
+        self.stop_training = False
+        self.model: nn.Module | None = None
+        self.front: nn.Module | None = None
+        self.rear: nn.Module | None = None
+        self.history: list[dict[str, float]] = []
+        p = self.protocol
+        if p.features_on_augmented and teacher is None:
+            raise ELFError("features_on_augmented=True computes teacher features every step: pass teacher=")
+        if feature_bank is None and teacher is not None and p.uses_features:
+            teacher = teacher.to(self.device)
+            feature_bank = FeatureBank.build(teacher, self.images, teacher_point, device=self.device)
+        if p.uses_features and feature_bank is None:
+            raise ELFError(
+                "ELF needs teacher features: pass feature_bank= (FeatureBank.build(teacher, images)) or teacher=; "
+                "for the plain baseline use protocol.baseline() or lambda_front=0, lambda_rear=0"
+            )
+        if feature_bank is not None:
+            feature_bank.check_matches(images)
+            feature_bank = feature_bank.to(self.device)
+        self.feature_bank = feature_bank
+
+    # ---- model ----------------------------------------------------------------------------------------------
+    def _build_model(self, seed: int) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+        spec = self.model_spec
+        c, h, w = self.images.shape[1:]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if isinstance(spec, tuple):
+                if len(spec) != 2 or not all(isinstance(m, nn.Module) for m in spec):
+                    raise ELFError("a model given as a tuple must be (front, rear), two nn.Modules")
+                front, rear = _reinitialize(copy.deepcopy(spec[0])), _reinitialize(copy.deepcopy(spec[1]))
+                model = _Joined(front, rear)
+                return model.to(self.device), model.front, model.rear
+            if isinstance(spec, str):
+                model = create_model(spec, channel=c, num_classes=self.num_classes, im_size=(h, w))
+            elif isinstance(spec, nn.Module):
+                model = _reinitialize(copy.deepcopy(spec))
+            elif callable(spec):
+                model = spec()
+                if not isinstance(model, nn.Module):
+                    raise ELFError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+            else:
+                raise ELFError(f"model must be a name, an nn.Module, a factory or (front, rear); got {type(spec).__name__}")
+        model = model.to(self.device)
+        if not (self.protocol.uses_features or self.split_at):
+            return model, None, None
+        point = self.split_at or default_split_point(model)
+        front, rear = split_model(model, point, leaf_modules=self.leaf_modules)
+        return model, front, rear
+
+    def _check_shapes(self, model: nn.Module, front: nn.Module | None) -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                x = self.images[:2]
+                out = model(x)
+                if out.dim() != 2 or out.shape[1] != self.num_classes:
+                    raise ELFError(
+                        f"{self.model_name} outputs shape {tuple(out.shape)} but the labels have {self.num_classes} classes; "
+                        "build the model with num_classes matching the labels"
+                    )
+                if front is not None and self.feature_bank is not None:
+                    got = tuple(front(x).shape[1:])
+                    want = self.feature_bank.shape
+                    if got != want:
+                        raise ELFError(self._shape_mismatch_message(model, got, want))
+        finally:
+            model.train(was_training)
+
+    def _shape_mismatch_message(self, model: nn.Module, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+        point = self.split_at or getattr(model, "elf_split_point", "(given front)")
+        msg = f"{self.model_name} cut at {point!r} outputs {got} per image, but the teacher features are {want}."
+        try:
+            matches = [p.name for p in list_split_points(model, tuple(self.images.shape[1:]), leaf_modules=self.leaf_modules) if p.shape == want]
+        except ELFError:
+            matches = []
+        if matches:
+            msg += f" Split points of {self.model_name} with shape {want}: {', '.join(matches)}."
+        else:
+            msg += f" No split point of {self.model_name} gives {want}: use a teacher whose feature shape this model can match"
+            msg += " (e.g. ConvNetW512 for 512x4x4), or pass (front, rear) yourself."
+        return msg
+
+    def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        p = self.protocol
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def fit(self, seed: int = 0) -> list[dict[str, float]]:
+        """Train a fresh model (initialized from ``seed``) with the protocol; returns the logged history.
+
+        The same seed on CPU gives the same weights: model init, batch order and augmentation are all seeded.
+        """
+        p = self.protocol
+        model, front, rear = self._build_model(seed)
+        self._check_shapes(model, front)
+        self.model, self.front, self.rear = model, front, rear
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        dsa = DSA(p.augment, mode=p.dsa_mode, seed=seed) if p.augment else None
+        distance = feature_distance(p.distance)
+        teacher_front = None
+        if p.features_on_augmented:
+            assert self.teacher is not None
+            self.teacher.to(self.device).eval()
+            teacher_front = split_model(self.teacher, self.teacher_point or default_split_point(self.teacher)).front
+        lr = p.lr
+        opt = self._optimizer(model, lr)
+        n, bs = self.images.shape[0], p.batch_size
+        total = p.total_epochs
+        log_every = self.log_every or max(1, total // 20)
+        self.history = []
+        self.stop_training = False
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        epochs: Iterable[int] = range(total)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(epochs, desc=f"{self.model_name} seed {seed}", unit="ep", leave=False)
+            epochs = bar
+        step = 0
+        start_time = time.perf_counter()
+        for epoch in epochs:
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, epoch)
+            model.train()
+            sums = torch.zeros(5, device=self.device)  # loss, task, front, rear, correct
+            perm = torch.randperm(n, generator=gen, device=self.device)
+            for start in range(0, n, bs):
+                idx = perm[start : start + bs]
+                logs = self._step(model, front, rear, opt, idx, dsa, gen, distance, teacher_front)
+                sums += torch.stack([logs["loss"] * idx.numel(), logs["task"] * idx.numel(), logs["front"] * idx.numel(),
+                                     logs["rear"] * idx.numel(), logs["correct"]])
+                for cb in self.callbacks:
+                    cb.on_batch_end(self, step, logs)
+                step += 1
+                if self.stop_training:
+                    break
+            if epoch == p.decay_epoch:
+                lr *= p.lr_decay
+                if p.reset_optimizer_at_decay:
+                    opt = self._optimizer(model, lr)
+                else:
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+            epoch_logs = {"loss": sums[0] / n, "task": sums[1] / n, "front": sums[2] / n, "rear": sums[3] / n,
+                          "train_acc": sums[4] / n * 100, "lr": torch.tensor(lr)}
+            if epoch % log_every == 0 or epoch == total - 1 or self.stop_training:
+                record = {"epoch": float(epoch), **{k: float(v) for k, v in epoch_logs.items()}}
+                record["time_s"] = time.perf_counter() - start_time
+                self.history.append(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3g}", acc=f"{record['train_acc']:.1f}")
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, epoch_logs)
+            if self.stop_training:
+                break
+        if bar is not None:
+            bar.close()
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return self.history
+
+    def _step(
+        self,
+        model: nn.Module,
+        front: nn.Module | None,
+        rear: nn.Module | None,
+        opt: torch.optim.Optimizer,
+        idx: torch.Tensor,
+        dsa: DSA | None,
+        gen: torch.Generator,
+        distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        teacher_front: nn.Module | None,
+    ) -> dict[str, torch.Tensor]:
+        p = self.protocol
+        x = self.images[idx]
+        y = self.targets[idx]
+        if dsa is not None:
+            x = dsa(x, generator=gen)
+        zero = x.new_zeros(())
+        loss_front = loss_rear = zero
+        if p.lambda_front > 0:
+            assert front is not None and rear is not None
+            h = front(x)
+            out = rear(h)
+            if teacher_front is not None:
+                with torch.no_grad():
+                    target = teacher_front(x).float()
+            else:
+                assert self.feature_bank is not None
+                target = self.feature_bank[idx]
+            loss_front = distance(h, target)
+        else:
+            out = model(x)
+        loss_task = F.cross_entropy(out, y)
+        loss = p.lambda_task * loss_task + p.lambda_front * loss_front
+        if p.lambda_rear > 0:
+            assert rear is not None and self.feature_bank is not None
+            loss_rear = F.cross_entropy(rear(self.feature_bank[idx]), y)
+            loss = loss + p.lambda_rear * loss_rear
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        correct = (out.detach().argmax(1) == self.hard_labels[idx]).sum()
+        return {"loss": loss.detach(), "task": loss_task.detach(), "front": loss_front.detach(),
+                "rear": loss_rear.detach(), "correct": correct.float()}
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None) -> float:
+        """Top-1 accuracy (percent) of the trained model on ``images`` ``(M, C, H, W)`` and labels ``(M,)``."""
+        if self.model is None:
+            raise ELFError("evaluate() needs a trained model: call fit() first")
+        _check_images(images, what="test images")
+        if labels.shape[0] != images.shape[0] or labels.dim() != 1:
+            raise ELFError(f"test labels must be (M,) with M = {images.shape[0]} images, got {tuple(labels.shape)}")
+        if tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
+            raise ELFError(f"test images are {tuple(images.shape[1:])} per image but the synthetic images are {tuple(self.images.shape[1:])}")
+        bs = batch_size or self.protocol.eval_batch_size
+        was_training = self.model.training
+        self.model.eval()
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for start in range(0, images.shape[0], bs):
+            x = images[start : start + bs].to(self.device, torch.float32, non_blocking=True)
+            y = labels[start : start + bs].to(self.device, non_blocking=True)
+            correct += (self.model(x).argmax(1) == y).sum()
+        self.model.train(was_training)
+        return float(correct) / images.shape[0] * 100.0
+
+    def run(self, test_images: torch.Tensor, test_labels: torch.Tensor, seeds: int | Sequence[int] = 5) -> EvalResult:
+        """``fit`` then ``evaluate`` once per seed (an int ``k`` means seeds ``0..k-1``); accuracy at the final epoch."""
+        seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+        result = EvalResult(self.model_name, [], seed_list, self.protocol.to_dict())
+        for seed in seed_list:
+            t0 = time.perf_counter()
+            history = self.fit(seed)
+            acc = self.evaluate(test_images, test_labels)
+            result.accuracies.append(acc)
+            result.wall_time_s.append(time.perf_counter() - t0)
+            result.histories.append(history)
+        return result
+
+
+def _check_images(images: Any, what: str = "images") -> None:
+    if not isinstance(images, torch.Tensor):
+        raise ELFError(f"{what} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ELFError(f"{what} must have shape (N, C, H, W); got {images.dim()} dimensions {tuple(images.shape)}"
+                       + (" (add a batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""))
+    if not images.is_floating_point():
+        raise ELFError(f"{what} must be float (normalized); got {images.dtype}. Convert uint8 images with x.float() / 255 and normalize")
+    if images.shape[0] == 0:
+        raise ELFError(f"{what} is empty")
+    if not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+        raise ELFError(f"{what} contain NaN or inf values in {bad} image(s); fix or drop them before training")
+
+
