@@ -263,13 +263,19 @@ def _classify(rel: str, split: str | None) -> tuple[tuple[str, ...], str] | None
 
 
 def _decode_bytes(data: bytes, name: str, mode: str) -> Tensor:
-    """Encoded image bytes -> uint8 (C, H, W); ``mode`` "RGB" (C=3) or "L" (C=1)."""
-    from torchvision.io import ImageReadMode, decode_image
+    """Encoded image bytes -> uint8 (C, H, W); ``mode`` "RGB" (C=3) or "L" (C=1).
 
+    Uses ``torchvision.io.decode_image`` (about 3x faster than PIL on small JPEGs) when it exists, else PIL.
+    """
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=getattr(ImageReadMode, "RGB" if mode == "RGB" else "GRAY"))
-    except (RuntimeError, ValueError):
-        pass  # formats torchvision cannot decode (bmp, tiff, ...): fall back to PIL
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:  # torchvision moved image decoding to torchcodec; PIL is always there
+        decode_image = None
+    if decode_image is not None:
+        try:
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=getattr(ImageReadMode, "RGB" if mode == "RGB" else "GRAY"))
+        except (RuntimeError, ValueError):
+            pass  # formats torchvision cannot decode (bmp, tiff, ...): fall back to PIL
     try:
         from PIL import Image
 
@@ -333,6 +339,26 @@ def _top_level_folders(path: Path) -> list[str]:
     return sorted(names)
 
 
+def _decode_all(
+    path: Path, items: Iterable[tuple[str, tuple[str, ...], str, bytes]], mode: str, prefixes: set[tuple[str, ...]]
+) -> list[tuple[str, str, Tensor]]:
+    """Decode every item into (class, name, uint8 (C, H, W)), checking that all share one shape."""
+    records: list[tuple[str, str, Tensor]] = []
+    first: tuple[str, tuple[int, ...]] | None = None
+    for name, prefix, cls, blob in items:
+        prefixes.add(prefix)
+        img = _decode_bytes(blob, f"{path}:{name}", mode)
+        if first is None:
+            first = (name, tuple(img.shape))
+        elif tuple(img.shape) != first[1]:
+            raise ELFError(
+                f"{path}: image {name} has shape (C, H, W) = {tuple(img.shape)} but {first[0]} has {first[1]}; "
+                "all images must share one size: resize them beforehand"
+            )
+        records.append((cls, name, img))
+    return records
+
+
 def _assemble(
     path: Path,
     items: Iterable[tuple[str, tuple[str, ...], str, bytes]],
@@ -344,22 +370,15 @@ def _assemble(
     """Decode items into class-major uint8 images (N, C, H, W), labels (N,) and sorted class names."""
     from tqdm.auto import tqdm
 
-    records: list[tuple[str, str, Tensor]] = []
     prefixes: set[tuple[str, ...]] = set()
-    first: tuple[str, tuple[int, ...]] | None = None
     bar = tqdm(items, total=total, desc=f"decoding {path.name}" + (f" [{split}]" if split else ""), unit="img", disable=not progress)
-    for name, prefix, cls, data in bar:
-        prefixes.add(prefix)
-        img = _decode_bytes(data, f"{path}:{name}", mode)
-        if first is None:
-            first = (name, tuple(img.shape))
-        elif tuple(img.shape) != first[1]:
-            raise ELFError(
-                f"{path}: image {name} has shape (C, H, W) = {tuple(img.shape)} but {first[0]} has {first[1]}; "
-                "all images must share one size: resize them beforehand"
-            )
-        records.append((cls, name, img))
-    bar.close()
+    try:
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its image decoders with a warning on every call
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+            records = _decode_all(path, bar, mode, prefixes)
+    finally:
+        bar.close()
     if not records:
         folders = _top_level_folders(path)
         where = f"under a {split!r} folder " if split else ""

@@ -45,6 +45,11 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
+def images_sha256(images: torch.Tensor) -> str:
+    """Content hash of images as float32, so a float64 copy of the same set hashes the same."""
+    return tensor_sha256(images.detach().to(torch.float32))
+
+
 class FeatureBank:
     """Teacher features ``(N, C, h, w)`` aligned with the synthetic images, resident on one device.
 
@@ -125,7 +130,7 @@ class FeatureBank:
         param = next(teacher.parameters(), None)
         dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
         teacher_hash = state_dict_sha256(teacher)
-        images_hash = tensor_sha256(images)
+        images_hash = images_sha256(images)
         key = cls.cache_key(teacher_hash, images_hash, point, dtype)
         cache_file = Path(cache_dir) / f"features-{key[:40]}.safetensors" if cache_dir is not None else None
         if cache_file is not None and cache_file.exists():
@@ -136,9 +141,9 @@ class FeatureBank:
                 warnings.warn(f"feature cache {cache_file} holds another key; recomputing", stacklevel=2)
             except ELFError as e:
                 warnings.warn(f"feature cache {cache_file} is unusable ({e}); recomputing", stacklevel=2)
-        front = split_model(teacher, point).front
         was_training = teacher.training
         teacher.eval()
+        front = split_model(teacher, point).front
         chunks = []
         batches = range(0, images.shape[0], batch_size)
         if progress:
@@ -228,7 +233,7 @@ class FeatureBank:
         if images.shape[0] != len(self):
             raise ELFError(f"the feature bank holds {len(self)} features but there are {images.shape[0]} images")
         recorded = self.metadata.get("images_sha256")
-        if recorded is not None and recorded != tensor_sha256(images):
+        if recorded is not None and recorded != images_sha256(images):
             raise ELFError("the feature bank was computed for other images (content hash differs); rebuild it for these images")
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from .errors import ELFError
 
@@ -111,9 +112,10 @@ def load_tensors(path: PathLike, device: str | torch.device = "cpu") -> tuple[di
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-        tensors = load_file(str(path), device=str(device))
+        # read the bytes once: tensors must not stay mapped to a file that may change or be truncated later
+        tensors = {k: v.to(device) for k, v in load_bytes(path.read_bytes()).items()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ELFError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt, delete it and recreate it") from e
     return tensors, meta

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .data import CIFAR10_CLASSES, CIFAR10_MTT, CIFAR100_DC, Normalization, _decode_tree
 from .errors import ELFError
+from .losses import infer_label_kind, is_distribution
 from .fileio import file_sha256, load_tensors, safe_torch_load, save_tensors
 
 __all__ = [
@@ -51,24 +52,10 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 LABEL_KINDS = ("index", "prob", "logits")
 _FORMAT = "elf-dd/synthetic"
-_PROB_TOL = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------------------
 # SyntheticSet
-
-
-def _is_prob(labels: Tensor) -> bool:
-    return bool((labels >= 0).all()) and bool(torch.allclose(labels.sum(1), torch.ones(labels.shape[0], dtype=labels.dtype), atol=_PROB_TOL))
-
-
-def infer_label_kind(labels: Tensor) -> str:
-    """"index" for 1-D integer labels (N,); "prob" for (N, K) rows that are non-negative and sum to 1; else "logits"."""
-    if labels.dim() == 1 and not labels.is_floating_point():
-        return "index"
-    if labels.dim() == 2 and labels.is_floating_point():
-        return "prob" if _is_prob(labels.detach().cpu()) else "logits"
-    raise ELFError(f"labels must be (N,) integer class indices or (N, K) float probabilities/logits, got {labels.dtype} {tuple(labels.shape)}")
 
 
 @dataclass
@@ -122,7 +109,7 @@ class SyntheticSet:
                 raise ELFError(f"{self.label_kind} labels must be float (N, K), got {self.labels.dtype} {tuple(self.labels.shape)}")
             if not bool(torch.isfinite(self.labels).all()):
                 raise ELFError("soft labels contain NaN or inf values")
-            if self.label_kind == "prob" and not _is_prob(self.labels.cpu()):
+            if self.label_kind == "prob" and not is_distribution(self.labels):
                 raise ELFError("label_kind 'prob' needs non-negative rows that sum to 1; use 'logits' for unnormalized scores")
         if isinstance(self.normalization, dict):
             self.normalization = Normalization.from_dict(self.normalization)
@@ -340,11 +327,14 @@ def load_dc_result(
 
 
 def _one_hot_index(labels: np.ndarray) -> np.ndarray | None:
-    """Class indices when every row is one-hot (one maximum, all other entries equal: 0/1 or centered), else None."""
+    """Class indices when every row is one-hot up to a constant shift (0/1, or centered 1-1/K and -1/K as KIP's
+    regression targets), else None. Label-smoothed rows (e.g. 0.8/0.1/0.1) are not one-hot and stay soft."""
     mx = labels.max(1, keepdims=True)
     mn = labels.min(1, keepdims=True)
     is_max = labels == mx
     if labels.shape[1] < 2 or not (is_max.sum(1) == 1).all() or not ((labels == mn) | is_max).all():
+        return None
+    if not np.allclose(mx - mn, 1.0, atol=1e-6):
         return None
     return labels.argmax(1)
 
@@ -490,7 +480,7 @@ def load_parameters_into(model: nn.Module, params: Sequence[Tensor]) -> nn.Modul
                 "build the same architecture (width, depth, norm, image size, classes) as the expert"
             )
     if len(named) != len(params):
-        first = named[len(params)][0] if len(named) > len(params) else f"buffer tensor {len(named)} {tuple(params[len(named)].shape)}"
+        first = repr(named[len(params)][0]) if len(named) > len(params) else f"buffer tensor {len(named)} {tuple(params[len(named)].shape)}"
         raise ELFError(
             f"the buffer has {len(params)} tensors but the model has {len(named)} parameters (first unmatched: {first}); "
             "build the same architecture as the expert"
@@ -504,7 +494,8 @@ def load_parameters_into(model: nn.Module, params: Sequence[Tensor]) -> nn.Modul
 def recompute_bn_stats(model: nn.Module, images: Tensor, batch_size: int = 256) -> nn.Module:
     """Reset BatchNorm running statistics and re-estimate them on ``images`` (N, C, H, W), already preprocessed.
 
-    Runs forward passes in train mode under ``no_grad`` with ``momentum=None`` (cumulative average over batches);
+    Runs forward passes in train mode under ``no_grad`` with ``momentum=None``: the running stats become the plain
+    average of the per-batch statistics (batches weigh equally, so a short last batch counts as much as a full one);
     returns the model in eval mode. Models without BatchNorm are only switched to eval mode.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .errors import ELFError
 
-__all__ = ["FeatureDistance", "DISTANCES", "feature_distance", "soft_target_ce", "mse", "mae", "cosine", "prepare_targets", "infer_label_kind"]
+__all__ = ["FeatureDistance", "DISTANCES", "feature_distance", "soft_target_ce", "mse", "mae", "cosine", "prepare_targets", "infer_label_kind", "is_distribution"]
 
 FeatureDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,6 +52,12 @@ def feature_distance(distance: str | FeatureDistance) -> FeatureDistance:
         raise ELFError(f"unknown feature distance {distance!r}; choose one of {sorted(DISTANCES)} or pass a callable") from None
 
 
+def is_distribution(labels: torch.Tensor, atol: float = 1e-3) -> bool:
+    """True when every row of ``labels`` ``(N, K)`` is non-negative and sums to 1 (within ``atol``)."""
+    lab = labels.detach()
+    return bool((lab >= 0).all()) and bool(torch.allclose(lab.sum(1), torch.ones_like(lab[:, 0]), atol=atol))
+
+
 def infer_label_kind(labels: torch.Tensor) -> str:
     """``"index"`` for integer ``(N,)`` labels; for float ``(N, K)``: ``"prob"`` if every row is a distribution,
     else ``"logits"``."""
@@ -60,10 +66,7 @@ def infer_label_kind(labels: torch.Tensor) -> str:
             raise ELFError(f"labels of shape {tuple(labels.shape)} must be integer class indices (got {labels.dtype})")
         return "index"
     if labels.dim() == 2 and labels.is_floating_point():
-        lab = labels.detach()
-        if bool((lab >= 0).all()) and torch.allclose(lab.sum(1), torch.ones_like(lab[:, 0]), atol=1e-4):
-            return "prob"
-        return "logits"
+        return "prob" if is_distribution(labels) else "logits"
     raise ELFError(
         f"labels must be class indices (N,) or soft labels (N, K) of floats; got shape {tuple(labels.shape)}, dtype {labels.dtype}"
     )

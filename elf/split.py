@@ -3,7 +3,8 @@
 Points are named as in torchvision's ``models.feature_extraction``: a module path such as ``"layer4.0"`` means
 "after the last operation inside that module", and a node name such as ``"layer4.0.add"`` means after that node.
 The model is traced with torchvision's ``NodePathTracer`` (torch.fx) in train and in eval mode and partitioned with
-``torch.fx.passes.split_module``; front and rear share parameters with the original model.
+copying the graph's nodes before and after the cut into two ``GraphModule``s; front and rear share parameters
+with the original model.
 
 A cut is valid when exactly one tensor crosses it. Cutting inside a residual block is crossed by the skip tensor as
 well, and is refused. Models with ``forward_features``/``forward_head`` (timm, our built-ins) can also be cut at
@@ -13,6 +14,7 @@ well, and is refused. Models with ``forward_features``/``forward_head`` (timm, o
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -21,7 +23,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.fx.passes.split_module import split_module as _fx_split_module
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import ELFError
@@ -64,15 +65,25 @@ class _MethodModule(nn.Module):
 
 
 class _ModeDispatch(nn.Module):
-    """Runs the graph traced in train mode while training and the eval-mode graph otherwise."""
+    """Runs the graph traced in train mode while the original model trains and the eval-mode graph otherwise.
 
-    def __init__(self, train_graph: nn.Module, eval_graph: nn.Module) -> None:
+    The mode is read from the original model (not registered as a submodule, so parameters are not listed twice);
+    ``train()``/``eval()`` on this half switch the original model too, as they do for its shared submodules.
+    """
+
+    def __init__(self, train_graph: nn.Module, eval_graph: nn.Module, owner: nn.Module) -> None:
         super().__init__()
         self.train_graph = train_graph
         self.eval_graph = eval_graph
+        object.__setattr__(self, "_owner", owner)
+
+    def train(self, mode: bool = True) -> _ModeDispatch:
+        super().train(mode)
+        self._owner.train(mode)
+        return self
 
     def forward(self, x: Any) -> Any:
-        return (self.train_graph if self.training else self.eval_graph)(x)
+        return (self.train_graph if self._owner.training else self.eval_graph)(x)
 
 
 @dataclass
@@ -100,6 +111,17 @@ def _notrace_defaults(model: nn.Module) -> tuple[list[type], list[Callable[..., 
             return [], []
 
 
+def _optional_args(model: nn.Module) -> dict[str, Any] | None:
+    """Forward arguments after the input that have defaults (e.g. ``attn_mask=None``), traced as those constants."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    extra = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return extra or None
+
+
 def _trace(model: nn.Module, train: bool, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable[..., Any]]) -> _Traced:
     timm_leaves, timm_functions = _notrace_defaults(model)
     tracer = NodePathTracer(
@@ -109,7 +131,7 @@ def _trace(model: nn.Module, train: bool, leaf_modules: Sequence[type], autowrap
     was_training = model.training
     model.train(train)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_args(model))
     except Exception as e:
         raise ELFError(
             f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}). Either mark the "
@@ -169,17 +191,63 @@ def _resolve(traced: _Traced, at: str, model: nn.Module) -> int:
     return cut
 
 
+def _copy_nodes(traced: _Traced, nodes: list[fx.Node], inputs: dict[fx.Node, fx.Node], graph: fx.Graph, env: dict[fx.Node, fx.Node]) -> None:
+    """Copy ``nodes`` into ``graph``; ``get_attr`` nodes they read are copied on demand (parameters stay shared)."""
+    env.update(inputs)
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a not in env:
+            if a.op != "get_attr":
+                raise ELFError(f"internal: node {a.name} is used across the cut")  # excluded by _resolve
+            env[a] = graph.node_copy(a, lookup)
+        return env[a]
+
+    for n in nodes:
+        if n.op == "get_attr" and not n.users:
+            continue
+        env[n] = graph.node_copy(n, lookup)
+
+
+def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` may write into its input: in-place modules, ``inplace=True`` calls, ``x.op_()`` methods."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if node.kwargs.get("inplace"):
+        return True
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name.startswith("i") and name[1:] in ("add", "sub", "mul", "truediv", "and", "or") or name.endswith("_")
+    return False
+
+
 def _partition(traced: _Traced, cut: int, model: nn.Module) -> SplitModules:
-    index = {n: i for i, n in enumerate(traced.nodes)}
+    """Two GraphModules over ``model``: nodes ``[0, cut]`` (returning the cut tensor) and the rest."""
+    gm = traced.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    cut_node = traced.nodes[cut]
+    name = type(model).__name__
 
-    def side(n: fx.Node) -> int:
-        return 0 if n.op == "placeholder" or index.get(n, -1) <= cut else 1
+    front_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    front_inputs = {p: front_graph.node_copy(p) for p in placeholders}
+    _copy_nodes(traced, [n for n in traced.nodes[: cut + 1] if n.op != "get_attr"], front_inputs, front_graph, env)
+    front_graph.output(env[cut_node])
 
-    parts = _fx_split_module(traced.graph_module, model, side)
-    front, rear = parts.submod_0, parts.submod_1
-    n_in = sum(1 for n in rear.graph.nodes if n.op == "placeholder")
-    if n_in != 1:  # parameters read through get_attr on both sides; keep the check that rear takes one tensor
-        raise ELFError(f"split of {type(model).__name__} gave a rear with {n_in} inputs; pass (front, rear) yourself")
+    rear_graph = fx.Graph()
+    env = {}
+    rear_x = rear_graph.placeholder("x")
+    if any(_is_inplace(u, gm) for u in cut_node.users):
+        # the model modifies this tensor in place right after the cut (e.g. ReLU(inplace=True)); the rear must not
+        # change the front output the caller still holds (ELF's feature loss reads it)
+        rear_x = rear_graph.call_method("clone", (rear_x,))
+    rear_input = {cut_node: rear_x}
+    _copy_nodes(traced, [n for n in traced.nodes[cut + 1 :] if n.op != "get_attr"], rear_input, rear_graph, env)
+    rear_graph.output(fx.map_arg(output.args[0], lambda a: env[a]))
+    front = fx.GraphModule(gm, front_graph, f"{name}Front")
+    rear = fx.GraphModule(gm, rear_graph, f"{name}Rear")
     return SplitModules(front, rear)
 
 
@@ -223,8 +291,8 @@ def split_model(
         return train_split
     eval_split = _partition(traced_eval, _resolve(traced_eval, at, model), model)
     return SplitModules(
-        _ModeDispatch(train_split.front, eval_split.front).train(model.training),
-        _ModeDispatch(train_split.rear, eval_split.rear).train(model.training),
+        _ModeDispatch(train_split.front, eval_split.front, model),
+        _ModeDispatch(train_split.rear, eval_split.rear, model),
     )
 
 

@@ -10,9 +10,11 @@ no DataLoader and no host synchronization per step (values are read back only wh
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from torch import nn
 from .augment import DSA
 from .errors import ELFError
 from .feature_bank import FeatureBank
+from .fileio import PathLike, load_tensors, save_tensors
 from .losses import feature_distance, prepare_targets
 from .models import create_model, default_split_point
 from .protocol import Protocol, get_protocol
@@ -31,6 +34,19 @@ from .split import list_split_points, split_model
 __all__ = ["ELFTrainer", "Callback", "EvalResult", "ModelSpec"]
 
 ModelSpec = nn.Module | str | Callable[[], nn.Module] | tuple[nn.Module, nn.Module]
+STATE_FORMAT = "elf-trainer-state/1"
+
+
+@dataclass
+class _LoopState:
+    """What save_state needs from the running fit: seed, optimizer, RNGs, current lr, last finished epoch."""
+
+    seed: int
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    dsa: DSA | None
+    lr: float
+    epoch: int
 
 
 class Callback:
@@ -186,6 +202,7 @@ class ELFTrainer:
         self.front: nn.Module | None = None
         self.rear: nn.Module | None = None
         self.history: list[dict[str, float]] = []
+        self._loop: _LoopState | None = None
         p = self.protocol
         if p.features_on_augmented and teacher is None:
             raise ELFError("features_on_augmented=True computes teacher features every step: pass teacher=")
@@ -237,7 +254,13 @@ class ELFTrainer:
         try:
             with torch.no_grad():
                 x = self.images[:2]
-                out = model(x)
+                try:
+                    out = model(x)
+                except RuntimeError as e:
+                    raise ELFError(
+                        f"{self.model_name} cannot run on images of shape {tuple(x.shape[1:])} ({e}); build it for "
+                        "these images (channels, size) or pass images that fit it"
+                    ) from e
                 if out.dim() != 2 or out.shape[1] != self.num_classes:
                     raise ELFError(
                         f"{self.model_name} outputs shape {tuple(out.shape)} but the labels have {self.num_classes} classes; "
@@ -270,10 +293,12 @@ class ELFTrainer:
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
     # ---- training -------------------------------------------------------------------------------------------
-    def fit(self, seed: int = 0) -> list[dict[str, float]]:
+    def fit(self, seed: int = 0, *, resume_from: PathLike | None = None) -> list[dict[str, float]]:
         """Train a fresh model (initialized from ``seed``) with the protocol; returns the logged history.
 
         The same seed on CPU gives the same weights: model init, batch order and augmentation are all seeded.
+        ``resume_from`` continues from a file written by :meth:`save_state` (e.g. from a callback's
+        ``on_epoch_end``) at the epoch after the saved one, with the same weights, momentum, lr and RNG states.
         """
         p = self.protocol
         model, front, rear = self._build_model(seed)
@@ -290,6 +315,12 @@ class ELFTrainer:
             teacher_front = split_model(self.teacher, self.teacher_point or default_split_point(self.teacher)).front
         lr = p.lr
         opt = self._optimizer(model, lr)
+        start_epoch = 0
+        if resume_from is not None:
+            start_epoch, lr = self._load_state(resume_from, model, gen, dsa, seed)
+            opt = self._optimizer(model, lr)
+            self._load_momentum(resume_from, model, opt)
+        self._loop = _LoopState(seed, opt, gen, dsa, lr, start_epoch - 1)
         n, bs = self.images.shape[0], p.batch_size
         total = p.total_epochs
         log_every = self.log_every or max(1, total // 20)
@@ -297,12 +328,12 @@ class ELFTrainer:
         self.stop_training = False
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        epochs: Iterable[int] = range(total)
+        epochs: Iterable[int] = range(start_epoch, total)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(epochs, desc=f"{self.model_name} seed {seed}", unit="ep", leave=False)
+            bar = tqdm(epochs, desc=f"{self.model_name} seed {seed}", unit="ep", leave=False, initial=start_epoch, total=total)
             epochs = bar
         step = 0
         start_time = time.perf_counter()
@@ -322,6 +353,7 @@ class ELFTrainer:
                 step += 1
                 if self.stop_training:
                     break
+            epoch_lr = lr
             if epoch == p.decay_epoch:
                 lr *= p.lr_decay
                 if p.reset_optimizer_at_decay:
@@ -329,8 +361,9 @@ class ELFTrainer:
                 else:
                     for group in opt.param_groups:
                         group["lr"] = lr
+            self._loop = _LoopState(seed, opt, gen, dsa, lr, epoch)
             epoch_logs = {"loss": sums[0] / n, "task": sums[1] / n, "front": sums[2] / n, "rear": sums[3] / n,
-                          "train_acc": sums[4] / n * 100, "lr": torch.tensor(lr)}
+                          "train_acc": sums[4] / n * 100, "lr": torch.tensor(epoch_lr)}
             if epoch % log_every == 0 or epoch == total - 1 or self.stop_training:
                 record = {"epoch": float(epoch), **{k: float(v) for k, v in epoch_logs.items()}}
                 record["time_s"] = time.perf_counter() - start_time
@@ -391,6 +424,51 @@ class ELFTrainer:
         correct = (out.detach().argmax(1) == self.hard_labels[idx]).sum()
         return {"loss": loss.detach(), "task": loss_task.detach(), "front": loss_front.detach(),
                 "rear": loss_rear.detach(), "correct": correct.float()}
+
+    # ---- resumable state ----------------------------------------------------------------------------------
+    def save_state(self, path: PathLike) -> Path:
+        """Write everything needed to resume the current fit after the last finished epoch (safetensors).
+
+        Holds the model's state dict, the optimizer's momentum buffers, lr, seed, epoch and the RNG states.
+        Call it from a callback's ``on_epoch_end``; resume with ``fit(seed, resume_from=path)``.
+        """
+        if self.model is None or self._loop is None:
+            raise ELFError("save_state() needs a running or finished fit()")
+        loop = self._loop
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        params = list(self.model.parameters())
+        for i, param in enumerate(params):
+            buf = loop.optimizer.state.get(param, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"momentum.{i}"] = buf
+        tensors["rng.batches"] = loop.generator.get_state()
+        if loop.dsa is not None and loop.dsa.op_generator is not None:
+            tensors["rng.dsa"] = loop.dsa.op_generator.get_state()
+        meta = {"format": STATE_FORMAT, "epoch": str(loop.epoch), "lr": repr(loop.lr), "seed": str(loop.seed),
+                "model": self.model_name, "protocol": json.dumps(self.protocol.to_dict(), default=str)}
+        return save_tensors(path, tensors, meta)
+
+    def _load_state(self, path: PathLike, model: nn.Module, gen: torch.Generator, dsa: DSA | None, seed: int) -> tuple[int, float]:
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != STATE_FORMAT:
+            raise ELFError(f"{path}: not an ELFTrainer state file (written by save_state)")
+        if int(meta["seed"]) != seed:
+            raise ELFError(f"{path} was saved by a fit with seed {meta['seed']}; resume it with fit(seed={meta['seed']})")
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ELFError(f"{path} holds weights of another model ({meta.get('model')}): {e}") from e
+        gen.set_state(tensors["rng.batches"])
+        if dsa is not None and "rng.dsa" in tensors and dsa.op_generator is not None:
+            dsa.op_generator.set_state(tensors["rng.dsa"])
+        return int(meta["epoch"]) + 1, float(meta["lr"])
+
+    def _load_momentum(self, path: PathLike, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        tensors, _ = load_tensors(path, device=self.device)
+        for i, param in enumerate(model.parameters()):
+            if f"momentum.{i}" in tensors:
+                opt.state[param]["momentum_buffer"] = tensors[f"momentum.{i}"]
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()

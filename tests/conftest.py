@@ -20,3 +20,15 @@ def elf_data_path() -> Path:
     if not path.exists():
         pytest.fail(f"ELF_DATA={env} does not exist")
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Run a test module with one intra-op thread (tiny tensors: thread start-up and spinning dominate, badly so
+    on a shared 2-core machine); restores the previous setting afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

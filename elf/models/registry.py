@@ -48,7 +48,7 @@ def register_model(name: str, builder: Callable[[int, int, tuple[int, int]], nn.
     _REGISTRY[name] = ModelInfo(name, builder, description)
 
 
-def _convnet_from_name(name: str) -> Callable[[int, int, tuple[int, int]], nn.Module] | None:
+def _convnet_from_name(name: str, overrides: dict[str, object]) -> Callable[[int, int, tuple[int, int]], nn.Module] | None:
     m = _CONVNET_RE.match(name)
     if not m:
         return None
@@ -64,6 +64,7 @@ def _convnet_from_name(name: str) -> Callable[[int, int, tuple[int, int]], nn.Mo
             kw["activation"] = _ACT_CODES[tok]
         elif tok in _POOL_CODES:
             kw["pooling"] = _POOL_CODES[tok]
+    kw.update(overrides)
     return lambda channel, num_classes, im_size: ConvNet(channel, num_classes, im_size=im_size, **kw)  # type: ignore[arg-type]
 
 
@@ -121,12 +122,14 @@ def create_model(name: str, channel: int = 3, num_classes: int = 10, im_size: tu
         name: e.g. "ConvNet", "ConvNet-BN", "ConvNetW512", "ResNet18BN", "VGG11", "AlexNet",
             "torchvision.resnet18", "timm.resnet18".
         channel: input channels. num_classes: classes. im_size: input (H, W).
-        kwargs: passed to torchvision/timm constructors.
+        kwargs: ConvNet arguments (``width=64``) for ConvNet names, or passed to torchvision/timm constructors.
     """
     if name.startswith(("torchvision.", "tv.")):
         import torchvision.models as tvm
 
         tv_name = name.split(".", 1)[1]
+        if channel != 3:
+            raise ELFError(f"torchvision models take 3-channel images; {name} cannot be built with channel={channel}")
         try:
             return tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
         except ValueError as e:
@@ -140,15 +143,20 @@ def create_model(name: str, channel: int = 3, num_classes: int = 10, im_size: tu
     canonical = _canonical(name)
     im = (int(im_size[0]), int(im_size[1]))
     if canonical in _REGISTRY:
+        if kwargs:
+            raise ELFError(f"{name} takes no extra arguments (got {sorted(kwargs)}); register a variant with register_model")
         model = _REGISTRY[canonical].builder(channel, num_classes, im)
     else:
-        builder = _convnet_from_name(canonical)
+        builder = _convnet_from_name(canonical, dict(kwargs))
         if builder is None:
             known = list(list_models())
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ELFError(f"unknown model {name!r}.{hint} Known: {', '.join(known)} (see `elf models`).")
-        model = builder(channel, num_classes, im)
+        try:
+            model = builder(channel, num_classes, im)
+        except TypeError as e:
+            raise ELFError(f"{name}: bad ConvNet argument ({e}); ConvNet takes width, depth, activation, norm, pooling") from e
     model.elf_model_name = canonical  # type: ignore[assignment]
     return model
 

@@ -1,0 +1,160 @@
+"""Baseline vs ELF for several evaluation models on one synthetic set: the paper's table, as a function.
+
+:func:`compare_models` picks, for each model, the feature bank whose per-image shape equals the model's front
+output at its split point (so a ConvNet student gets the width-128 teacher and ResNet-18 the width-512 one).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ELFError
+from .feature_bank import FeatureBank
+from .losses import prepare_targets
+from .models import create_model, default_split_point
+from .protocol import Protocol, get_protocol
+from .split import split_model
+from .trainer import ELFTrainer, EvalResult
+
+__all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "format_table", "environment"]
+
+
+@dataclass
+class ModelComparison:
+    """Results of one evaluation model: ``baseline`` and ``elf`` (either may be absent), and the split used."""
+
+    model: str
+    split_at: str | None
+    baseline: EvalResult | None = None
+    elf: EvalResult | None = None
+    bank: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gain(self) -> float | None:
+        """ELF mean minus baseline mean, in accuracy points."""
+        if self.baseline is None or self.elf is None:
+            return None
+        return self.elf.mean - self.baseline.mean
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "split_at": self.split_at,
+            "baseline": self.baseline.to_dict() if self.baseline else None,
+            "elf": self.elf.to_dict() if self.elf else None,
+            "gain": self.gain,
+            "feature_bank": self.bank,
+        }
+
+
+def front_shape(model_name: str, image_shape: Sequence[int], num_classes: int, split_at: str | None = None) -> tuple[int, ...]:
+    """Per-image output shape of ``model_name``'s front at ``split_at`` (default point) for ``(C, H, W)`` inputs."""
+    c, h, w = image_shape
+    model = create_model(model_name, channel=c, num_classes=num_classes, im_size=(h, w)).eval()
+    front = split_model(model, split_at or default_split_point(model)).front
+    with torch.no_grad():
+        return tuple(front(torch.zeros(1, c, h, w)).shape[1:])
+
+
+def pick_bank(shape: tuple[int, ...], banks: Sequence[FeatureBank]) -> FeatureBank | None:
+    """The first bank whose per-image feature shape equals ``shape``."""
+    return next((b for b in banks if b.shape == shape), None)
+
+
+def compare_models(
+    models: Sequence[str],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    banks: Sequence[FeatureBank] = (),
+    protocol: Protocol | str = "elf",
+    seeds: int | Sequence[int] = 5,
+    baseline: bool = True,
+    elf: bool = True,
+    split_at: dict[str, str] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> list[ModelComparison]:
+    """Evaluate each model with the plain baseline and with ELF under the same protocol and seeds.
+
+    Args:
+        models: model names for :func:`~elf.create_model`.
+        images, labels: the synthetic set ``(N, C, H, W)`` and its labels.
+        test_images, test_labels: real test data ``(M, C, H, W)``, normalized like ``images``, and ``(M,)``.
+        banks: teacher feature banks; each model uses the one matching its front shape.
+        protocol, overrides: the evaluation protocol (default: official ELF) and single-field changes.
+        seeds: number of runs or explicit seeds. baseline, elf: which of the two to run.
+        split_at: per-model split point (default: each model's ``elf_split_point``).
+    """
+    proto = get_protocol(protocol, **overrides)
+    split_at = dict(split_at or {})
+    _, _, num_classes = prepare_targets(labels)
+    out = []
+    for name in models:
+        point = split_at.get(name)
+        row = ModelComparison(name, point)
+        if baseline:
+            log(f"[{name}] baseline ({proto.total_epochs} epochs x {seeds if isinstance(seeds, int) else len(seeds)} runs)")
+            trainer = ELFTrainer(name, images, labels, protocol=proto.baseline(), device=device, progress=progress)
+            row.baseline = trainer.run(test_images, test_labels, seeds)
+            log(f"[{name}] baseline: {row.baseline}")
+        if elf:
+            shape = front_shape(name, tuple(images.shape[1:]), num_classes, point)
+            bank = pick_bank(shape, banks)
+            if bank is None:
+                have = ", ".join(f"{b.metadata.get('teacher_model', '?')} {b.shape}" for b in banks) or "none"
+                raise ELFError(
+                    f"no teacher feature bank matches {name}'s front output {shape} (banks: {have}); add a teacher of "
+                    f"that feature shape (e.g. ConvNetW{shape[0]}) or choose another split point"
+                )
+            row.split_at = point or _default_point(name, images)
+            row.bank = {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
+            log(f"[{name}] ELF at {row.split_at} with {row.bank['teacher_model']} features {bank.shape}")
+            trainer = ELFTrainer(name, images, labels, feature_bank=bank, split_at=point, protocol=proto, device=device, progress=progress)
+            row.elf = trainer.run(test_images, test_labels, seeds)
+            log(f"[{name}] ELF: {row.elf}")
+        out.append(row)
+    return out
+
+
+def _default_point(name: str, images: torch.Tensor) -> str:
+    c, h, w = images.shape[1:]
+    return default_split_point(create_model(name, channel=c, im_size=(h, w)))
+
+
+def format_table(rows: Sequence[ModelComparison]) -> str:
+    """A Markdown table in the paper's layout: model | baseline | ELF | gain (mean ± std over runs)."""
+    lines = ["| model | baseline | ELF | gain |", "|---|---|---|---|"]
+    for r in rows:
+        base = str(r.baseline) if r.baseline else "-"
+        elf = str(r.elf) if r.elf else "-"
+        gain = f"{r.gain:+.2f}" if r.gain is not None else "-"
+        lines.append(f"| {r.model} | {base} | {elf} | {gain} |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, str]:
+    """Versions and machine facts recorded with every result."""
+    from . import __version__
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = {
+        "elf_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(dev),
+        "threads": str(torch.get_num_threads()),
+    }
+    if dev.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(dev)
+    return info

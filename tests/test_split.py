@@ -1,0 +1,367 @@
+"""split_model / list_split_points: rear(front(x)) == model(x), shared parameters, gradients, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from elf import ELFError, create_model, list_models, list_split_points, split_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+SIZES = {"ConvNetD4": 64, "ConvNetD5": 128}
+BUILTINS = [n for n in list_models() if not n.startswith(("torchvision.", "timm."))]
+
+
+def _x(size: int = 32, n: int = 2, channel: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, channel, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _check_equal_both_modes(model: nn.Module, at: str, x: torch.Tensor) -> None:
+    front, rear = split_model(model, at)
+    # train mode: identical RNG state for dropout; BatchNorm uses batch statistics on both paths
+    model.train()
+    torch.manual_seed(123)
+    want = model(x)
+    torch.manual_seed(123)
+    got = rear(front(x))
+    assert got.shape == want.shape
+    assert torch.equal(got, want), f"train mode, cut {at!r}: max diff {(got - want).abs().max()}"
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        got = rear(front(x))
+    assert torch.equal(got, want), f"eval mode, cut {at!r}: max diff {(got - want).abs().max()}"
+
+
+def _points_for(model: nn.Module, size: int) -> list[str]:
+    points = list_split_points(model, (3, size, size))
+    names = [p.name for p in points]
+    default = model.elf_split_point
+    assert any(default == p.name or default in p.aliases for p in points)
+    others = [names[0], names[len(names) // 2]]
+    return [default] + [p for p in others if p != default]
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_split_equals_model(name):
+    size = SIZES.get(name, 32)
+    torch.manual_seed(0)
+    model = create_model(name, im_size=(size, size))
+    x = _x(size)
+    for at in _points_for(model, size):
+        _check_equal_both_modes(model, at, x)
+
+
+@pytest.mark.parametrize(
+    "arch,points",
+    [("resnet18", ["layer3", "layer2.0", "layer4.0"]), ("vgg11_bn", ["features.14", "avgpool", "classifier.2"]),
+     ("mobilenet_v2", ["features.7", "features.0"])],
+)  # fmt: skip
+def test_torchvision_split_equals_model(arch, points):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10, weights=None)
+    x = _x(32)
+    for at in points:
+        _check_equal_both_modes(model, at, x)
+
+
+def test_torchvision_front_equals_feature_extractor():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = torchvision.models.resnet18(num_classes=10, weights=None).eval()
+    x = _x(32)
+    with torch.no_grad():
+        want = create_feature_extractor(model, {"layer2": "f"})(x)["f"]
+        got = split_model(model, "layer2").front(x)
+    assert torch.equal(got, want)
+
+
+# ---- sharing, gradients, running statistics --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,at", [("ConvNetBN", "features"), ("ResNet18BN", "layer4.0"), ("VGG11", "features.17")])
+def test_parameters_and_buffers_are_shared(name, at):
+    model = create_model(name)
+    front, rear = split_model(model, at)
+    model_params = {id(p): p for p in model.parameters()}
+    split_params = list(front.parameters()) + list(rear.parameters())
+    assert split_params, "front/rear expose no parameters"
+    assert {id(p) for p in split_params} == set(model_params)
+    assert {p.data_ptr() for p in split_params} == {p.data_ptr() for p in model.parameters()}
+    model_buffers = {id(b) for b in model.buffers()}
+    assert {id(b) for b in list(front.buffers()) + list(rear.buffers())} == model_buffers
+    # a weight change through the model is seen by the split
+    x = _x(32)
+    model.eval()
+    with torch.no_grad():
+        before = rear(front(x)).clone()
+        model.classifier.bias.add_(1.0)
+        after = rear(front(x))
+    assert torch.allclose(after, before + 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,at,first,last", [("ConvNetBN", "features", "features.0.weight", "classifier.weight"),
+                                                ("ResNet18BN", "layer4.0", "conv1.weight", "layer4.1.conv1.weight")])
+def test_gradients_reach_both_sides_of_the_cut(name, at, first, last):
+    torch.manual_seed(0)
+    model = create_model(name)
+    reference = copy.deepcopy(model)
+    front, rear = split_model(model, at)
+    x = _x(32)
+    model.zero_grad(set_to_none=True)
+    rear(front(x)).square().sum().backward()
+    reference(x).square().sum().backward()
+    grads = dict(model.named_parameters())
+    ref = dict(reference.named_parameters())
+    for key in (first, last, "classifier.bias"):
+        assert grads[key].grad is not None, f"no gradient for {key}"
+        assert grads[key].grad.abs().sum() > 0
+        assert torch.allclose(grads[key].grad, ref[key].grad, rtol=1e-4, atol=1e-6), key
+
+
+def test_batchnorm_running_stats_through_split_are_the_models():
+    torch.manual_seed(0)
+    model = create_model("ConvNetBN")
+    reference = copy.deepcopy(model)
+    front, rear = split_model(model, "features")
+    bn_first, bn_last = model.features[1], model.features[9]
+    x = _x(32, n=4)
+    model.train()
+    reference.train()
+    rear(front(x))
+    reference(x)
+    assert int(bn_first.num_batches_tracked) == 1 and int(bn_last.num_batches_tracked) == 1
+    assert not torch.equal(bn_first.running_mean, torch.zeros_like(bn_first.running_mean))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_split_follows_eval_for_builtins_without_retracing():
+    torch.manual_seed(0)
+    model = create_model("ConvNetBN")
+    front, rear = split_model(model, "features")
+    x = _x(32)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        got = rear(front(x))
+    assert torch.equal(got, want)
+    assert int(model.features[1].num_batches_tracked) == 0  # eval through the split did not update stats
+
+
+class _ModeNet(nn.Module):
+    """Forward depends on self.training before the cut: train and eval graphs differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x = x + 1.0
+        return self.head(self.body(x).flatten(1))
+
+
+def test_mode_dependent_model_split_in_its_creation_mode():
+    x = _x(8)
+    model = _ModeNet().train()
+    front, rear = split_model(model, "body")
+    assert torch.equal(rear(front(x)), model(x))
+    model = _ModeNet().eval()
+    front, rear = split_model(model, "body")
+    with torch.no_grad():
+        assert torch.equal(rear(front(x)), model(x))
+
+
+def test_mode_dependent_model_split_follows_model_eval():
+    x = _x(8)
+    model = _ModeNet().train()
+    front, rear = split_model(model, "body")
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(rear(front(x)), model(x))
+
+
+def test_rear_does_not_modify_front_output():
+    model = create_model("ConvNetW16")
+    front, rear = split_model(model, "features.9")  # norm of the 3rd block; features.10 is ReLU(inplace=True)
+    h = front(_x(32))
+    saved = h.clone()
+    rear(h)
+    assert torch.equal(h, saved)
+
+
+# ---- list_split_points -------------------------------------------------------------------------------------------
+
+
+def test_list_split_points_shapes_match_front_outputs_for_every_point():
+    torch.manual_seed(0)
+    model = create_model("ConvNetW16BN")
+    x = _x(32)
+    points = list_split_points(model, (3, 32, 32))
+    assert [p.name for p in points][:4] == ["features.0", "features.1", "features.2", "features.3"]
+    assert "classifier" not in [p.name for p in points]  # the last node is not a cut
+    model.eval()
+    for p in points:
+        for name in (p.name,) + p.aliases:
+            with torch.no_grad():
+                out = split_model(model, name).front(x)
+            assert tuple(out.shape[1:]) == p.shape, name
+    shapes = {p.name: p.shape for p in points}
+    assert shapes["features"] == (16, 4, 4)
+    assert shapes["features.3"] == (16, 16, 16)
+
+
+def test_list_split_points_resnet18():
+    torch.manual_seed(0)
+    model = create_model("ResNet18")
+    points = list_split_points(model, (3, 32, 32))
+    by_name = {p.name: p for p in points}
+    assert by_name["layer4.0"].shape == (512, 4, 4)
+    assert by_name["layer3"].shape == (256, 8, 8)
+    assert by_name["layer1"].shape == (64, 32, 32)
+    all_names = {n for p in points for n in (p.name,) + p.aliases}
+    for inside in ("layer4.0.conv2", "layer4.0.bn2", "layer4.0.conv1", "layer3.1.conv1"):
+        assert inside not in all_names
+    x = _x(32)
+    model.eval()
+    for name in ("conv1", "layer2.0", "layer3", "layer4.0", "flatten"):
+        with torch.no_grad():
+            assert tuple(split_model(model, name).front(x).shape[1:]) == by_name[name].shape, name
+    assert model.training is False  # left as it was (eval)
+
+
+def test_list_split_points_does_not_change_mode_or_stats():
+    model = create_model("ConvNetW16BN").train()
+    before = copy.deepcopy(model.state_dict())
+    list_split_points(model, (3, 32, 32))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_list_split_points_bad_input_shape_raises_elferror():
+    with pytest.raises(ELFError, match="input_shape"):
+        list_split_points(create_model("ConvNetW16"), (3, 16, 16))  # classifier was built for 32x32
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_point_names_close_match_and_list_split_points():
+    with pytest.raises(ELFError) as info:
+        split_model(create_model("ConvNetW16"), "featurs")
+    msg = str(info.value)
+    assert "'featurs'" in msg and "features" in msg.replace("'featurs'", "")
+    assert "list_split_points" in msg
+
+
+def test_unknown_point_in_resnet_suggests_the_right_layer():
+    with pytest.raises(ELFError) as info:
+        split_model(create_model("ResNet18"), "layer4.0.cnv2")
+    assert "layer4.0.conv2" in str(info.value)
+
+
+def test_cut_crossed_by_skip_names_the_tensors():
+    with pytest.raises(ELFError) as info:
+        split_model(create_model("ResNet18"), "layer4.0.conv2")
+    msg = str(info.value)
+    assert "crossed by 2 tensors" in msg
+    assert "layer4.0.conv2" in msg and "layer3.1.relu_1" in msg  # the cut tensor and the skip tensor
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(torch.relu(self.a(x))) + x
+        return self.head(y.flatten(1))
+
+
+def test_small_residual_model_cuts():
+    model = _Residual()
+    names = {p.name for p in list_split_points(model, (3, 4, 4))}
+    assert "a" not in names and "relu" not in names and "add" in names
+    for at in ("a", "relu", "b"):
+        with pytest.raises(ELFError, match="crossed by 2 tensors"):
+            split_model(model, at)
+    front, rear = split_model(model, "add")
+    x = _x(4)
+    assert torch.equal(rear(front(x)), model(x))
+
+
+def test_last_node_is_refused():
+    with pytest.raises(ELFError, match="last operation"):
+        split_model(create_model("ConvNetW16"), "classifier")
+
+
+class _Branchy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: untraceable
+            return x * 2
+        return x - 1
+
+
+class _BranchyTop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if h.mean() > 0:
+            h = h * 2
+        return self.head(h.flatten(1))
+
+
+def _branchy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), _Branchy(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+
+@pytest.mark.parametrize("model_fn", [_branchy_model, _BranchyTop])
+def test_untraceable_model_error_mentions_leaf_modules_and_pair(model_fn):
+    with pytest.raises(ELFError) as info:
+        split_model(model_fn(), "0" if model_fn is _branchy_model else "conv")
+    msg = str(info.value)
+    assert "leaf_modules" in msg and "(front, rear)" in msg
+
+
+def test_leaf_modules_make_branching_submodule_splittable():
+    model = _branchy_model()
+    for at in ("0", "1"):
+        front, rear = split_model(model, at, leaf_modules=[_Branchy])
+        for sign in (1.0, -1.0):  # both branches of the leaf
+            x = sign * _x(8).abs() + sign * 5
+            assert torch.equal(rear(front(x)), model(x))
+    names = [p.name for p in list_split_points(model, (3, 8, 8), leaf_modules=[_Branchy])]
+    assert names[:3] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("name", ["ConvNet", "ConvNetBN", "ResNet18BN", "VGG11", "AlexNet"])
+def test_forward_features_point(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    front, rear = split_model(model, "forward_features")
+    x = _x(32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(front(x), model.forward_features(x))
+        assert torch.equal(rear(front(x)), model(x))
+    assert {id(p) for p in front.parameters()} == {id(p) for p in model.parameters()}
+
+
+def test_forward_features_point_needs_the_methods():
+    with pytest.raises(ELFError, match="forward_features"):
+        split_model(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), "forward_features")

@@ -1,0 +1,595 @@
+"""ELFTrainer: the loss of one step against a hand computation, schedule, callbacks, determinism, errors, results."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from elf import Callback, ELFError, ELFTrainer, EvalResult, FeatureBank, create_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+K = 3  # classes
+SIZE = 16  # ConvNetW16 at 16x16: front ("features") output 16x2x2
+
+
+def _data(n: int = 6, k: int = K, size: int = SIZE, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.arange(n) % k
+
+
+def _teacher(name: str = "ConvNetW16", size: int = SIZE, seed: int = 100, k: int = K) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(name, num_classes=k, im_size=(size, size))
+
+
+def _bank(x: torch.Tensor, point: str | None = None, teacher: nn.Module | None = None) -> FeatureBank:
+    return FeatureBank.build(teacher or _teacher(size=x.shape[-1]), x, point)
+
+
+def _initial_model(seed: int, name: str = "ConvNetW16", k: int = K, size: int = SIZE) -> nn.Module:
+    """The model ELFTrainer(name).fit(seed) starts from."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(name, channel=3, num_classes=k, im_size=(size, size))
+
+
+def _trainer(model="ConvNetW16", x=None, y=None, **kw) -> ELFTrainer:
+    if x is None:
+        x, y = _data()
+    kw.setdefault("device", "cpu")
+    kw.setdefault("progress", False)
+    kw.setdefault("augment", None)
+    return ELFTrainer(model, x, y, **kw)
+
+
+class Capture(Callback):
+    def __init__(self) -> None:
+        self.initial: dict[str, torch.Tensor] | None = None
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self.events: list[str] = []
+
+    def on_fit_start(self, trainer):
+        self.initial = copy.deepcopy(trainer.model.state_dict())
+        self.events.append("fit_start")
+
+    def on_epoch_start(self, trainer, epoch):
+        self.events.append(f"epoch_start{epoch}")
+
+    def on_batch_end(self, trainer, step, logs):
+        self.steps.append({k: v.detach().clone() for k, v in logs.items()})
+        self.events.append(f"batch{step}")
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        self.events.append(f"epoch_end{epoch}")
+
+    def on_fit_end(self, trainer):
+        self.events.append("fit_end")
+
+
+# ---- hand-written loss terms (explicit log_softmax / sums, not the library's functions) ---------------------------
+
+
+def _ce_index(logits, y):
+    logp = logits.log_softmax(1)
+    return -torch.stack([logp[i, y[i]] for i in range(len(y))]).mean()
+
+
+def _ce_soft(logits, p):
+    return -(p * logits.log_softmax(1)).sum(1).mean()
+
+
+def _d_ce(h, f):  # soft-target CE over channels, mean over batch and positions
+    return -(f * h.log_softmax(1)).sum(1).mean()
+
+
+def _d_cos(h, f):
+    a, b = h.flatten(1), f.flatten(1)
+    return (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean()
+
+
+HAND_D = {
+    "ce": _d_ce,
+    "mse": lambda h, f: ((h - f) ** 2).mean(),
+    "mae": lambda h, f: (h - f).abs().mean(),
+    "cos": _d_cos,
+}
+
+
+def _expected_terms(seed, x, targets, feats, distance, soft=False):
+    model = _initial_model(seed).train()
+    with torch.no_grad():
+        h = model.features(x)
+        out = model.classifier(h.flatten(1))
+        out_rear = model.classifier(feats.flatten(1))
+        ce = _ce_soft if soft else _ce_index
+        return model, ce(out, targets), distance(h, feats), ce(out_rear, targets)
+
+
+def _first_step(trainer: ELFTrainer, seed: int) -> dict[str, torch.Tensor]:
+    cap = Capture()
+    trainer.callbacks.append(cap)
+    trainer.fit(seed)
+    trainer.callbacks.remove(cap)
+    start = _initial_model(seed)
+    for key, value in start.state_dict().items():  # the hand computation starts from the same weights
+        assert torch.equal(cap.initial[key], value), key
+    return cap.steps[0]
+
+
+# ---- one step == hand computation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distance", ["ce", "mse", "mae", "cos"])
+def test_one_step_loss_equals_hand_computation(distance):
+    x, y = _data()
+    bank = _bank(x)
+    lt, lf, lr_ = 0.7, 0.3, 1.5
+    trainer = _trainer(x=x, y=y, feature_bank=bank, epochs=0, batch_size=6, distance=distance,
+                       lambda_task=lt, lambda_front=lf, lambda_rear=lr_)
+    logs = _first_step(trainer, seed=3)
+    _, task, front, rear = _expected_terms(3, x, y, bank.features, HAND_D[distance])
+    assert logs["task"].item() == pytest.approx(task.item(), rel=1e-5)
+    assert logs["front"].item() == pytest.approx(front.item(), rel=1e-5)
+    assert logs["rear"].item() == pytest.approx(rear.item(), rel=1e-5)
+    assert logs["loss"].item() == pytest.approx((lt * task + lf * front + lr_ * rear).item(), rel=1e-5)
+    # the step trained the model
+    assert not torch.equal(trainer.model.features[0].weight, _initial_model(3).features[0].weight)
+
+
+@pytest.mark.parametrize(
+    "lt,lf,lr_",
+    [
+        (1.0, 1.0, 1.0),  # official ELF
+        (1.0, 0.0, 0.0),  # task only (baseline)
+        (0.0, 1.0, 0.0),  # front only
+        (0.0, 0.0, 1.0),  # rear only
+        (0.0, 1.0, 1.0),  # front + rear, no task
+        (1.0, 1.0, 0.0),  # task + front
+        (1.0, 0.0, 1.0),  # task + rear
+    ],
+)
+def test_lambda_combinations(lt, lf, lr_):
+    x, y = _data()
+    bank = _bank(x)
+    uses_bank = lf > 0 or lr_ > 0
+    trainer = _trainer(x=x, y=y, feature_bank=bank if uses_bank else None, epochs=0, batch_size=6,
+                       lambda_task=lt, lambda_front=lf, lambda_rear=lr_, weight_decay=0.0)
+    logs = _first_step(trainer, seed=1)
+    _, task, front, rear = _expected_terms(1, x, y, bank.features, _d_ce)
+    expected = lt * task + lf * front + lr_ * rear
+    assert logs["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logs["task"].item() == pytest.approx(task.item(), rel=1e-5)
+    assert logs["front"].item() == (pytest.approx(front.item(), rel=1e-5) if lf > 0 else 0.0)
+    assert logs["rear"].item() == (pytest.approx(rear.item(), rel=1e-5) if lr_ > 0 else 0.0)
+    # the front is trained only by the task and front terms (no weight decay here)
+    start = _initial_model(1)
+    moved_first = not torch.equal(trainer.model.features[0].weight, start.features[0].weight)
+    assert moved_first == (lt > 0 or lf > 0)
+
+
+def test_callable_distance_in_trainer():
+    x, y = _data()
+    bank = _bank(x)
+
+    def quartic(a, b):
+        return ((a - b) ** 4).mean()
+
+    trainer = _trainer(x=x, y=y, feature_bank=bank, epochs=0, batch_size=6, distance=quartic)
+    logs = _first_step(trainer, seed=0)
+    _, task, front, rear = _expected_terms(0, x, y, bank.features, lambda h, f: ((h - f) ** 4).mean())
+    assert logs["front"].item() == pytest.approx(front.item(), rel=1e-5)
+    assert logs["loss"].item() == pytest.approx((task + front + rear).item(), rel=1e-5)
+    assert trainer.protocol.to_dict()["distance"] == "quartic"
+
+
+def test_baseline_needs_no_bank_and_splits_nothing():
+    trainer = _trainer(lambda_front=0, lambda_rear=0, epochs=1, batch_size=3)
+    trainer.fit(0)
+    assert trainer.front is None and trainer.rear is None
+    assert trainer.feature_bank is None
+    assert len(trainer.history) == 2
+
+
+@pytest.mark.parametrize("kind", ["prob", "logits"])
+def test_soft_labels_loss_equals_soft_target_ce(kind):
+    x, _ = _data()
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(6, K, generator=g) * 2
+    labels = raw.softmax(1) if kind == "prob" else raw
+    probs = raw.softmax(1)
+    bank = _bank(x)
+    trainer = _trainer(x=x, y=labels, feature_bank=bank, epochs=0, batch_size=6)
+    assert trainer.num_classes == K
+    assert torch.allclose(trainer.targets, probs, atol=1e-6)
+    logs = _first_step(trainer, seed=2)
+    _, task, front, rear = _expected_terms(2, x, probs, bank.features, _d_ce, soft=True)
+    assert logs["task"].item() == pytest.approx(task.item(), rel=1e-5)
+    assert logs["rear"].item() == pytest.approx(rear.item(), rel=1e-5)
+    assert logs["loss"].item() == pytest.approx((task + front + rear).item(), rel=1e-5)
+    # and trains for a few epochs with finite losses
+    trainer = _trainer(x=x, y=labels, feature_bank=bank, epochs=2, batch_size=3, lr=0.01)
+    history = trainer.fit(0)
+    assert all(np.isfinite(h["loss"]) for h in history)
+
+
+# ---- determinism and schedule ----------------------------------------------------------------------------------
+
+
+def _weights(trainer: ELFTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _strip_time(history):
+    return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
+
+
+def test_same_seed_same_weights_and_history_with_augmentation():
+    x, y = _data()
+    bank = _bank(x)
+    kw = dict(x=x, y=y, feature_bank=bank, epochs=2, batch_size=2, augment="color_crop_cutout_flip_scale_rotate", log_every=1)
+    trainer = _trainer(**kw)
+    h1 = _strip_time(trainer.fit(0))
+    w1 = _weights(trainer)
+    torch.rand(7)  # disturb the global RNG in between
+    h2 = _strip_time(_trainer(**kw).fit(0))
+    trainer2 = _trainer(**kw)
+    torch.manual_seed(12345)
+    trainer2.fit(0)
+    assert h1 == h2 == _strip_time(trainer2.history)
+    for key, value in _weights(trainer2).items():
+        assert torch.equal(value, w1[key]), key
+    trainer3 = _trainer(**kw)
+    h3 = _strip_time(trainer3.fit(1))
+    assert h3 != h1
+    assert not torch.equal(_weights(trainer3)["features.0.weight"], w1["features.0.weight"])
+
+
+def test_lr_schedule_decays_once_and_recreates_optimizer(monkeypatch):
+    trainer = _trainer(lambda_front=0, lambda_rear=0, epochs=4, batch_size=3, lr=0.01, momentum=0.9, log_every=1)
+    created: list[torch.optim.Optimizer] = []
+    original = trainer._optimizer
+
+    def recording(model, lr):
+        opt = original(model, lr)
+        created.append(opt)
+        return opt
+
+    monkeypatch.setattr(trainer, "_optimizer", recording)
+    seen: list[tuple[int, int, float]] = []
+
+    class Watch(Callback):
+        def on_epoch_start(self, t, epoch):
+            seen.append((epoch, len(created), created[-1].param_groups[0]["lr"]))
+
+        def on_epoch_end(self, t, epoch, logs):
+            if epoch == 4:  # the new optimizer is the one stepping (fresh momentum state filled)
+                assert len(created[-1].state) > 0
+
+    trainer.callbacks.append(Watch())
+    trainer.fit(0)
+    # epochs = 4 -> 5 passes; decay after epoch index 4 // 2 + 1 = 3
+    assert [(e, n) for e, n, _ in seen] == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 2)]
+    assert [lr for *_, lr in seen] == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.001])
+    assert created[1] is not created[0]
+    assert created[1].param_groups[0]["momentum"] == 0.9
+    assert trainer.history[-1]["lr"] == pytest.approx(0.001)
+    assert trainer.history[0]["lr"] == pytest.approx(0.01)
+
+
+def test_lr_schedule_without_optimizer_reset(monkeypatch):
+    trainer = _trainer(lambda_front=0, lambda_rear=0, epochs=2, batch_size=3, lr=0.05,
+                       reset_optimizer_at_decay=False, lr_decay_epoch=0, lr_decay=0.5)
+    created = []
+    original = trainer._optimizer
+    monkeypatch.setattr(trainer, "_optimizer", lambda m, lr: created.append(original(m, lr)) or created[-1])
+    lrs = []
+
+    class Watch(Callback):
+        def on_epoch_start(self, t, epoch):
+            lrs.append(created[-1].param_groups[0]["lr"])
+
+    trainer.callbacks.append(Watch())
+    trainer.fit(0)
+    assert len(created) == 1
+    assert lrs == pytest.approx([0.05, 0.025, 0.025])
+
+
+def test_history_lr_is_the_lr_used_in_that_epoch():
+    trainer = _trainer(lambda_front=0, lambda_rear=0, epochs=4, batch_size=6, log_every=1)
+    history = trainer.fit(0)
+    assert [h["lr"] for h in history] == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.001])
+
+
+@pytest.mark.parametrize("extra,expected", [(True, 4), (False, 3)])
+def test_extra_epoch(extra, expected):
+    cap = Capture()
+    trainer = _trainer(lambda_front=0, lambda_rear=0, epochs=3, batch_size=6, extra_epoch=extra, callbacks=[cap])
+    trainer.fit(0)
+    assert sum(e.startswith("epoch_end") for e in cap.events) == expected
+    assert len(cap.steps) == expected  # one batch per epoch
+    assert trainer.history[-1]["epoch"] == expected - 1
+
+
+def test_callback_order():
+    cap = Capture()
+    x, y = _data(4)
+    trainer = _trainer(x=x, y=y, lambda_front=0, lambda_rear=0, epochs=1, batch_size=2, callbacks=[cap])
+    trainer.fit(0)
+    assert cap.events == ["fit_start", "epoch_start0", "batch0", "batch1", "epoch_end0",
+                          "epoch_start1", "batch2", "batch3", "epoch_end1", "fit_end"]  # fmt: skip
+    assert set(cap.steps[0]) >= {"loss", "task", "front", "rear", "correct"}
+    assert all(isinstance(v, torch.Tensor) for v in cap.steps[0].values())
+
+
+def test_stop_training_in_on_batch_end():
+    class Stop(Callback):
+        def on_batch_end(self, trainer, step, logs):
+            if step == 2:
+                trainer.stop_training = True
+
+    cap = Capture()
+    x, y = _data(4)
+    trainer = _trainer(x=x, y=y, lambda_front=0, lambda_rear=0, epochs=5, batch_size=2, callbacks=[Stop(), cap])
+    trainer.fit(0)
+    assert cap.events == ["fit_start", "epoch_start0", "batch0", "batch1", "epoch_end0",
+                          "epoch_start1", "batch2", "epoch_end1", "fit_end"]  # fmt: skip
+    assert trainer.history[-1]["epoch"] == 1
+    trainer.fit(0)  # the flag is reset for the next fit
+    assert len(cap.steps) == 3 + 3
+
+
+def test_no_host_sync_per_step(monkeypatch):
+    x, y = _data(8)
+    bank = _bank(x)
+    counts = {"n": 0}
+    for name in ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _orig=original, **k):
+            counts["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def syncs(epochs: int, log_every: int) -> tuple[int, int]:
+        trainer = _trainer(x=x, y=y, feature_bank=bank, epochs=epochs, batch_size=2, log_every=log_every)
+        counts["n"] = 0
+        trainer.fit(0)
+        return counts["n"], len(trainer.history)
+
+    few_steps, logged_a = syncs(epochs=1, log_every=100)  # 2 epochs x 4 steps, 2 logged epochs (first, last)
+    many_steps, logged_b = syncs(epochs=5, log_every=100)  # 6 epochs x 4 steps, 2 logged epochs
+    every, logged_c = syncs(epochs=5, log_every=1)  # 6 logged epochs
+    assert logged_a == logged_b == 2 and logged_c == 6
+    assert few_steps > 0, "the counter does not see the logging syncs"
+    assert many_steps == few_steps, "host syncs grow with the number of steps"
+    assert every == 3 * few_steps, "host syncs should scale with the number of logged epochs"
+
+
+def test_teacher_features_are_not_recomputed_during_fit():
+    x, y = _data()
+    teacher = _teacher()
+    calls = []
+    teacher.features[0].register_forward_hook(lambda *a: calls.append(1))
+    trainer = _trainer(x=x, y=y, teacher=teacher, epochs=1, batch_size=2, augment="color_crop_cutout_flip_scale_rotate")
+    assert len(calls) == 1  # the bank, once, at construction
+    trainer.fit(0)
+    assert len(calls) == 1
+    assert torch.allclose(trainer.feature_bank.features, _bank(x, teacher=teacher).features)
+
+
+def test_features_on_augmented_runs_the_teacher_every_step():
+    x, y = _data()
+    teacher = _teacher()
+    calls = []
+    teacher.features[0].register_forward_hook(lambda *a: calls.append(1))
+    trainer = _trainer(x=x, y=y, teacher=teacher, epochs=1, batch_size=2, features_on_augmented=True,
+                       augment="color_crop_cutout_flip_scale_rotate")
+    before = len(calls)
+    trainer.fit(0)
+    assert len(calls) - before == 2 * 3  # 2 epochs x 3 batches
+
+
+# ---- models given in other forms ---------------------------------------------------------------------------------
+
+
+def test_front_rear_tuple_trains():
+    x, y = _data()
+    teacher = _teacher("ConvNetW16D2")  # 16 x 4 x 4 at 16 px
+    bank = _bank(x, teacher=teacher)
+    front = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4))
+    rear = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, K))
+    trainer = _trainer((front, rear), x, y, feature_bank=bank, epochs=0, batch_size=6)
+    cap = Capture()
+    trainer.callbacks.append(cap)
+    trainer.fit(0)
+    f0 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4))
+    r0 = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, K))
+    f0.load_state_dict({k[len("front."):]: v for k, v in cap.initial.items() if k.startswith("front.")})
+    r0.load_state_dict({k[len("rear."):]: v for k, v in cap.initial.items() if k.startswith("rear.")})
+    with torch.no_grad():
+        h = f0(x)
+        expected = _ce_index(r0(h), y) + _d_ce(h, bank.features) + _ce_index(r0(bank.features), y)
+    assert cap.steps[0]["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer.front is not front  # trained copies; the given modules are untouched
+    assert not torch.equal(trainer.front[0].weight, cap.initial["front.0.weight"])
+    assert 0.0 <= trainer.evaluate(x, y) <= 100.0
+
+
+def test_module_and_factory_specs():
+    x, y = _data()
+    bank = _bank(x)
+    module = create_model("ConvNetW16", num_classes=K, im_size=(SIZE, SIZE))
+    snapshot = copy.deepcopy(module.state_dict())
+    t1 = _trainer(module, x, y, feature_bank=bank, epochs=0, batch_size=6)
+    t1.fit(0)
+    for k, v in module.state_dict().items():  # the given module is not trained in place
+        assert torch.equal(v, snapshot[k])
+    t2 = _trainer(lambda: create_model("ConvNetW16", num_classes=K, im_size=(SIZE, SIZE)), x, y, feature_bank=bank,
+                  epochs=0, batch_size=6)
+    assert len(t2.fit(0)) == 1
+
+
+# ---- results ---------------------------------------------------------------------------------------------------
+
+
+def test_memorizes_a_tiny_set():
+    x, y = _data(10, k=10)
+    trainer = _trainer(x=x, y=y, lambda_front=0, lambda_rear=0, epochs=30, batch_size=10, lr=0.05)
+    trainer.fit(0)
+    assert trainer.evaluate(x, y) == 100.0
+    assert trainer.evaluate(x, (y + 1) % 10) == 0.0
+    assert trainer.history[-1]["train_acc"] == 100.0
+    acc = trainer.evaluate(x[:4], y[:4], batch_size=3)
+    assert acc == 100.0
+
+
+def test_evaluate_errors():
+    x, y = _data()
+    trainer = _trainer(x=x, y=y, lambda_front=0, lambda_rear=0, epochs=0, batch_size=6)
+    with pytest.raises(ELFError, match="fit"):
+        trainer.evaluate(x, y)
+    trainer.fit(0)
+    with pytest.raises(ELFError):
+        trainer.evaluate(x, y[:3])
+    with pytest.raises(ELFError):
+        trainer.evaluate(torch.randn(2, 3, 8, 8), y[:2])
+    with pytest.raises(ELFError):
+        trainer.evaluate(x.long(), y)
+
+
+def test_run_two_seeds():
+    x, y = _data()
+    test_x, test_y = _data(9, seed=1)
+    trainer = _trainer(x=x, y=y, feature_bank=_bank(x), epochs=1, batch_size=3)
+    result = trainer.run(test_x, test_y, seeds=2)
+    assert isinstance(result, EvalResult)
+    assert result.seeds == [0, 1]
+    assert len(result.accuracies) == 2 and len(result.histories) == 2 and len(result.wall_time_s) == 2
+    assert all(0.0 <= a <= 100.0 for a in result.accuracies)
+    assert all(round(a * 9 / 100) == pytest.approx(a * 9 / 100) for a in result.accuracies)  # k / 9 correct
+    assert result.mean == pytest.approx(float(np.mean(result.accuracies)))
+    assert result.std == pytest.approx(float(np.std(result.accuracies)))
+    assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", str(result))
+    assert str(result) == f"{np.mean(result.accuracies):.2f} ± {np.std(result.accuracies):.2f}"
+    assert result.protocol["lambda_front"] == 1.0 and result.protocol["epochs"] == 1
+    assert result.to_dict()["mean"] == result.mean
+
+
+def test_eval_result_statistics():
+    r = EvalResult("m", [50.0, 60.0, 70.0], [0, 1, 2], {})
+    assert r.mean == 60.0
+    assert r.std == pytest.approx(np.std([50.0, 60.0, 70.0]))  # population std, not ddof=1
+    assert str(r) == "60.00 ± 8.16"
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "images,labels,kw,match",
+    [
+        (torch.randn(3, 16, 16), torch.tensor([0, 1, 2]), {}, "unsqueeze"),
+        (torch.randint(0, 255, (6, 3, 16, 16), dtype=torch.uint8), torch.arange(6) % 3, {}, "float"),
+        (torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 3]), {"num_classes": 3}, "must lie in"),
+        (torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, -1]), {}, "must lie in"),
+        (torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2]), {}, "6 images but 3 labels"),
+        (torch.randn(6, 3, 16, 16), [0, 1, 2, 0, 1, 2], {}, "torch.Tensor"),
+        (torch.randn(6, 3, 16, 16), torch.randn(6), {}, "class indices"),
+        (torch.zeros(0, 3, 16, 16), torch.zeros(0, dtype=torch.long), {"num_classes": 3}, "empty"),
+    ],
+)
+def test_bad_input_raises_elferror(images, labels, kw, match):
+    with pytest.raises(ELFError, match=match):
+        _trainer(x=images, y=labels, lambda_front=0, lambda_rear=0, **kw)
+
+
+def test_non_finite_images():
+    x, y = _data()
+    x[2, 0, 3, 3] = float("nan")
+    x[4, 1, 0, 0] = float("inf")
+    with pytest.raises(ELFError, match="2 image"):
+        _trainer(x=x, y=y, lambda_front=0, lambda_rear=0)
+
+
+def test_elf_protocol_without_features():
+    with pytest.raises(ELFError, match="feature_bank"):
+        _trainer()
+    with pytest.raises(ELFError, match="teacher"):
+        _trainer(lambda_front=0, lambda_rear=0, features_on_augmented=True)
+
+
+def test_unknown_protocol_field_and_preset():
+    with pytest.raises(ELFError, match="epochz"):
+        _trainer(lambda_front=0, lambda_rear=0, epochz=3)
+    with pytest.raises(ELFError, match="unknown protocol"):
+        _trainer(lambda_front=0, lambda_rear=0, protocol="elff")
+    with pytest.raises(ELFError):
+        _trainer(lambda_front=0, lambda_rear=0, lambda_task=-1.0)
+
+
+def test_bank_for_other_images():
+    x, y = _data()
+    bank = _bank(x)
+    other, _ = _data(seed=9)
+    with pytest.raises(ELFError, match="other images"):
+        _trainer(x=other, y=y, feature_bank=bank)
+    with pytest.raises(ELFError, match="6 features"):
+        _trainer(x=x[:4], y=y[:4], feature_bank=bank)
+
+
+def test_front_shape_mismatch_lists_matching_points():
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    bank = FeatureBank(torch.rand(2, 256, 8, 8))
+    trainer = _trainer("ResNet18", x, torch.tensor([0, 1]), feature_bank=bank, num_classes=10, epochs=0, batch_size=2)
+    with pytest.raises(ELFError) as info:
+        trainer.fit(0)
+    msg = str(info.value)
+    assert "(512, 4, 4)" in msg and "(256, 8, 8)" in msg
+    assert re.search(r"layer3\.0(?=[.,]?(\s|$))", msg) and re.search(r"layer3(?=[.,]?(\s|$))", msg)
+
+
+def test_front_shape_mismatch_without_matching_point():
+    x, y = _data()
+    bank = FeatureBank(torch.rand(6, 512, 4, 4))
+    with pytest.raises(ELFError, match="No split point"):
+        _trainer(x=x, y=y, feature_bank=bank, epochs=0, batch_size=6).fit(0)
+
+
+def test_model_output_classes_mismatch():
+    x, y = _data()
+    with pytest.raises(ELFError, match="classes"):
+        _trainer(create_model("ConvNetW16", num_classes=10, im_size=(SIZE, SIZE)), x, y,
+                 lambda_front=0, lambda_rear=0, epochs=0).fit(0)
+
+
+def test_model_that_rejects_the_images_raises_elferror():
+    x, y = _data()
+    model = create_model("ConvNetW16", channel=1, num_classes=K, im_size=(SIZE, SIZE))
+    with pytest.raises(ELFError):
+        _trainer(model, x, y, lambda_front=0, lambda_rear=0, epochs=0).fit(0)
+
+
+def test_teacher_with_float64_images():
+    x, y = _data()
+    trainer = _trainer(x=x.double(), y=y, teacher=_teacher(), epochs=0, batch_size=6)
+    trainer.fit(0)
+
+
+def test_front_loss_at_a_cut_before_inplace_relu():
+    x, y = _data()
+    teacher = _teacher()
+    bank = _bank(x, "features.9", teacher=teacher)  # norm of the 3rd block; ReLU(inplace) follows
+    trainer = _trainer(x=x, y=y, feature_bank=bank, split_at="features.9", epochs=0, batch_size=6,
+                       lambda_task=0.0, lambda_front=1.0, lambda_rear=0.0, distance="mse")
+    logs = _first_step(trainer, seed=0)
+    with torch.no_grad():
+        h = _initial_model(0).features[:10](x)
+    assert logs["front"].item() == pytest.approx(((h - bank.features) ** 2).mean().item(), rel=1e-5)
