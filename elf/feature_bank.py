@@ -45,6 +45,12 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
+def teacher_sha256(teacher: nn.Module) -> str:
+    """Content hash of a teacher: its weights and buffers *and* its architecture (the module tree's repr), so two
+    teachers with equal weights but, say, different activations or pooling never share cached features."""
+    return hashlib.sha256(f"{state_dict_sha256(teacher)}|{teacher!r}".encode()).hexdigest()
+
+
 def images_sha256(images: torch.Tensor) -> str:
     """Content hash of images as float32, so a float64 copy of the same set hashes the same."""
     return tensor_sha256(images.detach().to(torch.float32))
@@ -129,7 +135,7 @@ class FeatureBank:
         dtype = _resolve_dtype(dtype)
         param = next(teacher.parameters(), None)
         dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-        teacher_hash = state_dict_sha256(teacher)
+        teacher_hash = teacher_sha256(teacher)
         images_hash = images_sha256(images)
         key = cls.cache_key(teacher_hash, images_hash, point, dtype)
         cache_file = Path(cache_dir) / f"features-{key[:40]}.safetensors" if cache_dir is not None else None

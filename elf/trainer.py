@@ -220,27 +220,26 @@ class ELFTrainer:
         self.feature_bank = feature_bank
 
     # ---- model ----------------------------------------------------------------------------------------------
-    def _build_model(self, seed: int) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+    def _build_model(self) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
         spec = self.model_spec
         c, h, w = self.images.shape[1:]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if isinstance(spec, tuple):
-                if len(spec) != 2 or not all(isinstance(m, nn.Module) for m in spec):
-                    raise ELFError("a model given as a tuple must be (front, rear), two nn.Modules")
-                front, rear = _reinitialize(copy.deepcopy(spec[0])), _reinitialize(copy.deepcopy(spec[1]))
-                model = _Joined(front, rear)
-                return model.to(self.device), model.front, model.rear
-            if isinstance(spec, str):
-                model = create_model(spec, channel=c, num_classes=self.num_classes, im_size=(h, w))
-            elif isinstance(spec, nn.Module):
-                model = _reinitialize(copy.deepcopy(spec))
-            elif callable(spec):
-                model = spec()
-                if not isinstance(model, nn.Module):
-                    raise ELFError(f"the model factory returned {type(model).__name__}, not an nn.Module")
-            else:
-                raise ELFError(f"model must be a name, an nn.Module, a factory or (front, rear); got {type(spec).__name__}")
+        # fit() seeded torch's global RNG: init, dropout and drop-path all follow the seed
+        if isinstance(spec, tuple):
+            if len(spec) != 2 or not all(isinstance(m, nn.Module) for m in spec):
+                raise ELFError("a model given as a tuple must be (front, rear), two nn.Modules")
+            front, rear = _reinitialize(copy.deepcopy(spec[0])), _reinitialize(copy.deepcopy(spec[1]))
+            model = _Joined(front, rear)
+            return model.to(self.device), model.front, model.rear
+        if isinstance(spec, str):
+            model = create_model(spec, channel=c, num_classes=self.num_classes, im_size=(h, w))
+        elif isinstance(spec, nn.Module):
+            model = _reinitialize(copy.deepcopy(spec))
+        elif callable(spec):
+            model = spec()
+            if not isinstance(model, nn.Module):
+                raise ELFError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+        else:
+            raise ELFError(f"model must be a name, an nn.Module, a factory or (front, rear); got {type(spec).__name__}")
         model = model.to(self.device)
         if not (self.protocol.uses_features or self.split_at):
             return model, None, None
@@ -296,12 +295,14 @@ class ELFTrainer:
     def fit(self, seed: int = 0, *, resume_from: PathLike | None = None) -> list[dict[str, float]]:
         """Train a fresh model (initialized from ``seed``) with the protocol; returns the logged history.
 
-        The same seed on CPU gives the same weights: model init, batch order and augmentation are all seeded.
+        The same seed on CPU gives the same weights: fit seeds torch's global RNG with ``seed`` (model init, dropout,
+        drop-path) as the DD code bases do, and batch order and augmentation use generators seeded from it.
         ``resume_from`` continues from a file written by :meth:`save_state` (e.g. from a callback's
         ``on_epoch_end``) at the epoch after the saved one, with the same weights, momentum, lr and RNG states.
         """
         p = self.protocol
-        model, front, rear = self._build_model(seed)
+        torch.manual_seed(seed)
+        model, front, rear = self._build_model()
         self._check_shapes(model, front)
         self.model, self.front, self.rear = model, front, rear
         gen = torch.Generator(device=self.device)
@@ -363,15 +364,15 @@ class ELFTrainer:
                         group["lr"] = lr
             self._loop = _LoopState(seed, opt, gen, dsa, lr, epoch)
             epoch_logs = {"loss": sums[0] / n, "task": sums[1] / n, "front": sums[2] / n, "rear": sums[3] / n,
-                          "train_acc": sums[4] / n * 100, "lr": torch.tensor(epoch_lr)}
+                          "train_acc": sums[4] / n * 100, "lr": torch.tensor(epoch_lr, dtype=torch.float64)}
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, epoch_logs)
             if epoch % log_every == 0 or epoch == total - 1 or self.stop_training:
                 record = {"epoch": float(epoch), **{k: float(v) for k, v in epoch_logs.items()}}
                 record["time_s"] = time.perf_counter() - start_time
                 self.history.append(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3g}", acc=f"{record['train_acc']:.1f}")
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, epoch, epoch_logs)
             if self.stop_training:
                 break
         if bar is not None:

@@ -159,7 +159,9 @@ def test_save_load_round_trip_with_metadata(tmp_path):
     loaded = FeatureBank.load(path)
     assert torch.equal(loaded.features, bank.features)
     meta = loaded.metadata
-    assert meta["teacher_sha256"] == state_dict_sha256(teacher)
+    from elf.feature_bank import teacher_sha256
+
+    assert meta["teacher_sha256"] == teacher_sha256(teacher) != state_dict_sha256(teacher)  # weights + architecture
     assert meta["images_sha256"] == tensor_sha256(x)
     assert meta["point"] == "features"
     assert meta["shape"] == "6,16,4,4"
@@ -340,3 +342,21 @@ def test_check_matches():
     bare.check_matches(other)
     with pytest.raises(ELFError):
         bare.check_matches(x[:4])
+
+
+def test_cache_key_includes_teacher_architecture(tmp_path):
+    """Regression: two teachers with identical weights but different activations must not share cached features."""
+    from elf import create_model
+
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(0)
+    relu = create_model("ConvNetW8D2", im_size=(16, 16))
+    torch.manual_seed(0)
+    sigmoid = create_model("ConvNetW8D2AS", im_size=(16, 16))
+    assert all(torch.equal(a, b) for a, b in zip(relu.state_dict().values(), sigmoid.state_dict().values()))
+    FeatureBank.build(relu, x, cache_dir=tmp_path)
+    bank = FeatureBank.build(sigmoid, x, cache_dir=tmp_path)
+    with torch.no_grad():
+        expected = sigmoid.eval().features(x)
+    torch.testing.assert_close(bank.features, expected)
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 2

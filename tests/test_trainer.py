@@ -593,3 +593,43 @@ def test_front_loss_at_a_cut_before_inplace_relu():
     with torch.no_grad():
         h = _initial_model(0).features[:10](x)
     assert logs["front"].item() == pytest.approx(((h - bank.features) ** 2).mean().item(), rel=1e-5)
+
+
+def test_stop_in_on_epoch_end_keeps_that_epochs_record():
+    """Regression: the epoch whose on_epoch_end sets stop_training is still logged."""
+    x, y = torch.randn(6, 3, 8, 8), torch.arange(3).repeat(2)
+
+    class StopAtOne(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 1:
+                trainer.stop_training = True
+
+    t = ELFTrainer("ConvNetW4D1", x, y, lambda_front=0, lambda_rear=0, epochs=40, augment=None, log_every=100,
+                   progress=False, device="cpu", callbacks=[StopAtOne()])
+    history = t.fit(0)
+    assert [h["epoch"] for h in history] == [0.0, 1.0]
+
+
+def test_seed_makes_dropout_reproducible():
+    """Regression: fit(seed) seeds torch's global RNG, so dropout masks repeat."""
+    from torch import nn
+
+    def factory():
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+    x, y = torch.randn(6, 3, 8, 8), torch.arange(3).repeat(2)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(1234 + len(weights))  # a different global state before each fit must not matter
+        t = ELFTrainer(factory, x, y, lambda_front=0, lambda_rear=0, epochs=3, augment=None, progress=False, device="cpu")
+        t.fit(5)
+        weights.append([p.detach().clone() for p in t.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_logged_lr_is_exact():
+    x, y = torch.randn(6, 3, 8, 8), torch.arange(3).repeat(2)
+    t = ELFTrainer("ConvNetW4D1", x, y, lambda_front=0, lambda_rear=0, epochs=4, augment=None, log_every=1,
+                   progress=False, device="cpu")
+    lrs = [h["lr"] for h in t.fit(0)]
+    assert lrs[0] == 0.01 and lrs[-1] == 0.01 * 0.1

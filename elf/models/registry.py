@@ -180,6 +180,6 @@ def default_split_point(model: nn.Module) -> str:
     if isinstance(point, str):
         return point
     raise ELFError(
-        f"{type(model).__name__} has no default ELF split point: pass one explicitly (e.g. split_at='layer4.0'); "
+        f"{type(model).__name__} has no default ELF split point: pass split_at= (or teacher_point=) explicitly; "
         "elf.list_split_points(model, input_shape) lists the valid points and their output shapes"
     )

@@ -1,0 +1,129 @@
+"""ELF with your own architecture: pick a split point whose shape matches the teacher, register the model, train.
+
+    python examples/custom_architecture.py --tiny
+    python examples/custom_architecture.py --synthetic syn.pt --test test.pt \
+        --teacher teachers/w128.safetensors --teacher-model ConvNet
+
+The teacher ``ConvNet`` (width 128, depth 3) gives 128x4x4 features at 32x32; ``SmallCNN`` below is built so that
+one of its block boundaries has that shape too. ``list_split_points`` finds it; ``register_model`` makes the model
+available by name (``ELFTrainer("SmallCNN", ...)``, ``elf eval --models SmallCNN`` in the same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from elf import ELFError, ELFTrainer, FeatureBank, create_model, list_split_points, load_checkpoint, register_model
+
+
+def conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Module):
+    """stem -> three pooled stages (64, 128, 128 channels) -> one unpooled 256-channel stage -> global pool -> fc."""
+
+    def __init__(self, channel: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = conv_block(channel, 32, pool=False)
+        self.stage1 = conv_block(32, 64, pool=True)  # H/2
+        self.stage2 = conv_block(64, 128, pool=True)  # H/4
+        self.stage3 = conv_block(128, 128, pool=True)  # H/8: 128x4x4 at 32x32, the ConvNet teacher's shape
+        self.stage4 = conv_block(128, 256, pool=False)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.head(self.stage4(x))
+
+
+def load_pair(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) from a .pt dict {'images', 'labels'} / pair or a .safetensors file with those tensors."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        t = load_file(str(p))
+        return t["images"].float(), t["labels"]
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    return (obj["images"].float(), obj["labels"]) if isinstance(obj, dict) else (obj[0].float(), obj[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--synthetic", help=".pt {'images', 'labels'} or .safetensors")
+    ap.add_argument("--test", help=".pt {'images', 'labels'} or .safetensors, normalized like the synthetic set")
+    ap.add_argument("--teacher", help="teacher checkpoint (.safetensors or a .pt state dict)")
+    ap.add_argument("--teacher-model", default="ConvNet", help="teacher model name (default ConvNet: 128x4x4 at 32x32)")
+    ap.add_argument("--epochs", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tiny", action="store_true", help="random tensors and a random teacher, 2 epochs")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    if args.tiny:
+        images, labels = torch.randn(20, 3, 32, 32), torch.arange(10).repeat_interleave(2)
+        test_x, test_y = torch.randn(100, 3, 32, 32), torch.randint(0, 10, (100,))
+        teacher = create_model(args.teacher_model)  # random weights: numbers below are meaningless
+        args.epochs, args.seeds = 1, 2
+    else:
+        if not (args.synthetic and args.test and args.teacher):
+            ap.error("--synthetic, --test and --teacher are required (or use --tiny)")
+        images, labels = load_pair(args.synthetic)
+        test_x, test_y = load_pair(args.test)
+        num_classes = labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1
+        teacher = create_model(args.teacher_model, channel=images.shape[1], num_classes=num_classes, im_size=tuple(images.shape[2:]))
+        load_checkpoint(teacher, args.teacher)
+    num_classes = labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1
+    channel, im_size = images.shape[1], tuple(images.shape[2:])
+
+    # 1. the teacher's features, once
+    bank = FeatureBank.build(teacher, images)
+    want = bank.shape
+    print(f"teacher {args.teacher_model} features: {'x'.join(map(str, want))}")
+
+    # 2. the split points of our model, and the ones with the teacher's shape
+    points = list_split_points(SmallCNN(channel, num_classes), (channel, *im_size))
+    for p in points:
+        print(f"  {p}{'   <- matches the teacher' if p.shape == want else ''}")
+    matching = [p.name for p in points if p.shape == want]
+    if not matching:
+        print(f"no split point of SmallCNN outputs {want}; choose another teacher width/depth", file=sys.stderr)
+        return 1
+    point = matching[-1]  # the deepest match leaves the smallest rear, as the paper does for ResNet-18
+    print(f"split point: {point}")
+
+    # 3. register it by name, with its default cut, so create_model / ELFTrainer / the CLI know it
+    def build(channel: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
+        model = SmallCNN(channel, num_classes)
+        model.elf_split_point = point  # default cut used by ELFTrainer when split_at is not given
+        return model
+
+    register_model("SmallCNN", build, f"example CNN; default cut {point}")
+
+    # 4. baseline and ELF
+    common = dict(epochs=args.epochs, device=args.device, progress=False, num_classes=num_classes)
+    base = ELFTrainer("SmallCNN", images, labels, lambda_front=0, lambda_rear=0, **common).run(test_x, test_y, args.seeds)
+    elf = ELFTrainer("SmallCNN", images, labels, feature_bank=bank, **common).run(test_x, test_y, args.seeds)
+    print(f"SmallCNN baseline: {base}")
+    print(f"SmallCNN ELF:      {elf}")
+    last = elf.histories[0][-1]
+    print(f"ELF loss terms, last epoch of seed {elf.seeds[0]}: task {last['task']:.3f}  front {last['front']:.1f}  rear {last['rear']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ELFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

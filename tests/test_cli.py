@@ -1,0 +1,143 @@
+"""The `elf` command line: help, discovery commands, train-teacher and eval on a tiny ImageFolder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import elf
+from elf.cli import main
+from elf.data import CIFAR10_MTT
+from elf.io import SyntheticSet, save_synthetic
+
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ and test/ folders of 16x16 PNGs whose class is visible in the mean colour (learnable in a few steps)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 8)):
+        for k, cls in enumerate(CLASSES):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+                img[..., k] += 180
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_file(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Path:
+    imgs = elf.data.load_image_folder(image_folder, "train", cache_dir=tmp_path_factory.mktemp("c"), progress=False)
+    sub = imgs.per_class(2, torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("syn") / "syn.safetensors"
+    save_synthetic(path, SyntheticSet(sub.as_float(CIFAR10_MTT), sub.labels, normalization=CIFAR10_MTT, classes=sub.classes))
+    return path
+
+
+def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["eval", "--help"], ["train-teacher", "--help"], ["models", "--help"], ["split-points", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        assert "usage: elf" in capsys.readouterr().out
+
+
+def test_console_entry_point_runs() -> None:
+    out = subprocess.run([sys.executable, "-m", "elf", "eval", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--teacher-model" in out.stdout and "--models" in out.stdout
+
+
+def test_models_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ConvNet", "ConvNetW512", "ResNet18BN", "VGG11", "AlexNet"):
+        assert any(line.split()[0] == name for line in out.splitlines()), name
+
+
+def test_split_points_marks_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["split-points", "ResNet18"]) == 0
+    out = capsys.readouterr().out
+    default = [line for line in out.splitlines() if "default" in line]
+    assert len(default) == 1 and "layer4.0 " in default[0] and "512x4x4" in default[0]
+    assert "layer4.0.conv2" not in out  # inside a residual block: not a valid cut
+
+
+def test_unknown_model_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["split-points", "ResNet19"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'ResNet19'" in err and "ResNet18" in err
+
+
+def test_train_teacher_then_eval(tmp_path: Path, image_folder: Path, synthetic_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+    assert main(["train-teacher", "--model", "ConvNetW8D2", "--out", str(tmp_path / "t"), "--epochs", "2",
+                 "--batch-size", "12", *common]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2:" in out and "test acc" in out
+    ckpt = tmp_path / "t" / "epoch_002.safetensors"
+    assert ckpt.exists() and (tmp_path / "t" / "epoch_001.safetensors").exists()
+    history = json.loads((tmp_path / "t" / "history.json").read_text())
+    assert set(history["test_accuracy"]) == {"1", "2"}
+
+    result_file = tmp_path / "res.json"
+    assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
+                 "--models", "ConvNetW8D2BN", "--epochs", "2", "--runs", "2", "--batch-size", "3",
+                 "--out", str(result_file), *common]) == 0
+    table = capsys.readouterr().out
+    assert "| ConvNetW8D2BN |" in table and "±" in table
+    result = json.loads(result_file.read_text())
+    (row,) = result["results"]
+    assert row["split_at"] == "features"
+    for method in ("baseline", "elf"):
+        accs = row[method]["accuracies"]
+        assert len(accs) == 2 and all(0 <= a <= 100 for a in accs)
+        assert row[method]["seeds"] == [0, 1]
+        assert abs(row[method]["mean"] - float(np.mean(accs))) < 1e-9
+    assert row["elf"]["protocol"]["lambda_front"] == 1.0 and row["baseline"]["protocol"]["lambda_front"] == 0.0
+    assert row["elf"]["protocol"]["epochs"] == 2 and row["elf"]["protocol"]["batch_size"] == 3
+    assert result["test"]["n"] == 3 * 8
+    assert result["teachers"][0]["teacher_model"] == "ConvNetW8D2"
+    assert result["environment"]["torch_version"] == torch.__version__
+
+
+def test_train_teacher_resumes(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--model", "ConvNetW8D2", "--data", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress",
+              "--device", "cpu", "--batch-size", "12"]
+    assert main(["train-teacher", "--out", str(tmp_path / "full"), "--epochs", "3", *common]) == 0
+    # an interrupted run: 2 of 3 epochs done, then the same command again
+    assert main(["train-teacher", "--out", str(tmp_path / "part"), "--epochs", "2", *common]) == 0
+    capsys.readouterr()
+    (tmp_path / "part" / "epoch_002.safetensors").unlink()  # resume must rely on resume.safetensors, not this
+    assert main(["train-teacher", "--out", str(tmp_path / "part"), "--epochs", "3", *common]) == 0
+    assert "resuming" in capsys.readouterr().out
+    full, _ = elf.checkpoint.load_state_dict(tmp_path / "full" / "epoch_003.safetensors")
+    part, _ = elf.checkpoint.load_state_dict(tmp_path / "part" / "epoch_003.safetensors")
+    assert all(torch.equal(full[k], part[k]) for k in full)
+
+
+def test_eval_errors_are_clean(tmp_path: Path, image_folder: Path, synthetic_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress", "--device", "cpu"]
+    assert main(["eval", "--images", str(tmp_path / "missing.safetensors"), *common]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["eval", "--images", str(synthetic_file), "--models", "ConvNetW8", *common]) == 2
+    assert "ELF needs a teacher" in capsys.readouterr().err
+    assert main(["eval", "--images", str(synthetic_file), "--teacher", str(tmp_path / "nope.safetensors"), *common]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_without_any_data_explains(monkeypatch: pytest.MonkeyPatch, synthetic_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("ELF_DATA", raising=False)
+    assert main(["eval", "--images", str(synthetic_file), "--no-elf", "--no-progress"]) == 2
+    assert "--data" in capsys.readouterr().err
