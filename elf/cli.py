@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    ".npz (KIP), .safetensors (elf-dd), or a folder of PNGs per class")
     g.add_argument("--labels", default=None, help="labels file for images_best.pt-style sets (default: found beside the images)")
     g.add_argument("--experiment", type=int, default=0, help="experiment index inside a DC/DSA/DM res_*.pt file")
+    g.add_argument("--zca", action="store_true", help="the set was distilled in ZCA space (MTT's --zca); files that "
+                                                     "record it (elf-dd .safetensors) need no flag")
     g = p.add_argument_group("teacher (distillation model)")
     g.add_argument("--teacher", action="append", default=[], help="teacher checkpoint (safetensors or state-dict .pt); repeat for several")
     g.add_argument("--teacher-model", action="append", default=[], help="teacher model name per --teacher (default ConvNet)")
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--models", nargs="+", default=["ConvNetBN"], help="evaluation models (see `elf models`)")
     g.add_argument("--split-at", action="append", default=[], metavar="MODEL=POINT", help="split point for a model (default: its ELF default)")
-    g.add_argument("--protocol", default="elf", help="protocol preset (default: elf, the official ELF evaluation)")
+    g.add_argument("--protocol", default="elf", help="protocol preset: elf (official ELF evaluation, default), dsa, dm, dc, "
+                                                   "mtt, glad; see docs/protocols.md. ELF runs always have the ELF terms on")
     g.add_argument("--epochs", type=int, default=None, help="the protocol's Epoch (official 1000; the loop runs Epoch+1)")
     g.add_argument("--runs", type=int, default=5, help="runs (seeds 0..runs-1) per model and method")
     g.add_argument("--seed", type=int, default=0, help="first seed")
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-per-class", type=int, default=None, help="train on a class-balanced subset (quick runs)")
     p.add_argument("--no-augment", action="store_true", help="train without DSA")
+    p.add_argument("--zca", action="store_true", help="train in ZCA space (eps 0.1, fit on the full training set), for ZCA'd sets")
     p.add_argument("--no-resume", action="store_true", help="start over even if a resume file exists")
     _add_test_data(p, required=False)
     _add_device(p)
@@ -171,16 +175,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .feature_bank import FeatureBank
     from .fileio import atomic_write
     from .io import load_any, load_mtt
-    from .teacher import load_teacher
 
     log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr))
     sset = load_mtt(args.images, args.labels) if args.labels else (
         load_any(args.images, experiment=args.experiment) if Path(args.images).name.startswith("res_") else load_any(args.images))
-    if sset.zca:
-        raise ELFError(f"{args.images} was distilled in ZCA space; evaluate it with the ZCA-aware protocol (elf.data.ZCA) from Python")
-    norm = sset.normalization or get_normalization(args.normalization)
+    if sset.normalization is None:
+        sset.normalization = get_normalization(args.normalization)
+    norm = sset.normalization
+    if args.zca:
+        sset.zca = True
     test = _load_split(args, "test", args.test_per_class)
     test_x, test_y = test.as_float(norm), test.labels
+    if sset.zca:
+        log("the set is in ZCA space: fitting ZCA (eps 0.1) on the full real training set (cached)")
+        test_x = _zca(args, norm).transform(test_x)
     c, h, w = sset.images.shape[1:]
     num_classes = sset.num_classes
     if tuple(test_x.shape[1:]) != (c, h, w):
@@ -193,16 +201,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for i, ckpt in enumerate(args.teacher):
             name = args.teacher_model[i] if i < len(args.teacher_model) else "ConvNet"
             point = args.teacher_point[i] if i < len(args.teacher_point) else None
-            teacher = load_teacher(name, ckpt, channel=c, num_classes=num_classes, im_size=(h, w), device=device or "cpu")
-            teacher.elf_model_name = name  # type: ignore[assignment]
-            bank = FeatureBank.build(teacher, sset.images, point, dtype=args.feature_dtype, cache_dir=_feature_cache(args),
-                                     device=device, progress=not args.no_progress)
+            if not Path(ckpt).exists():
+                raise ELFError(f"teacher checkpoint {ckpt} does not exist (train one with `elf train-teacher`)")
+            bank = FeatureBank.from_checkpoint(ckpt, name, sset, point, num_classes=num_classes, dtype=args.feature_dtype,
+                                               cache_dir=_feature_cache(args), device=device, progress=not args.no_progress)
             log(f"teacher {name} ({ckpt}): features {bank.shape} at {bank.point}")
             banks.append(bank)
     split_at = dict(s.split("=", 1) for s in args.split_at)
     seeds = list(range(args.seed, args.seed + args.runs))
     t0 = time.perf_counter()
-    rows = compare_models(args.models, sset.images, sset.labels, test_x, test_y, banks=banks, protocol=args.protocol,
+    rows = compare_models(args.models, sset, None, test_x, test_y, banks=banks, protocol=args.protocol,
                           seeds=seeds, baseline=not args.no_baseline, elf=not args.no_elf, split_at=split_at,
                           device=device, progress=not args.no_progress, log=log, **_protocol_overrides(args))
     print(format_table(rows))
@@ -222,6 +230,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zca(args: argparse.Namespace, norm: Any) -> Any:
+    from .data import fit_zca_cached
+
+    train = _load_split(args, "train", None)
+    return fit_zca_cached(train, norm, eps=0.1, cache_dir=args.cache_dir)
+
+
 def _feature_cache(args: argparse.Namespace) -> Path:
     from .data import default_cache_dir
 
@@ -232,14 +247,21 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     from .data import get_normalization
     from .teacher import train_teacher
 
+    from .data import space_metadata
+
     norm = get_normalization(args.normalization)
     train = _load_split(args, "train", args.train_per_class, args.seed)
     test = _load_split(args, "test", args.test_per_class)
+    train_x, test_x = train.as_float(norm), test.as_float(norm)
+    if args.zca:
+        zca = _zca(args, norm)
+        train_x, test_x = zca.transform(train_x), zca.transform(test_x)
     changes: dict[str, Any] = {"lr": args.lr, "batch_size": args.batch_size}
     if args.no_augment:
         changes["augment"] = None
-    meta = {"data_source": train.source_hash, "normalization": json.dumps(norm.to_dict()), "classes": json.dumps(train.classes)}
-    run = train_teacher(args.model, train.as_float(norm), train.labels, args.out, test=(test.as_float(norm), test.labels),
+    meta = {"data_source": train.source_hash, "normalization": json.dumps(norm.to_dict()), "classes": json.dumps(train.classes),
+            **space_metadata(norm, args.zca)}
+    run = train_teacher(args.model, train_x, train.labels, args.out, test=(test_x, test.labels),
                         epochs=args.epochs, momentum=args.momentum, seed=args.seed, device=args.device,
                         progress=not args.no_progress, resume=not args.no_resume, metadata=meta, **changes)
     last = max(run.test_accuracy) if run.test_accuracy else None

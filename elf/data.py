@@ -44,6 +44,8 @@ __all__ = [
     "load_dataset",
     "ZCA",
     "fit_zca_cached",
+    "space_metadata",
+    "check_same_space",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -211,18 +213,32 @@ class ImageSet:
         h = hashlib.sha256(f"{self.source_hash}|subset|{tensor_sha256(idx)}".encode()).hexdigest()
         return ImageSet(self.images[idx].clone(), self.labels[idx].clone(), list(self.classes), h, self.origin)
 
-    def per_class(self, k: int, generator: torch.Generator | None = None) -> "ImageSet":
-        """A random class-balanced subset of ``k`` images per class, class-major (all of class 0, then class 1, ...)."""
+    def _per_class_indices(self, k: int, generator: torch.Generator | None, what: str) -> Tensor:
         if k <= 0:
-            raise ELFError(f"per_class: k must be positive, got {k}")
+            raise ELFError(f"{what}: k must be positive, got {k}")
         picks = []
         for c in range(self.num_classes):
             idx = (self.labels == c).nonzero().flatten()
             if idx.numel() < k:
-                raise ELFError(f"per_class: class {c} ({self.classes[c]!r}) has {idx.numel()} images, fewer than k={k}")
+                raise ELFError(f"{what}: class {c} ({self.classes[c]!r}) has {idx.numel()} images, fewer than k={k}")
             chosen = idx[torch.randperm(idx.numel(), generator=generator)[:k]]
             picks.append(chosen.sort().values)
-        return self.subset(torch.cat(picks))
+        return torch.cat(picks)
+
+    def per_class(self, k: int, generator: torch.Generator | None = None) -> "ImageSet":
+        """A random class-balanced subset of ``k`` images per class, class-major (all of class 0, then class 1, ...)."""
+        return self.subset(self._per_class_indices(k, generator, "per_class"))
+
+    def split_validation(self, k: int, generator: torch.Generator | None = None) -> tuple["ImageSet", "ImageSet"]:
+        """``(rest, validation)``: hold out ``k`` random images per class of this (training) set.
+
+        Anything tuned (lr, λ, feature epoch) should be chosen on such a split of the real *training* data,
+        never on the test set.
+        """
+        val = self._per_class_indices(k, generator, "split_validation")
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[val] = False
+        return self.subset(keep.nonzero().flatten()), self.subset(val)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -672,3 +688,29 @@ def fit_zca_cached(
     zca.info = {"key": key, "source_hash": imageset.source_hash, "normalization": norm}
     zca.save(path)
     return zca
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The "space" images live in: recorded with teachers, feature banks and synthetic sets, checked where they meet
+
+
+def space_metadata(normalization: Normalization | None, zca: bool) -> dict[str, str]:
+    """String metadata describing the pixel space: ``space_mean``/``space_std`` (omitted if unknown) and ``space_zca``."""
+    meta = {"space_zca": "true" if zca else "false"}
+    if normalization is not None:
+        meta["space_mean"] = ",".join(f"{m:.4f}" for m in normalization.mean)
+        meta["space_std"] = ",".join(f"{v:.4f}" for v in normalization.std)
+    return meta
+
+
+def check_same_space(a: dict[str, str], b: dict[str, str], what_a: str, what_b: str) -> None:
+    """Raise :class:`ELFError` when two records of :func:`space_metadata` disagree on a key both of them have.
+
+    Mixing normalizations or ZCA and non-ZCA images is the most common cause of near-chance accuracy in DD.
+    """
+    for key, label in (("space_zca", "ZCA whitening"), ("space_mean", "normalization mean"), ("space_std", "normalization std")):
+        if key in a and key in b and a[key] != b[key]:
+            raise ELFError(
+                f"{what_a} and {what_b} live in different pixel spaces: {label} is {a[key]} vs {b[key]}. Use a teacher "
+                "trained on images prepared like the synthetic set (same mean/std, ZCA only if the set is ZCA'd)"
+            )

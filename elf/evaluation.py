@@ -68,8 +68,8 @@ def pick_bank(shape: tuple[int, ...], banks: Sequence[FeatureBank]) -> FeatureBa
 
 def compare_models(
     models: Sequence[str],
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    images: Any,
+    labels: torch.Tensor | None,
     test_images: torch.Tensor,
     test_labels: torch.Tensor,
     *,
@@ -88,7 +88,8 @@ def compare_models(
 
     Args:
         models: model names for :func:`~elf.create_model`.
-        images, labels: the synthetic set ``(N, C, H, W)`` and its labels.
+        images, labels: the synthetic set ``(N, C, H, W)`` and its labels, or a loaded
+            :class:`~elf.io.SyntheticSet` and ``None`` (its metadata and learned lr then flow into the results).
         test_images, test_labels: real test data ``(M, C, H, W)``, normalized like ``images``, and ``(M,)``.
         banks: teacher feature banks; each model uses the one matching its front shape.
         protocol, overrides: the evaluation protocol (default: official ELF) and single-field changes.
@@ -97,15 +98,25 @@ def compare_models(
     """
     proto = get_protocol(protocol, **overrides)
     split_at = dict(split_at or {})
+    synthetic = images if hasattr(images, "normalization") else None
+    if synthetic is not None:
+        images, labels = synthetic.images, synthetic.labels
+    if labels is None:
+        raise ELFError("labels are required unless images is a SyntheticSet")
     _, _, num_classes = prepare_targets(labels)
+
+    def trainer(name: str, p: Protocol, **kw: Any) -> ELFTrainer:
+        if synthetic is not None:
+            return ELFTrainer.from_synthetic(name, synthetic, protocol=p, device=device, progress=progress, **kw)
+        return ELFTrainer(name, images, labels, protocol=p, device=device, progress=progress, **kw)
+
     out = []
     for name in models:
         point = split_at.get(name)
         row = ModelComparison(name, point)
         if baseline:
             log(f"[{name}] baseline ({proto.total_epochs} epochs x {seeds if isinstance(seeds, int) else len(seeds)} runs)")
-            trainer = ELFTrainer(name, images, labels, protocol=proto.baseline(), device=device, progress=progress)
-            row.baseline = trainer.run(test_images, test_labels, seeds)
+            row.baseline = trainer(name, proto.baseline()).run(test_images, test_labels, seeds)
             log(f"[{name}] baseline: {row.baseline}")
         if elf:
             shape = front_shape(name, tuple(images.shape[1:]), num_classes, point)
@@ -119,8 +130,7 @@ def compare_models(
             row.split_at = point or _default_point(name, images)
             row.bank = {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
             log(f"[{name}] ELF at {row.split_at} with {row.bank['teacher_model']} features {bank.shape}")
-            trainer = ELFTrainer(name, images, labels, feature_bank=bank, split_at=point, protocol=proto, device=device, progress=progress)
-            row.elf = trainer.run(test_images, test_labels, seeds)
+            row.elf = trainer(name, proto.with_elf(), feature_bank=bank, split_at=point).run(test_images, test_labels, seeds)
             log(f"[{name}] ELF: {row.elf}")
         out.append(row)
     return out

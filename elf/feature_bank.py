@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict
+from .data import check_same_space, space_metadata
 from .errors import ELFError
 from .fileio import PathLike, load_tensors, save_tensors, state_dict_sha256, tensor_sha256
 from .models import create_model, default_split_point
@@ -43,6 +44,15 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         return _DTYPES[dtype]
     _dtype_name(dtype)
     return dtype
+
+
+def _unpack_images(images: Any, space: dict[str, str] | None) -> tuple[torch.Tensor, dict[str, str] | None]:
+    """Images as a tensor plus their pixel-space record; a SyntheticSet supplies both."""
+    if hasattr(images, "images") and hasattr(images, "normalization"):  # elf.io.SyntheticSet
+        return images.images, space or space_metadata(images.normalization, bool(getattr(images, "zca", False)))
+    if not isinstance(images, torch.Tensor):
+        raise ELFError(f"images must be a tensor (N, C, H, W) or a SyntheticSet, got {type(images).__name__}")
+    return images, space
 
 
 def teacher_sha256(teacher: nn.Module) -> str:
@@ -117,6 +127,7 @@ class FeatureBank:
         dtype: torch.dtype | str | None = None,
         cache_dir: PathLike | None = None,
         progress: bool = False,
+        space: dict[str, str] | None = None,
     ) -> FeatureBank:
         """Run ``teacher`` up to ``point`` on every image (eval mode, no grad, in batches) and keep the result.
 
@@ -128,7 +139,10 @@ class FeatureBank:
                 (default: the teacher's device). dtype: storage dtype, float32 (default), float16 or bfloat16.
             cache_dir: if given, reuse ``<cache_dir>/<key>.safetensors`` when its key matches, else write it.
             progress: print a progress bar over batches.
+            space: the images' pixel space (:func:`elf.data.space_metadata`), recorded in the metadata; a
+                :class:`~elf.io.SyntheticSet` passed as ``images`` supplies it.
         """
+        images, space = _unpack_images(images, space)
         if images.dim() != 4:
             raise ELFError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
         point = point or default_split_point(teacher)
@@ -174,6 +188,7 @@ class FeatureBank:
             "point": point,
             "shape": ",".join(map(str, features.shape)),
             "dtype": _dtype_name(dtype),
+            **(space or {}),
         }
         bank = cls(features, meta)
         if cache_file is not None:
@@ -191,11 +206,18 @@ class FeatureBank:
         num_classes: int = 10,
         **build_kwargs: Any,
     ) -> FeatureBank:
-        """Build from a teacher checkpoint file (safetensors or ``weights_only`` torch file) and its model name."""
+        """Build from a teacher checkpoint file (safetensors or ``weights_only`` torch file) and its model name.
+
+        When both the checkpoint and the images record their pixel space (normalization, ZCA), they must agree.
+        """
+        images, space = _unpack_images(images, build_kwargs.pop("space", None))
         if images.dim() != 4:
             raise ELFError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
         teacher = create_model(model, channel=images.shape[1], num_classes=num_classes, im_size=tuple(images.shape[2:]))
+        _, ckpt_meta = load_state_dict(checkpoint)
+        check_same_space(ckpt_meta, space or {}, f"teacher checkpoint {checkpoint}", "the synthetic images")
         load_checkpoint(teacher, checkpoint)
+        build_kwargs["space"] = space
         device = build_kwargs.get("device")
         if device is not None:
             teacher.to(device)

@@ -34,6 +34,8 @@ class Protocol:
         features_on_augmented: compute teacher features on the augmented images every step (teacher in the loop)
             instead of once on the un-augmented images (official). Needs the teacher module, not only a bank.
         eval_batch_size: images per forward when testing.
+        learned_lr: train with the set's learned lr (MTT/DATM ``lr_best.pt``) when it has one
+            (:meth:`ELFTrainer.from_synthetic`); the official ELF code ignores it.
     """
 
     name: str = "elf"
@@ -54,6 +56,7 @@ class Protocol:
     distance: str | Callable[..., Any] = "ce"
     features_on_augmented: bool = False
     eval_batch_size: int = 512
+    learned_lr: bool = False
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +93,10 @@ class Protocol:
         """The same protocol with both ELF terms off (plain training on the synthetic set)."""
         return self.replace(lambda_front=0.0, lambda_rear=0.0)
 
+    def with_elf(self) -> Protocol:
+        """This protocol with the ELF terms on: unchanged if either λ is set, else λ_front = λ_rear = 1 (official)."""
+        return self if self.uses_features else self.replace(lambda_front=1.0, lambda_rear=1.0)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (a callable distance is recorded by its name)."""
         out = dataclasses.asdict(self)
@@ -98,8 +105,22 @@ class Protocol:
         return out
 
 
+_OFFICIAL = Protocol(notes="official ELF evaluation (public ELF code, Dec 2023): ELF terms on, lr 0.01, 1000 epochs, DSA")
+
 PROTOCOLS: dict[str, Protocol] = {
-    "elf": Protocol(notes="official ELF evaluation (public ELF code, Dec 2023)"),
+    "elf": _OFFICIAL,
+    # the same training with the ELF terms off: how DSA / DM / MTT-era papers evaluate (DSA and DM code: 1000 epochs)
+    "dsa": _OFFICIAL.replace(name="dsa", lambda_front=0.0, lambda_rear=0.0,
+                             notes="DSA/DM public code evaluate_synset: lr 0.01, 1000 (+1) epochs, DSA, no ELF terms"),
+    "dm": _OFFICIAL.replace(name="dm", lambda_front=0.0, lambda_rear=0.0,
+                            notes="DM public code (same evaluate_synset as DSA): lr 0.01, 1000 (+1) epochs, DSA"),
+    "dc": _OFFICIAL.replace(name="dc", epochs=300, augment=None, lambda_front=0.0, lambda_rear=0.0,
+                            notes="DC public code: epoch_eval_train 300, no augmentation for CIFAR"),
+    "mtt": _OFFICIAL.replace(name="mtt", lambda_front=0.0, lambda_rear=0.0, learned_lr=True,
+                             notes="MTT public code: learned lr (lr_best.pt) when present, 1000 (+1) epochs, DSA, "
+                                   "ZCA images evaluated in ZCA space"),
+    "glad": _OFFICIAL.replace(name="glad", lambda_front=0.0, lambda_rear=0.0, learned_lr=True,
+                              notes="GLaD public code (MTT's evaluate_synset): as 'mtt'; GLaD sets are never ZCA'd"),
 }
 
 

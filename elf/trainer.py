@@ -78,6 +78,7 @@ class EvalResult:
     protocol: dict[str, Any]
     wall_time_s: list[float] = field(default_factory=list)
     histories: list[list[dict[str, float]]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -100,6 +101,7 @@ class EvalResult:
             "protocol": self.protocol,
             "wall_time_s": self.wall_time_s,
             "histories": self.histories,
+            "data": self.data,
         }
 
 
@@ -203,6 +205,7 @@ class ELFTrainer:
         self.rear: nn.Module | None = None
         self.history: list[dict[str, float]] = []
         self._loop: _LoopState | None = None
+        self.data_info: dict[str, Any] = {}
         p = self.protocol
         if p.features_on_augmented and teacher is None:
             raise ELFError("features_on_augmented=True computes teacher features every step: pass teacher=")
@@ -218,6 +221,32 @@ class ELFTrainer:
             feature_bank.check_matches(images)
             feature_bank = feature_bank.to(self.device)
         self.feature_bank = feature_bank
+
+    @classmethod
+    def from_synthetic(cls, model: ModelSpec, synthetic: Any, **kwargs: Any) -> ELFTrainer:
+        """A trainer for a loaded :class:`~elf.io.SyntheticSet`, carrying its metadata into the results.
+
+        Uses the set's label kind; with a protocol whose ``learned_lr`` is on ("mtt", "glad") its learned lr
+        replaces the protocol lr (unless ``lr=`` is given). A feature bank or teacher given here must come from
+        the same pixel space (normalization, ZCA) as the set when both record it.
+        """
+        from .data import check_same_space, space_metadata
+
+        space = space_metadata(synthetic.normalization, synthetic.zca)
+        bank = kwargs.get("feature_bank")
+        if bank is not None:
+            check_same_space(bank.metadata, space, "the feature bank", "the synthetic set")
+        proto = get_protocol(kwargs.pop("protocol", "elf"))
+        if proto.learned_lr and synthetic.lr is not None and "lr" not in kwargs:
+            kwargs["lr"] = float(synthetic.lr)
+        kwargs.setdefault("label_kind", synthetic.label_kind)
+        trainer = cls(model, synthetic.images, synthetic.labels, protocol=proto, **kwargs)
+        trainer.data_info = {
+            "n": len(synthetic), "ipc": synthetic.ipc, "label_kind": synthetic.label_kind, "zca": synthetic.zca,
+            "normalization": synthetic.normalization.to_dict() if synthetic.normalization else None,
+            "learned_lr": synthetic.lr, "classes": synthetic.classes, **synthetic.metadata,
+        }
+        return trainer
 
     # ---- model ----------------------------------------------------------------------------------------------
     def _build_model(self) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
@@ -496,7 +525,7 @@ class ELFTrainer:
     def run(self, test_images: torch.Tensor, test_labels: torch.Tensor, seeds: int | Sequence[int] = 5) -> EvalResult:
         """``fit`` then ``evaluate`` once per seed (an int ``k`` means seeds ``0..k-1``); accuracy at the final epoch."""
         seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-        result = EvalResult(self.model_name, [], seed_list, self.protocol.to_dict())
+        result = EvalResult(self.model_name, [], seed_list, self.protocol.to_dict(), data=dict(self.data_info))
         for seed in seed_list:
             t0 = time.perf_counter()
             history = self.fit(seed)

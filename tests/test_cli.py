@@ -141,3 +141,20 @@ def test_eval_without_any_data_explains(monkeypatch: pytest.MonkeyPatch, synthet
     monkeypatch.delenv("ELF_DATA", raising=False)
     assert main(["eval", "--images", str(synthetic_file), "--no-elf", "--no-progress"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_zca_teacher_and_zca_set(tmp_path: Path, image_folder: Path, synthetic_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+    assert main(["train-teacher", "--model", "ConvNetW8D2", "--zca", "--out", str(tmp_path / "t"), "--epochs", "1",
+                 "--batch-size", "12", *common]) == 0
+    ckpt = tmp_path / "t" / "epoch_001.safetensors"
+    _, meta = elf.checkpoint.load_state_dict(ckpt)
+    assert meta["space_zca"] == "true" and meta["space_mean"].startswith("0.4914")
+    capsys.readouterr()
+    ev = ["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
+          "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", *common]
+    assert main(ev) == 2  # the set is not ZCA'd, the teacher is
+    assert "different pixel spaces: ZCA whitening" in capsys.readouterr().err
+    assert main([*ev, "--zca", "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["results"][0]["elf"]["data"]["zca"] is True

@@ -1,0 +1,97 @@
+"""Protocol presets, and metadata of loaded sets flowing into FeatureBank / ELFTrainer / results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import elf
+from elf import ELFError, ELFTrainer, FeatureBank, create_model, save_checkpoint
+from elf.data import CIFAR10_MTT, CIFAR100_DC, ImageSet, space_metadata
+from elf.evaluation import compare_models
+from elf.io import SyntheticSet
+
+
+def test_presets_pin_their_numbers() -> None:
+    p = elf.PROTOCOLS
+    official = p["elf"]
+    assert (official.lr, official.momentum, official.weight_decay, official.batch_size) == (0.01, 0.9, 5e-4, 256)
+    assert (official.epochs, official.total_epochs, official.decay_epoch) == (1000, 1001, 501)
+    assert official.augment == "color_crop_cutout_flip_scale_rotate" and official.reset_optimizer_at_decay
+    assert (official.lambda_front, official.lambda_rear, official.distance) == (1.0, 1.0, "ce")
+    assert not official.features_on_augmented and not official.learned_lr
+    for name in ("dsa", "dm", "mtt", "glad"):
+        assert not p[name].uses_features and p[name].epochs == 1000 and p[name].augment == official.augment
+    assert p["mtt"].learned_lr and p["glad"].learned_lr and not p["dsa"].learned_lr
+    assert p["dc"].epochs == 300 and p["dc"].augment is None
+    assert p["mtt"].with_elf().lambda_front == 1.0 and official.with_elf() is official
+    with pytest.raises(ELFError, match="unknown protocol 'mt'"):
+        elf.get_protocol("mt")
+
+
+def _set(lr: float | None = 0.03, normalization=CIFAR10_MTT, zca: bool = False) -> SyntheticSet:
+    torch.manual_seed(0)
+    return SyntheticSet(torch.randn(6, 3, 8, 8), torch.arange(3).repeat_interleave(2), normalization=normalization,
+                        zca=zca, lr=lr, metadata={"method": "test"})
+
+
+def test_from_synthetic_uses_learned_lr_only_when_the_protocol_says() -> None:
+    s = _set()
+    common = dict(epochs=1, augment=None, progress=False, device="cpu", log_every=1)
+    mtt = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="mtt", **common)
+    assert mtt.protocol.lr == pytest.approx(0.03)
+    assert mtt.fit(0)[0]["lr"] == pytest.approx(0.03)
+    official = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="dsa", **common)
+    assert official.protocol.lr == 0.01
+    given = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="mtt", lr=0.5, **common)
+    assert given.protocol.lr == 0.5
+
+
+def test_set_metadata_reaches_the_result() -> None:
+    s = _set()
+    t = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="dsa", epochs=1, augment=None, progress=False, device="cpu")
+    result = t.run(s.images, s.labels, seeds=1)
+    assert result.data["ipc"] == 2 and result.data["method"] == "test" and result.data["zca"] is False
+    assert result.data["normalization"]["mean"] == list(CIFAR10_MTT.mean)
+    assert result.to_dict()["data"]["learned_lr"] == pytest.approx(0.03)
+
+
+def test_bank_from_another_pixel_space_is_refused() -> None:
+    s = _set()
+    teacher = create_model("ConvNetW4D1", im_size=(8, 8))
+    bank = FeatureBank.build(teacher, s)  # records CIFAR10_MTT, no ZCA
+    assert bank.metadata["space_zca"] == "false" and bank.metadata["space_mean"].startswith("0.4914")
+    zca_set = _set(zca=True)
+    with pytest.raises(ELFError, match="different pixel spaces: ZCA"):
+        ELFTrainer.from_synthetic("ConvNetW4D1", zca_set, feature_bank=bank, progress=False, device="cpu")
+    dc_set = _set(normalization=CIFAR100_DC)
+    with pytest.raises(ELFError, match="normalization mean"):
+        ELFTrainer.from_synthetic("ConvNetW4D1", dc_set, feature_bank=bank, progress=False, device="cpu")
+
+
+def test_teacher_checkpoint_from_another_space_is_refused(tmp_path) -> None:
+    teacher = create_model("ConvNetW4D1", num_classes=3, im_size=(8, 8))
+    ckpt = save_checkpoint(teacher, tmp_path / "t.safetensors", space_metadata(CIFAR10_MTT, zca=True))
+    with pytest.raises(ELFError, match="ZCA"):
+        FeatureBank.from_checkpoint(ckpt, "ConvNetW4D1", _set(), num_classes=3)
+    bank = FeatureBank.from_checkpoint(ckpt, "ConvNetW4D1", _set(zca=True), num_classes=3)
+    assert bank.metadata["space_zca"] == "true"
+
+
+def test_compare_models_turns_elf_on_for_baseline_presets() -> None:
+    s = _set(lr=None)
+    bank = FeatureBank.build(create_model("ConvNetW4D1", im_size=(8, 8)), s)
+    (row,) = compare_models(["ConvNetW4D1BN"], s, None, s.images, s.labels, banks=[bank], protocol="mtt", seeds=1,
+                            epochs=1, augment=None, device="cpu", progress=False, log=lambda _: None)
+    assert row.baseline.protocol["lambda_front"] == 0.0 and row.elf.protocol["lambda_front"] == 1.0
+    assert row.elf.data["method"] == "test"
+
+
+def test_validation_split_is_disjoint_and_balanced() -> None:
+    labels = torch.arange(4).repeat_interleave(5)
+    images = ImageSet(torch.zeros(20, 3, 2, 2, dtype=torch.uint8), labels, list("abcd"), "h")
+    rest, val = images.split_validation(2, torch.Generator().manual_seed(0))
+    assert len(rest) == 12 and len(val) == 8
+    assert torch.bincount(val.labels).tolist() == [2, 2, 2, 2] and torch.bincount(rest.labels).tolist() == [3, 3, 3, 3]
+    with pytest.raises(ELFError, match="fewer than k=6"):
+        images.split_validation(6)
