@@ -67,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zca", action="store_true", help="the set was distilled in ZCA space (MTT's --zca); files that "
                                                      "record it (elf-dd .safetensors) need no flag")
     g = p.add_argument_group("teacher (distillation model)")
-    g.add_argument("--teacher", action="append", default=[], help="teacher checkpoint (safetensors or state-dict .pt); repeat for several")
+    g.add_argument("--teacher", action="append", default=[], help="teacher checkpoint (safetensors, state-dict .pt, or an MTT "
+                                                                "replay_buffer_*.pt expert buffer); repeat for several")
     g.add_argument("--teacher-model", action="append", default=[], help="teacher model name per --teacher (default ConvNet)")
     g.add_argument("--teacher-point", action="append", default=[], help="teacher split point per --teacher (default: its last conv block)")
+    g.add_argument("--buffer-trajectory", type=int, default=0, help="trajectory of an MTT replay_buffer_*.pt teacher")
+    g.add_argument("--buffer-epoch", type=int, default=-1, help="snapshot (epoch) of an MTT replay_buffer_*.pt teacher (default: last)")
     g.add_argument("--feature-dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="feature storage dtype")
     g = p.add_argument_group("evaluation")
     g.add_argument("--models", nargs="+", default=["ConvNetBN"], help="evaluation models (see `elf models`)")
@@ -203,8 +206,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             point = args.teacher_point[i] if i < len(args.teacher_point) else None
             if not Path(ckpt).exists():
                 raise ELFError(f"teacher checkpoint {ckpt} does not exist (train one with `elf train-teacher`)")
-            bank = FeatureBank.from_checkpoint(ckpt, name, sset, point, num_classes=num_classes, dtype=args.feature_dtype,
-                                               cache_dir=_feature_cache(args), device=device, progress=not args.no_progress)
+            bank_kw = dict(dtype=args.feature_dtype, cache_dir=_feature_cache(args), device=device, progress=not args.no_progress)
+            if Path(ckpt).name.startswith("replay_buffer"):
+                teacher = _teacher_from_buffer(args, ckpt, name, sset, num_classes, log)
+                bank = FeatureBank.build(teacher.to(device or "cpu"), sset, point, **bank_kw)
+            else:
+                bank = FeatureBank.from_checkpoint(ckpt, name, sset, point, num_classes=num_classes, **bank_kw)
             log(f"teacher {name} ({ckpt}): features {bank.shape} at {bank.point}")
             banks.append(bank)
     split_at = dict(s.split("=", 1) for s in args.split_at)
@@ -228,6 +235,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(result, indent=1, default=str)))
         print(f"wrote {args.out}")
     return 0
+
+
+def _teacher_from_buffer(args: argparse.Namespace, path: str, name: str, sset: Any, num_classes: int, log: Any) -> Any:
+    """A teacher from one snapshot of an MTT expert buffer. Buffers hold parameters only: BatchNorm statistics are
+    recomputed on up to 500 real training images per class (prepared like the set), since the stored ones are lost."""
+    from torch import nn
+
+    from .io import load_expert_buffer, load_parameters_into, recompute_bn_stats
+    from .models import create_model
+
+    c, h, w = sset.images.shape[1:]
+    teacher = create_model(name, channel=c, num_classes=num_classes, im_size=(h, w))
+    load_parameters_into(teacher, load_expert_buffer(path, args.buffer_trajectory, args.buffer_epoch))
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()):
+        log(f"{path} holds no BatchNorm statistics: recomputing them for {name} on real training images")
+        train = _load_split(args, "train", None)
+        train = train.per_class(min(500, int(train.class_counts().min())), torch.Generator().manual_seed(0))
+        x = train.as_float(sset.normalization)
+        if sset.zca:
+            x = _zca(args, sset.normalization).transform(x)
+        recompute_bn_stats(teacher, x)
+    return teacher.eval()
 
 
 def _zca(args: argparse.Namespace, norm: Any) -> Any:

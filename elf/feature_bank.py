@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from .errors import ELFError
 from .fileio import PathLike, load_tensors, save_tensors, state_dict_sha256, tensor_sha256
 from .models import create_model, default_split_point
 from .split import split_model
+
+if TYPE_CHECKING:
+    from .io import SyntheticSet
 
 __all__ = ["FeatureBank"]
 
@@ -119,7 +122,7 @@ class FeatureBank:
     def build(
         cls,
         teacher: nn.Module,
-        images: torch.Tensor,
+        images: torch.Tensor | SyntheticSet,
         point: str | None = None,
         *,
         batch_size: int = 256,
@@ -133,7 +136,8 @@ class FeatureBank:
 
         Args:
             teacher: the distillation model trained on real data (e.g. ``ConvNetW512``).
-            images: synthetic images ``(N, C, H, W)``, normalized as the teacher expects, un-augmented.
+            images: synthetic images ``(N, C, H, W)``, normalized as the teacher expects, un-augmented; or a
+                :class:`~elf.io.SyntheticSet`, whose pixel space (normalization, ZCA) is then recorded.
             point: split point of the teacher (default: its ``elf_split_point``, "features" for ConvNet).
             batch_size: images per teacher forward. device: where to compute and keep the features
                 (default: the teacher's device). dtype: storage dtype, float32 (default), float16 or bfloat16.
@@ -200,7 +204,7 @@ class FeatureBank:
         cls,
         checkpoint: PathLike,
         model: str,
-        images: torch.Tensor,
+        images: torch.Tensor | SyntheticSet,
         point: str | None = None,
         *,
         num_classes: int = 10,

@@ -158,3 +158,25 @@ def test_zca_teacher_and_zca_set(tmp_path: Path, image_folder: Path, synthetic_f
     assert main([*ev, "--zca", "--out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["results"][0]["elf"]["data"]["zca"] is True
+
+
+@pytest.mark.parametrize("model", ["ConvNetW8D2", "ConvNetW8D2BN"])
+def test_eval_with_an_mtt_expert_buffer_teacher(model: str, tmp_path: Path, image_folder: Path, synthetic_file: Path) -> None:
+    from elf.feature_bank import teacher_sha256
+
+    torch.manual_seed(3)
+    create = elf.create_model(model, num_classes=3, im_size=(16, 16))
+    snapshots = [[p.detach().clone() + k for p in create.parameters()] for k in range(3)]  # 3 "epochs"
+    buffer = tmp_path / "replay_buffer_0.pt"
+    torch.save([snapshots], buffer)  # MTT layout: [trajectory][epoch][param]
+    out = tmp_path / "r.json"
+    assert main(["eval", "--images", str(synthetic_file), "--teacher", str(buffer), "--teacher-model", model,
+                 "--buffer-epoch", "1", "--models", "ConvNetW8D2", "--no-baseline", "--epochs", "1", "--runs", "1",
+                 "--data", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    recorded = json.loads(out.read_text())["teachers"][0]["teacher_sha256"]
+    with torch.no_grad():
+        for p, v in zip(create.parameters(), snapshots[1]):
+            p.copy_(v)
+    # parameters of trajectory 0, epoch 1; with BatchNorm, running stats must have been recomputed (not the init values)
+    assert (recorded == teacher_sha256(create)) == (model == "ConvNetW8D2")

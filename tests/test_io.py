@@ -20,7 +20,6 @@ from elf.io import (
     load_any,
     load_dc_result,
     load_expert_buffer,
-    load_image_dir,
     load_mtt,
     load_npz,
     load_parameters_into,

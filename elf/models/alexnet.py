@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import FeaturesHeadNet
+
 __all__ = ["AlexNet"]
 
 
-class AlexNet(nn.Module):
+class AlexNet(FeaturesHeadNet):
     """Five convs (128-192-256-192-192) with three 2x2 max-pools, then one linear layer.
 
     At 32x32, ``features`` outputs ``(N, 192, 4, 4)``.
@@ -35,11 +37,5 @@ class AlexNet(nn.Module):
         w = (32 if im_size[1] == 28 else im_size[1]) // 8
         self.fc = nn.Linear(192 * h * w, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

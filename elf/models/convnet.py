@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from ..errors import ELFError
+from .base import FeaturesHeadNet
 
 __all__ = ["ConvNet", "NORMS", "ACTIVATIONS", "POOLINGS"]
 
@@ -44,7 +44,7 @@ def _activation(act: str) -> nn.Module:
     raise ELFError(f"unknown activation {act!r}; choose one of {ACTIVATIONS}")
 
 
-class ConvNet(nn.Module):
+class ConvNet(FeaturesHeadNet):
     """``depth`` x [conv3x3(width) -> norm -> act -> pool], then one linear classifier.
 
     Input ``(N, channel, H, W)``; ``self.features`` outputs ``(N, width, H / 2**depth, W / 2**depth)`` with pooling
@@ -97,14 +97,3 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.feature_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
         self.classifier = nn.Linear(shape[0] * shape[1] * shape[2], num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` -> the last conv block's output ``(N, width, h, w)``."""
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Features ``(N, width, h, w)`` -> logits ``(N, num_classes)``."""
-        return self.classifier(x.flatten(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

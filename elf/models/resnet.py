@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ELFError
+from .base import FeaturesHeadNet
 
 __all__ = ["BasicBlock", "ResNet", "resnet18"]
 
@@ -40,7 +41,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(FeaturesHeadNet):
     """ResNet with a CIFAR stem; four stages of 64/128/256/512 channels, global average pool, linear classifier.
 
     At 32x32 the stages output 32, 16, 8 and 4 pixels; ``layer4.0`` (the paper's "conv5_2" cut) gives
@@ -81,8 +82,6 @@ class ResNet(nn.Module):
         """Last stage output -> logits ``(N, num_classes)``."""
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def resnet18(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size: tuple[int, int] = (32, 32)) -> ResNet:

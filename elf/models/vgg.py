@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import ELFError
+from .base import FeaturesHeadNet
 
 __all__ = ["VGG", "VGG_CONFIGS", "vgg11"]
 
@@ -14,7 +14,7 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
 }
 
 
-class VGG(nn.Module):
+class VGG(FeaturesHeadNet):
     """VGG feature stack of conv3x3 -> norm -> ReLU and 2x2 max-pools, then ``Linear(512 * (H/32)**2, classes)``.
 
     ``self.features`` is one ``nn.Sequential``; ``features.<i>`` names the point after layer ``i``.
@@ -48,14 +48,8 @@ class VGG(nn.Module):
         side = max(1, im_size[0] // 32) * max(1, im_size[1] // 32)
         self.classifier = nn.Linear(512 * side, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x.flatten(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def vgg11(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size: tuple[int, int] = (32, 32)) -> VGG:
