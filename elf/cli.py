@@ -1,4 +1,4 @@
-"""The ``elf`` command line: ``elf eval``, ``elf train-teacher``, ``elf models``, ``elf split-points``.
+"""The ``elf`` command line: ``elf eval``, ``elf study``, ``elf train-teacher``, ``elf models``, ``elf split-points``.
 
 Run ``elf COMMAND --help`` for every option.
 """
@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_test_data(p, required=False)
     _add_device(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("study", help="run a study: synthetic sets x models x {baseline, ELF, ablations} x seeds",
+                       description="Run the study described by a TOML/YAML file (see docs/study.md): one JSON per run under "
+                                   "<out>/runs (finished runs are skipped on restart), then summary.csv, summary.md and summary.png.")
+    p.add_argument("config", help="study file (.toml, .yaml)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run only shard I of N (0-based); under torchrun the rank decides")
+    p.add_argument("--summarize", action="store_true", help="only collect finished runs into the summary")
+    _add_device(p)
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("train-teacher", help="train a teacher ConvNet on real data (MTT expert protocol)",
                        description="Train a model on real data with the MTT expert protocol, saving a safetensors checkpoint per epoch "
@@ -270,6 +279,12 @@ def _feature_cache(args: argparse.Namespace) -> Path:
     from .data import default_cache_dir
 
     return Path(args.cache_dir).expanduser() / "features" if args.cache_dir else default_cache_dir() / "features"
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study import main_study
+
+    return main_study(args.config, args.shard, args.device, not args.no_progress, args.summarize)
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:

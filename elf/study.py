@@ -1,0 +1,402 @@
+"""``elf study``: the paper's table for your own sets — synthetic sets x models x {baseline, ELF, ablations} x seeds.
+
+A study is described by a TOML or YAML file (or a :class:`StudyConfig`); each run (one set, model, variant, seed)
+writes ``<out>/runs/<run id>.json`` with every setting, versions, device, wall time and per-epoch history, so a
+restarted study skips finished runs. References under the same protocol: a random real subset of the same size as
+each set, and optionally the model trained on the full real training data. ``summarize`` writes ``summary.csv``,
+``summary.md`` (mean ± std per cell and the ELF gain) and, with matplotlib, ``summary.png``.
+
+Runs are split across processes with ``shard=(i, n)`` or, under ``torchrun``, by the torch.distributed rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ELFError
+from .fileio import PathLike, atomic_write
+
+__all__ = ["StudyConfig", "RunSpec", "load_config", "plan_runs", "run_study", "summarize", "distributed_shard"]
+
+RANDOM_REAL = "random-real"
+FULL_DATA = "full-data"
+
+
+@dataclass
+class StudyConfig:
+    """What to run. ``variants`` maps a name to protocol overrides; a variant is an ELF run when either λ is
+    positive (``{}`` under the name ``"elf"`` gives the official ELF terms) and a baseline otherwise. A variant may
+    name a ``teacher`` (a key of ``teachers``), e.g. to compare feature epochs; otherwise each model gets the
+    teacher whose feature shape matches its split point."""
+
+    sets: dict[str, str]
+    models: list[str]
+    data: str
+    teachers: dict[str, dict[str, str]] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    protocol: str = "elf"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    normalization: str = "cifar10_mtt"
+    random_real: bool = True
+    full_data: bool = False
+    test_per_class: int | None = None
+    out: str = "study"
+    name: str = "study"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ELFError(f"unknown study setting(s) {unknown}; known: {sorted(known)}")
+        for key in ("sets", "models", "data"):
+            if key not in d:
+                raise ELFError(f"a study needs '{key}'")
+        d = dict(d)
+        if isinstance(d.get("seeds"), int):
+            d["seeds"] = list(range(d["seeds"]))
+        return cls(**d)
+
+
+def load_config(path: PathLike) -> StudyConfig:
+    """Read a study from ``.toml`` or ``.yaml``/``.yml``; relative paths in it are taken from the file's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ELFError(f"{p}: no such study file")
+    text = p.read_text()
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ImportError as e:
+                raise ELFError("reading TOML on Python 3.10 needs tomli: pip install tomli (or use YAML)") from e
+        raw = tomllib.loads(text)
+    elif p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ELFError("reading YAML needs pyyaml: pip install 'elf-dd[yaml]' (or use TOML)") from e
+        raw = yaml.safe_load(text)
+    else:
+        raise ELFError(f"{p}: a study file must end in .toml, .yaml or .yml")
+    cfg = StudyConfig.from_dict(raw or {})
+    base = p.parent
+
+    def resolve(s: str) -> str:
+        return s if s.lower() in ("cifar10", "cifar100") or Path(s).is_absolute() else str(base / s)
+
+    cfg.sets = {k: resolve(v) for k, v in cfg.sets.items()}
+    cfg.data = resolve(cfg.data)
+    cfg.teachers = {k: {**v, "checkpoint": resolve(v["checkpoint"])} for k, v in cfg.teachers.items()}
+    cfg.out = resolve(cfg.out)
+    return cfg
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a synthetic set (or a reference), a model, a variant, a seed."""
+
+    set: str
+    model: str
+    variant: str
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.set}__{self.model}__{self.variant}__s{self.seed}".replace("/", "-")
+
+
+def _is_elf(overrides: dict[str, Any]) -> bool:
+    return overrides.get("lambda_front", 1.0) > 0 or overrides.get("lambda_rear", 1.0) > 0
+
+
+def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
+    """Every run of the study in a fixed order (sets, models, variants, seeds; then references)."""
+    runs = [RunSpec(s, m, v, seed) for s in cfg.sets for m in cfg.models for v in cfg.variants for seed in cfg.seeds]
+    baseline_variants = [v for v, o in cfg.variants.items() if not _is_elf(o)]
+    ref_variant = baseline_variants[0] if baseline_variants else "baseline"
+    if cfg.random_real:
+        runs += [RunSpec(f"{RANDOM_REAL}:{s}", m, ref_variant, seed) for s in cfg.sets for m in cfg.models for seed in cfg.seeds]
+    if cfg.full_data:
+        runs += [RunSpec(FULL_DATA, m, ref_variant, seed) for m in cfg.models for seed in cfg.seeds]
+    return runs
+
+
+def distributed_shard() -> tuple[int, int]:
+    """``(rank, world_size)`` from torch.distributed (initialized from torchrun's environment), else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class _Resources:
+    """Data, sets and feature banks, loaded once per process and only when a run needs them."""
+
+    def __init__(self, cfg: StudyConfig, device: torch.device | None, log: Callable[[str], None]) -> None:
+        self.cfg, self.device, self.log = cfg, device, log
+        self._cache: dict[str, Any] = {}
+
+    def _get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def norm(self) -> Any:
+        from .data import get_normalization
+
+        return get_normalization(self.cfg.normalization)
+
+    def real(self, split: str) -> Any:
+        from .data import load_cifar, load_dataset
+
+        def make() -> Any:
+            spec = self.cfg.data
+            if spec.lower() in ("cifar10", "cifar100"):
+                return load_cifar(spec.lower(), Path("~/.cache/elf-dd/torchvision").expanduser(), train=split == "train")
+            return load_dataset(spec, split, progress=False)
+
+        return self._get(f"real:{split}", make)
+
+    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            t = self.real("test")
+            if self.cfg.test_per_class:
+                t = t.per_class(self.cfg.test_per_class, torch.Generator().manual_seed(0))
+            return t.as_float(self.norm()), t.labels
+
+        return self._get("test", make)
+
+    def synthetic(self, name: str) -> Any:
+        from .io import SyntheticSet, load_any
+
+        def make() -> Any:
+            if name.startswith(RANDOM_REAL + ":"):
+                base = self.synthetic(name.split(":", 1)[1])
+                ipc = base.ipc or max(1, len(base) // base.num_classes)
+                sub = self.real("train").per_class(ipc, torch.Generator().manual_seed(0))
+                return SyntheticSet(sub.as_float(self.norm()), sub.labels, normalization=self.norm(), classes=sub.classes,
+                                    metadata={"method": "random real subset", "ipc_of": base.metadata.get("method", "")})
+            if name == FULL_DATA:
+                train = self.real("train")
+                return SyntheticSet(train.as_float(self.norm()), train.labels, normalization=self.norm(),
+                                    classes=train.classes, metadata={"method": "full real training set"})
+            sset = load_any(self.cfg.sets[name])
+            if sset.normalization is None:
+                sset.normalization = self.norm()
+            return sset
+
+        return self._get(f"set:{name}", make)
+
+    def banks(self, set_name: str) -> dict[str, Any]:
+        from .feature_bank import FeatureBank
+
+        def make() -> dict[str, Any]:
+            sset = self.synthetic(set_name)
+            out = {}
+            for label, t in self.cfg.teachers.items():
+                out[label] = FeatureBank.from_checkpoint(t["checkpoint"], t.get("model", "ConvNet"), sset, t.get("point"),
+                                                         num_classes=sset.num_classes, device=self.device)
+                self.log(f"teacher {label}: features {out[label].shape} for {set_name}")
+            return out
+
+        return self._get(f"banks:{set_name}", make)
+
+
+def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) -> dict[str, Any]:
+    from .evaluation import environment, front_shape, pick_bank
+    from .protocol import get_protocol
+    from .trainer import ELFTrainer
+
+    overrides = {**cfg.overrides, **cfg.variants.get(run.variant, {})}
+    teacher_label = overrides.pop("teacher", None)
+    split_at = overrides.pop("split_at", None)
+    proto = get_protocol(cfg.protocol, **overrides)
+    sset = res.synthetic(run.set)
+    bank = None
+    if proto.uses_features:
+        banks = res.banks(run.set)
+        if teacher_label is not None:
+            if teacher_label not in banks:
+                raise ELFError(f"variant {run.variant!r} names teacher {teacher_label!r}, not one of {sorted(banks)}")
+            bank = banks[teacher_label]
+        else:
+            shape = front_shape(run.model, tuple(sset.images.shape[1:]), sset.num_classes, split_at)
+            bank = pick_bank(shape, list(banks.values()))
+            if bank is None:
+                raise ELFError(f"no teacher in the study gives {run.model}'s feature shape {shape}; add one to [teachers]")
+    trainer = ELFTrainer.from_synthetic(run.model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
+                                        device=res.device, progress=progress)
+    t0 = time.perf_counter()
+    history = trainer.fit(run.seed)
+    acc = trainer.evaluate(*res.test())
+    return {
+        "run": asdict(run), "run_id": run.run_id, "accuracy": acc, "wall_time_s": time.perf_counter() - t0,
+        "protocol": proto.to_dict(), "split_at": split_at or getattr(trainer.model, "elf_split_point", None),
+        "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": history,
+        "environment": environment(res.device), "git_revision": _git_revision(), "study": cfg.name,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_study(
+    cfg: StudyConfig,
+    *,
+    shard: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Run this process's share of the study; finished runs (their JSON exists) are skipped. Returns the run files.
+
+    ``shard=(i, n)`` takes runs ``i, i + n, i + 2n, ...``; by default the torch.distributed rank and world size
+    (torchrun) decide, and each rank uses ``cuda:LOCAL_RANK`` when CUDA is available. Rank 0 writes the summary once
+    every rank has finished.
+    """
+    distributed = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = shard if shard is not None else distributed_shard()
+    if not 0 <= rank < world:
+        raise ELFError(f"shard {rank}/{world} does not exist: use i/n with 0 <= i < n")
+    if device is None and distributed and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dev = torch.device(device) if device is not None else None
+    out = Path(cfg.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs = plan_runs(cfg)[rank::world]
+    res = _Resources(cfg, dev, log)
+    files = []
+    for k, run in enumerate(runs, 1):
+        path = out / "runs" / f"{run.run_id}.json"
+        files.append(path)
+        if path.exists():
+            log(f"[{k}/{len(runs)}] {run.run_id}: done, skipped")
+            continue
+        record = _execute(run, cfg, res, progress)
+        atomic_write(path, lambda p: Path(p).write_text(json.dumps(record, indent=1, default=str)))
+        log(f"[{k}/{len(runs)}] {run.run_id}: {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank == 0 and (world == 1 or distributed):
+        summarize(cfg)
+    return files
+
+
+def _mean_std(xs: Sequence[float]) -> str:
+    return f"{np.mean(xs):.2f} ± {np.std(xs):.2f}" if xs else "-"
+
+
+def summarize(cfg: StudyConfig) -> Path:
+    """Collect every run JSON of the study into ``summary.csv``, ``summary.md`` and (with matplotlib) ``summary.png``."""
+    out = Path(cfg.out)
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    acc: dict[tuple[str, str, str], list[float]] = {}
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["set", "model", "variant", "seed", "accuracy", "wall_time_s", "epochs", "lambda_front", "lambda_rear", "distance"])
+    for r in records:
+        run, p = r["run"], r["protocol"]
+        writer.writerow([run["set"], run["model"], run["variant"], run["seed"], f"{r['accuracy']:.4f}", f"{r['wall_time_s']:.1f}",
+                         p["epochs"], p["lambda_front"], p["lambda_rear"], p["distance"]])
+        acc.setdefault((run["set"], run["model"], run["variant"]), []).append(r["accuracy"])
+    atomic_write(out / "summary.csv", lambda t: Path(t).write_text(buf.getvalue()))
+
+    variants = list(cfg.variants)
+    baseline = next((v for v in variants if not _is_elf(cfg.variants[v])), None)
+    elf_variant = next((v for v in variants if _is_elf(cfg.variants[v])), None)
+    set_names = list(cfg.sets) + [s for s in dict.fromkeys(k[0] for k in acc) if s not in cfg.sets]
+    lines = [f"# {cfg.name}", "", f"Test accuracy (%), mean ± std over seeds {cfg.seeds}; protocol {cfg.protocol!r}"
+             + (f" with {cfg.overrides}" if cfg.overrides else "") + ".", ""]
+    gain = baseline is not None and elf_variant is not None
+    lines.append("| set | model | " + " | ".join(variants) + (" | ELF gain |" if gain else " |"))
+    lines.append("|---|---|" + "---|" * (len(variants) + (1 if gain else 0)))
+    for s in set_names:
+        for m in cfg.models:
+            cells = [_mean_std(acc.get((s, m, v), [])) for v in variants]
+            if not any(c != "-" for c in cells):
+                continue
+            row = f"| {s} | {m} | " + " | ".join(cells)
+            if gain:
+                b, e = acc.get((s, m, baseline)), acc.get((s, m, elf_variant))
+                row += f" | {np.mean(e) - np.mean(b):+.2f}" if b and e else " | -"
+            lines.append(row + " |")
+    atomic_write(out / "summary.md", lambda t: Path(t).write_text("\n".join(lines) + "\n"))
+    _plot(cfg, acc, set_names, out / "summary.png")
+    return out / "summary.md"
+
+
+def _plot(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_names: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [(s, m) for s in set_names for m in cfg.models if any((s, m, v) in acc for v in cfg.variants)]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    width = 0.8 / max(1, len(cfg.variants))
+    for j, v in enumerate(cfg.variants):
+        means = [np.mean(acc[(s, m, v)]) if (s, m, v) in acc else np.nan for s, m in rows]
+        stds = [np.std(acc[(s, m, v)]) if (s, m, v) in acc else 0 for s, m in rows]
+        ax.bar(np.arange(len(rows)) + j * width, means, width, yerr=stds, label=v, capsize=2)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{s}\n{m}" for s, m in rows], fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main_study(config: PathLike, shard: str | None, device: str | None, progress: bool, summarize_only: bool) -> int:
+    """What ``elf study`` does (kept here so the CLI module stays small)."""
+    cfg = load_config(config)
+    if summarize_only:
+        print(summarize(cfg).read_text())
+        return 0
+    parsed = None
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise ELFError(f"--shard takes i/n (e.g. 0/4), got {shard!r}") from None
+        parsed = (i, n)
+    run_study(cfg, shard=parsed, device=device, progress=progress, log=lambda s: print(s, file=sys.stderr))
+    summary = Path(cfg.out) / "summary.md"
+    if summary.exists() and (parsed is None or parsed[1] == 1):
+        print(summary.read_text())
+    elif parsed is not None:
+        print(f"shard {parsed[0]}/{parsed[1]} done; run `elf study {config} --summarize` when every shard has finished")
+    return 0

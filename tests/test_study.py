@@ -1,0 +1,138 @@
+"""`elf study`: planning, JSON per run, skipping finished runs, sharding, summaries, TOML and YAML configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import elf
+from elf.cli import main
+from elf.data import CIFAR10_MTT
+from elf.io import SyntheticSet, save_synthetic
+from elf.study import StudyConfig, load_config, plan_runs, run_study, summarize
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ImageFolder (3 classes, 8x8), a 2-per-class synthetic set and a teacher checkpoint."""
+    root = tmp_path_factory.mktemp("study")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        for k, cls in enumerate("abc"):
+            (root / "data" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+                img[..., k] += 180
+                Image.fromarray(img).save(root / "data" / split / cls / f"{i}.png")
+    torch.manual_seed(0)
+    save_synthetic(root / "syn.safetensors", SyntheticSet(torch.randn(6, 3, 8, 8), torch.arange(3).repeat_interleave(2),
+                                                          normalization=CIFAR10_MTT, metadata={"method": "noise"}))
+    teacher = elf.create_model("ConvNetW4D2", num_classes=3, im_size=(8, 8))
+    elf.save_checkpoint(teacher, root / "teacher.safetensors")
+    return root
+
+
+def _config(root: Path, out: str, **kw) -> StudyConfig:
+    base = dict(sets={"noise": str(root / "syn.safetensors")}, models=["ConvNetW4D2", "ConvNetW4D2BN"],
+                data=str(root / "data"), teachers={"w4": {"checkpoint": str(root / "teacher.safetensors"), "model": "ConvNetW4D2"}},
+                variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}, "elf-mse": {"distance": "mse"}},
+                seeds=[0, 1], overrides={"epochs": 1, "batch_size": 3}, out=str(root / out))
+    base.update(kw)
+    return StudyConfig(**base)
+
+
+def test_plan_covers_the_matrix_and_references(workspace: Path) -> None:
+    runs = plan_runs(_config(workspace, "p", full_data=True))
+    assert len(runs) == 1 * 2 * 3 * 2 + 2 * 2 + 2 * 2  # matrix + random-real + full-data
+    assert len({r.run_id for r in runs}) == len(runs)
+    refs = [r for r in runs if r.set.startswith("random-real")]
+    assert {r.variant for r in refs} == {"baseline"}
+
+
+def test_run_skip_summarize(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(workspace, "s1")
+    files = run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert len(files) == 16 and all(f.exists() for f in files)
+    rec = json.loads(next(f for f in files if f.name == "noise__ConvNetW4D2__elf-mse__s0.json").read_text())
+    assert rec["run"]["variant"] == "elf-mse" and rec["protocol"]["distance"] == "mse"
+    assert rec["teacher"]["teacher_model"] == "ConvNetW4D2" and rec["environment"]["torch_version"] == torch.__version__
+    assert rec["history"] and 0 <= rec["accuracy"] <= 100 and "git_revision" in rec
+
+    executed = []
+    original = elf.study._execute
+    monkeypatch.setattr(elf.study, "_execute", lambda run, *a: executed.append(run.run_id) or original(run, *a))
+    files[0].unlink()  # one run lost: only it runs again
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert executed == [files[0].stem] and files[0].exists()
+
+    table = (Path(cfg.out) / "summary.md").read_text()
+    rows = list(csv.DictReader((Path(cfg.out) / "summary.csv").open()))
+    assert len(rows) == 16
+    expected = np.mean([float(r["accuracy"]) for r in rows if r["model"] == "ConvNetW4D2BN" and r["variant"] == "elf-mse" and r["set"] == "noise"])
+    assert f"{expected:.2f} ±" in table and "| noise | ConvNetW4D2BN |" in table
+    assert "| random-real:noise | ConvNetW4D2 |" in table and "ELF gain" in table
+
+
+def test_shards_partition_the_runs(workspace: Path) -> None:
+    cfg = _config(workspace, "s2", variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}}, random_real=False)
+    a = run_study(cfg, shard=(0, 2), device="cpu", progress=False, log=lambda _: None)
+    b = run_study(cfg, shard=(1, 2), device="cpu", progress=False, log=lambda _: None)
+    assert not set(a) & set(b) and len(a) + len(b) == len(plan_runs(cfg)) == 8
+    assert not (Path(cfg.out) / "summary.md").exists()  # explicit shards leave the summary to --summarize
+    summarize(cfg)
+    assert "| noise | ConvNetW4D2 |" in (Path(cfg.out) / "summary.md").read_text()
+    with pytest.raises(elf.ELFError, match="shard 2/2"):
+        run_study(cfg, shard=(2, 2), device="cpu")
+
+
+def test_toml_and_yaml_configs_via_cli(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toml = workspace / "study.toml"
+    toml.write_text(f"""
+name = "tiny"
+data = "data"
+models = ["ConvNetW4D2"]
+seeds = 1
+out = "out-toml"
+random_real = false
+[sets]
+noise = "syn.safetensors"
+[teachers.w4]
+checkpoint = "teacher.safetensors"
+model = "ConvNetW4D2"
+[overrides]
+epochs = 1
+[variants.baseline]
+lambda_front = 0.0
+lambda_rear = 0.0
+[variants.elf]
+""")
+    assert main(["study", str(toml), "--no-progress", "--device", "cpu"]) == 0
+    assert "| noise | ConvNetW4D2 |" in capsys.readouterr().out
+    assert len(list((workspace / "out-toml" / "runs").glob("*.json"))) == 2
+    yaml_file = workspace / "study.yaml"
+    yaml_file.write_text("name: tiny\ndata: data\nmodels: [ConvNetW4D2]\nsets: {noise: syn.safetensors}\n"
+                         "variants: {baseline: {lambda_front: 0, lambda_rear: 0}}\nseeds: [3]\nrandom_real: false\n"
+                         "overrides: {epochs: 1}\nout: out-yaml\n")
+    cfg = load_config(yaml_file)
+    assert cfg.seeds == [3] and cfg.sets["noise"] == str(workspace / "syn.safetensors")
+    assert main(["study", str(yaml_file), "--no-progress", "--device", "cpu"]) == 0
+    assert main(["study", str(workspace / "nope.toml")]) == 2
+    assert "no such study file" in capsys.readouterr().err
+    bad = workspace / "bad.toml"
+    bad.write_text('data = "x"\nmodels = []\nsets = {}\ncolour = 1\n')
+    assert main(["study", str(bad)]) == 2
+    assert "unknown study setting(s) ['colour']" in capsys.readouterr().err
+
+
+def test_summary_plot(workspace: Path) -> None:
+    pytest.importorskip("matplotlib")  # in the dev extra, so CI runs this
+    cfg = _config(workspace, "s3", models=["ConvNetW4D2"], seeds=[0], random_real=False)
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    png = Path(cfg.out) / "summary.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
