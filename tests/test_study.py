@@ -136,3 +136,23 @@ def test_summary_plot(workspace: Path) -> None:
     run_study(cfg, device="cpu", progress=False, log=lambda _: None)
     png = Path(cfg.out) / "summary.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_torchrun_ranks_split_the_study(workspace: Path) -> None:
+    """Two CPU ranks under torchrun (gloo on loopback): every run done once, rank 0 writes the summary."""
+    import subprocess
+    import sys
+
+    cfg_file = workspace / "dist.yaml"
+    cfg_file.write_text("name: dist\ndata: data\nmodels: [ConvNetW4D2, ConvNetW4D2BN]\nsets: {noise: syn.safetensors}\n"
+                        "teachers: {w4: {checkpoint: teacher.safetensors, model: ConvNetW4D2}}\n"
+                        "seeds: [0, 1]\nrandom_real: false\noverrides: {epochs: 1}\nout: out-dist\n")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "elf", "study", str(cfg_file), "--no-progress"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((workspace / "out-dist" / "runs").glob("*.json"))
+    assert len(runs) == 2 * 2 * 2  # models x variants (baseline, elf) x seeds
+    assert proc.stderr.count("/4] ") == 8  # each of the two ranks ran its own 4 runs, not all 8
+    assert "| noise | ConvNetW4D2BN |" in (workspace / "out-dist" / "summary.md").read_text()
