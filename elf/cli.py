@@ -1,4 +1,4 @@
-"""The ``elf`` command line: ``elf eval``, ``elf study``, ``elf train-teacher``, ``elf models``, ``elf split-points``.
+"""The ``elf`` command line: ``elf demo``, ``elf eval``, ``elf study``, ``elf train-teacher``, ``elf models``, ``elf split-points``.
 
 Run ``elf COMMAND --help`` for every option.
 """
@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("demo", help="baseline vs ELF on the bundled CIFAR-10 assets (no download)",
+                       description="Evaluate the bundled 10-images-per-class CIFAR-10 set with the bundled ConvNet teacher on the "
+                                   "bundled 1,000-image test subset, with and without ELF. CPU default: ConvNet-BN, 200 epochs, "
+                                   "2 runs (a few minutes on two cores); --full: the official protocol (1000 epochs, 5 runs; for a GPU).")
+    p.add_argument("--models", nargs="+", default=None, help="evaluation models (ConvNet family: the bundled teacher is width 128)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--runs", type=int, default=None)
+    p.add_argument("--full", action="store_true", help="the official protocol: 1000 epochs, 5 runs, ConvNet / ConvNet-BN / ConvNet-LN")
+    p.add_argument("--info", action="store_true", help="print how the bundled assets were made and exit")
+    _add_device(p)
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("study", help="run a study: synthetic sets x models x {baseline, ELF, ablations} x seeds",
                        description="Run the study described by a TOML/YAML file (see docs/study.md): one JSON per run under "
                                    "<out>/runs (finished runs are skipped on restart), then summary.csv, summary.md and summary.png.")
@@ -122,6 +134,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_test_data(p, required=False)
     _add_device(p)
     p.set_defaults(func=_cmd_train_teacher)
+
+    p = sub.add_parser("distill", help="distill a synthetic set from real data (DM, DC, DSA, MTT; pixels or GLaD latents)",
+                       description="Distill a synthetic set with DM, DC, DSA or MTT (pixels, optionally IDC multi-formation, "
+                                   "or GLaD generator latents), "
+                                   "from random-init networks or an Acc-DD pool of early-stage (optionally perturbed) "
+                                   "networks. Writes an elf-dd .safetensors set that `elf eval --images` reads. Method "
+                                   "defaults follow the public DC/DSA/DM code (see docs/distill.md).")
+    p.add_argument("--method", required=True, choices=["dm", "dc", "dsa", "mtt"], help="objective: dm (distribution "
+                   "matching), dc / dsa (gradient matching without / with Siamese augmentation), mtt (trajectory matching)")
+    p.add_argument("--ipc", type=int, required=True, help="stored images per class")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--iterations", type=int, default=None, help="image updates (default: DM 20000; DC/DSA 1000 x outer loop)")
+    p.add_argument("--param", default="pixels", choices=["pixels", "glad"], help="parameterization of the set")
+    p.add_argument("--model", default="ConvNet", help="network the objective matches through (default ConvNet, instance norm)")
+    p.add_argument("--init", default=None, choices=["real", "noise"], help="pixel initialization (default: DM/DSA real, DC noise)")
+    p.add_argument("--factor", type=int, default=1, help="IDC multi-formation factor (2: each stored image holds 4 tiles)")
+    p.add_argument("--lr-img", type=float, default=None, help="pixel lr (default: DM 1.0, DC/DSA 0.1)")
+    p.add_argument("--momentum-img", type=float, default=None, help="pixel SGD momentum (default 0.5)")
+    p.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration (default 256)")
+    p.add_argument("--dsa-strategy", default=None, help="Siamese augmentation (default: DM/DSA the official strategy, DC none; 'none' turns it off)")
+    g = p.add_argument_group("gradient matching (dc, dsa)")
+    g.add_argument("--match", default="all", choices=["all", "conv"], help="match all parameters (DC/DSA) or conv weights only (Acc-DD)")
+    g.add_argument("--distance", default="dc", choices=["dc", "mse", "cos"], help="gradient distance (DC: dc; Acc-DD: mse)")
+    g.add_argument("--outer-loop", type=int, default=None, help="image updates per network (default: DC's table for the ipc)")
+    g.add_argument("--inner-loop", type=int, default=None, help="network epochs on the synthetic set between updates (default: DC's table)")
+    g.add_argument("--lr-net", type=float, default=0.01, help="network lr in the inner loop (DC 0.01)")
+    g = p.add_argument_group("trajectory matching (mtt)")
+    g.add_argument("--experts", default=None, help="expert trajectories: an `elf train-teacher` output folder, a folder of "
+                   "such runs (one trajectory each), an MTT replay_buffer_<n>.pt, or a folder of those")
+    g.add_argument("--syn-steps", type=int, default=20, help="student steps on the synthetic set per iteration (MTT N)")
+    g.add_argument("--expert-epochs", type=int, default=2, help="expert epochs to match (MTT M)")
+    g.add_argument("--max-start-epoch", type=int, default=20, help="latest expert start epoch (MTT T+)")
+    g.add_argument("--syn-lr", type=float, default=0.01, help="initial learned student lr (MTT lr_teacher)")
+    g.add_argument("--lr-lr", type=float, default=1e-5, help="lr of the learned lr (MTT lr_lr)")
+    g = p.add_argument_group("generator latents (--param glad)")
+    g.add_argument("--generator", default="random", help="'random' (randomly initialized SmallGenerator), 'trained' (train "
+                   "elf-dd's small VAE-decoder generator on the real data first), or a generator checkpoint file")
+    g.add_argument("--generator-epochs", type=int, default=10, help="epochs for --generator trained")
+    g.add_argument("--glad-split", default=None, help="generator layer whose output is optimized (default: the generator's own)")
+    g.add_argument("--chunk-size", type=int, default=10, help="images per generator chunk (peak memory = one chunk)")
+    g = p.add_argument_group("network pool")
+    g.add_argument("--pool", default="random", choices=["random", "early"], help="fresh random networks (DC/DSA/DM) or an "
+                   "Acc-DD pool of networks trained briefly on real data (trained once, cached)")
+    g.add_argument("--pool-size", type=int, default=5, help="networks in an early-stage pool")
+    g.add_argument("--pool-epochs", type=int, default=2, help="real-data epochs per early-stage network (Acc-DD 2)")
+    g.add_argument("--perturb", action="store_true", help="Acc-DD parameter perturbation of every drawn network")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from here (exact on CPU)")
+    g.add_argument("--checkpoint-every", type=int, default=100)
+    g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    g.add_argument("--log-every", type=int, default=10, help="steps between loss read-backs")
+    g = p.add_argument_group("real data")
+    g.add_argument("--data", default=None, help="real data: 'cifar10' / 'cifar100', an ImageFolder directory or a .tar/.tar.gz "
+                                               "archive of one with a train/ folder (default: $ELF_DATA)")
+    g.add_argument("--data-root", default="~/.cache/elf-dd/torchvision", help="download root for cifar10/cifar100")
+    g.add_argument("--normalization", default="cifar10_mtt", help="mean/std of the real images and of the set (cifar10_mtt, cifar100_dc, imagenet)")
+    g.add_argument("--train-per-class", type=int, default=None, help="distill from a class-balanced subset (quick runs)")
+    g.add_argument("--cache-dir", default=None, help="decoded-data and pool cache (default: $ELF_CACHE or ~/.cache/elf-dd)")
+    _add_device(p)
+    p.set_defaults(func=_cmd_distill)
     return parser
 
 
@@ -281,6 +354,19 @@ def _feature_cache(args: argparse.Namespace) -> Path:
     return Path(args.cache_dir).expanduser() / "features" if args.cache_dir else default_cache_dir() / "features"
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo_info, run_demo
+    from .evaluation import format_table
+
+    if args.info:
+        print(json.dumps(demo_info(), indent=1))
+        return 0
+    log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr))
+    rows = run_demo(args.models, args.epochs, args.runs, full=args.full, device=args.device, progress=not args.no_progress, log=log)
+    print(format_table(rows))
+    return 0
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from .study import main_study
 
@@ -311,6 +397,102 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     last = max(run.test_accuracy) if run.test_accuracy else None
     if last is not None:
         print(f"final test accuracy after {last} epochs: {run.test_accuracy[last]:.2f}%  ({run.checkpoint(last)})")
+    return 0
+
+
+def _optional_module(name: str, what: str) -> Any:
+    """Import ``elf.distill.<name>`` or explain that ``what`` is not available in this build."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"elf.distill.{name}")
+    except ImportError as e:
+        raise ELFError(f"{what} is not available in this build of elf-dd (elf.distill.{name} cannot be imported: {e}); "
+                       "use --method dm/dc/dsa with --param pixels") from e
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .data import default_cache_dir, get_normalization
+    from .distill import (METHOD_DEFAULTS, DistributionMatching, EarlyStagePool, GradientMatching, PerturbedPool,
+                          PixelParam, RandomInitPool, RealSampler, dc_loops, distill)
+    from .io import save_synthetic
+
+    log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr))
+    if args.ipc < 1:
+        raise ELFError(f"--ipc must be >= 1, got {args.ipc}")
+    preset: dict[str, Any] = METHOD_DEFAULTS.get(args.method, {})
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    norm = get_normalization(args.normalization)
+    train = _load_split(args, "train", args.train_per_class, args.seed)
+    sampler = RealSampler.from_imageset(train, norm, device)
+    c, h, w = sampler.image_shape
+    k = sampler.num_classes
+    log(f"real data: {len(train)} images, {k} classes, {c}x{h}x{w} ({train.origin})")
+
+    pool: Any
+    if args.pool == "random":
+        pool = RandomInitPool(args.model, c, k, (h, w), device)
+    else:
+        cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+        pool = EarlyStagePool.train(args.model, sampler.images, sampler.labels, args.pool_size, epochs=args.pool_epochs,
+                                    seed=args.seed, num_classes=k, source_hash=train.source_hash, cache_dir=cache,
+                                    device=device, progress=not args.no_progress, log=log)
+    if args.perturb:
+        pool = PerturbedPool(pool)
+
+    dsa = args.dsa_strategy if args.dsa_strategy is not None else preset.get("dsa")
+    batch_real = args.batch_real or preset.get("batch_real", 256)
+    iterations = args.iterations
+    objective: Any
+    if args.method == "dm":
+        objective = DistributionMatching(sampler, pool, batch_real=batch_real, dsa=dsa)
+        iterations = iterations if iterations is not None else preset["iterations"]
+    elif args.method in ("dc", "dsa"):
+        outer, inner = dc_loops(args.ipc)
+        outer = args.outer_loop if args.outer_loop is not None else outer
+        inner = args.inner_loop if args.inner_loop is not None else inner
+        objective = GradientMatching(sampler, pool, batch_real=batch_real, dsa=dsa, params=args.match,
+                                     distance=args.distance, outer_loop=outer, inner_loop=inner, lr_net=args.lr_net,
+                                     batch_train=preset["batch_train"], name=args.method)
+        iterations = iterations if iterations is not None else preset["iterations"] * outer
+    else:  # mtt
+        mtt = _optional_module("mtt", "--method mtt")
+        if not args.experts:
+            raise ELFError("--method mtt needs --experts: an `elf train-teacher` output folder or MTT replay_buffer_*.pt files")
+        objective = mtt.build_mtt_objective(args.model, args.experts, channel=c, num_classes=k, im_size=(h, w),
+                                            syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
+                                            max_start_epoch=args.max_start_epoch, syn_lr=args.syn_lr, lr_lr=args.lr_lr,
+                                            dsa=dsa if dsa is not None else "color_crop_cutout_flip_scale_rotate", device=device)
+        iterations = iterations if iterations is not None else 5000  # MTT's Iteration default
+
+    init_gen = torch.Generator(device=device)
+    init_gen.manual_seed(args.seed + 1)  # the loop's generator uses args.seed
+    if args.param == "pixels":
+        param: Any = PixelParam(k, args.ipc, (c, h, w), norm, init=args.init or preset.get("init", "real"), sampler=sampler,
+                                generator=init_gen, factor=args.factor, lr=args.lr_img or preset.get("lr_img", 0.1),
+                                momentum=args.momentum_img if args.momentum_img is not None else preset.get("momentum_img", 0.5),
+                                device=device)
+    else:  # glad
+        glad = _optional_module("glad", "--param glad")
+        kind = args.generator if args.generator in ("random", "trained") else "checkpoint"
+        param = glad.build_glad_param(kind, k, args.ipc, norm, image_size=h, channels=c,
+                                      method="dsa" if args.method == "dc" else args.method, split_at=args.glad_split,
+                                      checkpoint=args.generator if kind == "checkpoint" else None,
+                                      real_images=sampler.images, real_labels=sampler.labels,
+                                      train_epochs=args.generator_epochs, chunk_size=args.chunk_size, seed=args.seed,
+                                      device=device, log=log)
+
+    log(f"distilling {args.method} ({args.param}), {args.ipc} image(s)/class, {iterations} iterations on {device}")
+    meta = {"command": "elf distill", "data": str(train.origin), "data_source_hash": train.source_hash,
+            "model": args.model, "ipc_requested": str(args.ipc), "preset_source": preset.get("source", "")}
+    sset = distill(param, objective, iterations, seed=args.seed, device=device, progress=not args.no_progress,
+                   log_every=args.log_every, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                   resume=not args.no_resume, metadata=meta)
+    sset = dataclasses.replace(sset, classes=list(train.classes))
+    save_synthetic(args.out, sset)
+    print(f"wrote {args.out}: {len(sset)} images ({sset.ipc} per class), final loss {sset.metadata.get('final_loss', '?')}")
     return 0
 
 

@@ -149,3 +149,18 @@ def test_truncated_checkpoint_raises(tmp_path):
 def test_missing_checkpoint_file(tmp_path, name):
     with pytest.raises(ELFError, match="no such file"):
         load_checkpoint(_model(), tmp_path / name)
+
+
+def test_written_files_get_umask_permissions(tmp_path):
+    """Regression: atomic writes used mkstemp's 0600 mode, so caches and checkpoints were private to their writer."""
+    import os
+    import stat
+
+    from elf.fileio import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "f.txt", lambda p: open(p, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

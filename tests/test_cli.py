@@ -180,3 +180,26 @@ def test_eval_with_an_mtt_expert_buffer_teacher(model: str, tmp_path: Path, imag
             p.copy_(v)
     # parameters of trajectory 0, epoch 1; with BatchNorm, running stats must have been recomputed (not the init values)
     assert (recorded == teacher_sha256(create)) == (model == "ConvNetW8D2")
+
+
+def test_distill_mtt_and_glad_from_the_command_line(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress", "--device", "cpu"]
+    assert main(["train-teacher", "--model", "ConvNetW8D2", "--out", str(tmp_path / "expert"), "--epochs", "3",
+                 "--batch-size", "12", *common]) == 0
+    mtt_set = tmp_path / "mtt.safetensors"
+    assert main(["distill", "--method", "mtt", "--experts", str(tmp_path / "expert"), "--ipc", "1", "--iterations", "2",
+                 "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--model", "ConvNetW8D2",
+                 "--out", str(mtt_set), *common]) == 0
+    sset = elf.io.load_synthetic(mtt_set)
+    assert len(sset) == 3 and sset.lr is not None and sset.lr > 0  # the learned lr travels with the set
+    glad_set = tmp_path / "glad.safetensors"
+    assert main(["distill", "--method", "dm", "--param", "glad", "--generator", "random", "--ipc", "2",
+                 "--iterations", "2", "--batch-real", "4", "--model", "ConvNetW8D2", "--out", str(glad_set), *common]) == 0
+    gset = elf.io.load_synthetic(glad_set)
+    assert gset.images.shape == (6, 3, 16, 16) and gset.metadata["parameterization"] == "GLaD"
+    capsys.readouterr()
+    assert main(["eval", "--images", str(glad_set), "--no-elf", "--protocol", "mtt", "--models", "ConvNetW8D2",
+                 "--epochs", "1", "--runs", "1", *common]) == 0
+    assert "| ConvNetW8D2 |" in capsys.readouterr().out
+    assert main(["distill", "--method", "mtt", "--ipc", "1", "--out", str(tmp_path / "x.safetensors"), *common]) == 2
+    assert "--experts" in capsys.readouterr().err

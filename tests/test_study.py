@@ -93,7 +93,7 @@ def test_shards_partition_the_runs(workspace: Path) -> None:
 
 def test_toml_and_yaml_configs_via_cli(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     toml = workspace / "study.toml"
-    toml.write_text(f"""
+    toml.write_text("""
 name = "tiny"
 data = "data"
 models = ["ConvNetW4D2"]

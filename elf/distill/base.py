@@ -78,7 +78,7 @@ class Parameterization(nn.Module):
     def export(self, metadata: dict[str, str] | None = None, lr: float | None = None) -> SyntheticSet:
         """The current set as a :class:`~elf.io.SyntheticSet` (detached, on CPU) with ``metadata``."""
         return SyntheticSet(
-            self.images().detach().cpu().float(),
+            self.images().detach().float().cpu().clone(),  # a copy: on CPU, detach().cpu() would alias the live parameters
             self.labels.cpu(),
             label_kind="index",
             normalization=self.normalization,

@@ -1,0 +1,78 @@
+"""``elf demo``: the main job on the assets shipped with the package, with no download.
+
+The bundle (``elf/assets``, made by ``benchmarks/make_demo_assets.py`` from real CIFAR-10 with the project's own code):
+
+* ``demo_set.safetensors``: a 10-images-per-class CIFAR-10 synthetic set made with elf-dd's DM distiller;
+* ``demo_teacher.safetensors``: a ConvNet (width 128, instance norm) teacher trained on real CIFAR-10;
+* ``demo_test.safetensors``: a class-balanced 1,000-image CIFAR-10 test subset (uint8) with labels;
+* ``demo_assets.json``: how each was made (settings, accuracies, source hashes).
+
+On a CPU the demo evaluates ConvNet-BN with and without ELF for a shortened schedule that fits in a few minutes on
+two cores; ``full=True`` (on a GPU) runs the official protocol: 1000 epochs, 5 runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ELFError
+
+__all__ = ["asset_path", "demo_info", "run_demo", "CPU_SETTINGS", "FULL_SETTINGS"]
+
+ASSETS = ("demo_set.safetensors", "demo_teacher.safetensors", "demo_test.safetensors", "demo_assets.json")
+CPU_SETTINGS = {"models": ["ConvNetBN"], "epochs": 200, "runs": 2}
+FULL_SETTINGS = {"models": ["ConvNet", "ConvNetBN", "ConvNetLN"], "epochs": 1000, "runs": 5}
+
+
+def asset_path(name: str) -> Path:
+    """Path of a bundled asset; a clear error when the installation lacks it."""
+    if name not in ASSETS:
+        raise ELFError(f"unknown demo asset {name!r}; assets: {ASSETS}")
+    path = Path(str(resources.files("elf") / "assets" / name))
+    if not path.is_file():
+        raise ELFError(f"the demo asset {name} is missing from this installation ({path}); reinstall elf-dd, or rebuild "
+                       "the assets with benchmarks/make_demo_assets.py")
+    return path
+
+
+def demo_info() -> dict[str, Any]:
+    """How the bundled assets were made (``demo_assets.json``)."""
+    return json.loads(asset_path("demo_assets.json").read_text())
+
+
+def run_demo(
+    models: Sequence[str] | None = None,
+    epochs: int | None = None,
+    runs: int | None = None,
+    *,
+    full: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Any]:
+    """Baseline vs ELF on the bundled set, teacher and test subset; returns :class:`~elf.evaluation.ModelComparison` rows."""
+    from .evaluation import compare_models
+    from .feature_bank import FeatureBank
+    from .fileio import load_tensors
+    from .io import load_synthetic
+
+    settings = dict(FULL_SETTINGS if full else CPU_SETTINGS)
+    settings.update({k: v for k, v in {"models": models, "epochs": epochs, "runs": runs}.items() if v is not None})
+    sset = load_synthetic(asset_path("demo_set.safetensors"))
+    tensors, _ = load_tensors(asset_path("demo_test.safetensors"))
+    if sset.normalization is None:
+        raise ELFError("the bundled demo set records no normalization; rebuild the assets")
+    test_x = sset.normalization.normalize(tensors["images"].float() / 255.0)
+    test_y = tensors["labels"].long()
+    bank = FeatureBank.from_checkpoint(asset_path("demo_teacher.safetensors"), "ConvNet", sset,
+                                       num_classes=sset.num_classes, device=device)
+    log(f"demo: {len(sset)} synthetic images ({sset.metadata.get('method', '?')}), teacher ConvNet features {bank.shape}, "
+        f"{len(test_y)} test images; models {settings['models']}, {settings['epochs']} epochs, {settings['runs']} runs")
+    return compare_models(settings["models"], sset, None, test_x, test_y, banks=[bank], seeds=settings["runs"],
+                          device=device, progress=progress, log=log, epochs=settings["epochs"])

@@ -1,0 +1,37 @@
+"""`elf demo` on the bundled assets: present in the package, consistent, and the main job runs with no download."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from elf.cli import main
+from elf.demo import ASSETS, asset_path, demo_info
+from elf.fileio import file_sha256, load_tensors
+from elf.io import load_synthetic
+
+
+def test_assets_are_bundled_and_match_their_record() -> None:
+    info = demo_info()
+    for name in ASSETS[:3]:
+        assert info["files_sha256"][name] == file_sha256(asset_path(name)), name
+    sset = load_synthetic(asset_path("demo_set.safetensors"))
+    assert sset.images.shape == (100, 3, 32, 32) and sset.ipc == 10 and sset.metadata["method"] == "dm"
+    test, _ = load_tensors(asset_path("demo_test.safetensors"))
+    assert test["images"].dtype == torch.uint8 and test["images"].shape == (1000, 3, 32, 32)
+    assert torch.bincount(test["labels"]).tolist() == [100] * 10
+    accs = info["teacher"]["test_accuracy_per_epoch"]
+    assert accs[str(info["teacher"]["epochs"])] > 50  # a real teacher, not a random one
+
+
+def test_demo_runs_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--epochs", "2", "--runs", "1", "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| ConvNetBN |" in out and "±" in out
+
+
+def test_demo_info(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--info"]) == 0
+    assert json.loads(capsys.readouterr().out)["synthetic_set"]["method"] == "DM"
