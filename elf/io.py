@@ -37,6 +37,7 @@ __all__ = [
     "SyntheticSet",
     "LABEL_KINDS",
     "infer_label_kind",
+    "load_tensor_pair",
     "save_synthetic",
     "load_synthetic",
     "load_mtt",
@@ -517,3 +518,23 @@ def recompute_bn_stats(model: nn.Module, images: Tensor, batch_size: int = 256) 
             for m, mom in zip(bns, saved):
                 m.momentum = mom
     return model.eval()
+
+
+def load_tensor_pair(path: PathLike) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` from the files people pass around: a ``.pt`` holding ``{"images", "labels"}`` or an
+    ``(images, labels)`` pair, a ``.safetensors`` file with those two tensors (elf-dd sets included), or any format
+    :func:`load_any` reads. Images come back as float ``(N, C, H, W)``; ``.pt`` files are read with ``weights_only``."""
+    p = Path(path).expanduser()
+    if p.suffix == ".safetensors":
+        tensors, _ = load_tensors(p)
+        if {"images", "labels"} <= set(tensors):
+            return tensors["images"].float(), tensors["labels"]
+    elif p.suffix == ".pt" and not p.name.startswith(("images", "res_", "replay_buffer")):
+        obj = safe_torch_load(p)
+        if isinstance(obj, dict) and "images" in obj and "labels" in obj:
+            return obj["images"].float(), obj["labels"]
+        if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj):
+            return obj[0].float(), obj[1]
+        raise ELFError(f"{p}: expected {{'images': ..., 'labels': ...}} or an (images, labels) pair of tensors")
+    sset = load_any(p)
+    return sset.images, sset.labels

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from elf import ELFError, ELFTrainer, FeatureBank, create_model, list_split_points, load_checkpoint, register_model
+from elf.io import load_tensor_pair
 
 
 def conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
@@ -45,18 +45,6 @@ class SmallCNN(nn.Module):
         return self.head(self.stage4(x))
 
 
-def load_pair(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) from a .pt dict {'images', 'labels'} / pair or a .safetensors file with those tensors."""
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        t = load_file(str(p))
-        return t["images"].float(), t["labels"]
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    return (obj["images"].float(), obj["labels"]) if isinstance(obj, dict) else (obj[0].float(), obj[1])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic", help=".pt {'images', 'labels'} or .safetensors")
@@ -78,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not (args.synthetic and args.test and args.teacher):
             ap.error("--synthetic, --test and --teacher are required (or use --tiny)")
-        images, labels = load_pair(args.synthetic)
-        test_x, test_y = load_pair(args.test)
+        images, labels = load_tensor_pair(args.synthetic)
+        test_x, test_y = load_tensor_pair(args.test)
         num_classes = labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1
         teacher = create_model(args.teacher_model, channel=images.shape[1], num_classes=num_classes, im_size=tuple(images.shape[2:]))
         load_checkpoint(teacher, args.teacher)

@@ -22,31 +22,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from elf import ELFError, ELFTrainer, FeatureBank, create_model, default_split_point, load_checkpoint, split_model
-
-
-def load_pair(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) from a .pt dict/pair, a .safetensors file, or a published synthetic-set format."""
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(p))
-        return tensors["images"].float(), tensors["labels"]
-    if p.suffix == ".pt":
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "images" in obj and "labels" in obj:
-            return obj["images"].float(), obj["labels"]
-        if isinstance(obj, (tuple, list)) and len(obj) == 2:
-            return obj[0].float(), obj[1]
-    from elf.io import load_any  # images_best.pt (+ labels_best.pt), res_*.pt, .npz, image folders
-
-    sset = load_any(p)
-    return sset.images, sset.labels
+from elf.io import load_tensor_pair
 
 
 def front_shape(model_name: str, images: torch.Tensor, num_classes: int) -> tuple[str, tuple[int, ...]]:
@@ -87,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not (args.synthetic and args.test and args.teacher):
             ap.error("--synthetic, --test and at least one --teacher are required (or use --tiny)")
-        images, labels = load_pair(args.synthetic)
-        test_x, test_y = load_pair(args.test)
+        images, labels = load_tensor_pair(args.synthetic)
+        test_x, test_y = load_tensor_pair(args.test)
         num_classes = args.num_classes or (labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1)
         teachers = {}
         for spec in args.teacher:

@@ -306,3 +306,18 @@ def test_malicious_pickles_are_refused(tmp_path):
         with pytest.raises(ELFError, match="refused"):
             call()
         assert not marker.exists()
+
+
+def test_load_tensor_pair_formats(tmp_path):
+    from elf.io import load_tensor_pair
+
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 0, 1, 1])
+    torch.save({"images": x, "labels": y}, tmp_path / "d.pt")
+    torch.save((x.double(), y), tmp_path / "p.pt")
+    save_synthetic(tmp_path / "s.safetensors", SyntheticSet(x, y))
+    for name in ("d.pt", "p.pt", "s.safetensors"):
+        images, labels = load_tensor_pair(tmp_path / name)
+        assert images.dtype == torch.float32 and torch.allclose(images, x) and torch.equal(labels, y), name
+    torch.save({"weights": x}, tmp_path / "w.pt")
+    with pytest.raises(ELFError, match="expected"):
+        load_tensor_pair(tmp_path / "w.pt")
