@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
-from elf import ELFError, ELFTrainer, FeatureBank, create_model, list_split_points, load_checkpoint
-from elf.io import load_tensor_pair
+from elf import ELFError, ELFTrainer, FeatureBank, create_model, list_split_points
+
+from _inputs import load_inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,21 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="random tensors and a random teacher, 2 epochs")
     args = ap.parse_args(argv)
 
-    torch.manual_seed(0)
-    if args.tiny:
-        images, labels = torch.randn(20, 3, 32, 32), torch.arange(10).repeat_interleave(2)
-        test_x, test_y = torch.randn(100, 3, 32, 32), torch.randint(0, 10, (100,))
-        teacher = create_model(args.teacher_model)  # random weights: the accuracies below are meaningless
-        args.epochs, args.seeds = 1, 2
-    else:
-        if not (args.synthetic and args.test and args.teacher):
-            ap.error("--synthetic, --test and --teacher are required (or use --tiny)")
-        images, labels = load_tensor_pair(args.synthetic)
-        test_x, test_y = load_tensor_pair(args.test)
-        num_classes = labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1
-        teacher = create_model(args.teacher_model, channel=images.shape[1], num_classes=num_classes, im_size=tuple(images.shape[2:]))
-        load_checkpoint(teacher, args.teacher)
-    num_classes = labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1
+    images, labels, test_x, test_y, teacher, num_classes = load_inputs(args, ap)
 
     bank = FeatureBank.build(teacher, images)
     print(f"teacher {args.teacher_model} features: {'x'.join(map(str, bank.shape))}")
