@@ -429,6 +429,8 @@ class ELFTrainer:
             x = dsa(x, generator=gen)
         zero = x.new_zeros(())
         loss_front = loss_rear = zero
+        # gathered once per step, shared by the front target and the rear input
+        feats = self.feature_bank[idx] if self.feature_bank is not None and p.uses_features else None
         if p.lambda_front > 0:
             assert front is not None and rear is not None
             h = front(x)
@@ -437,16 +439,16 @@ class ELFTrainer:
                 with torch.no_grad():
                     target = teacher_front(x).float()
             else:
-                assert self.feature_bank is not None
-                target = self.feature_bank[idx]
+                assert feats is not None
+                target = feats
             loss_front = distance(h, target)
         else:
             out = model(x)
         loss_task = F.cross_entropy(out, y)
         loss = p.lambda_task * loss_task + p.lambda_front * loss_front
         if p.lambda_rear > 0:
-            assert rear is not None and self.feature_bank is not None
-            loss_rear = F.cross_entropy(rear(self.feature_bank[idx]), y)
+            assert rear is not None and feats is not None
+            loss_rear = F.cross_entropy(rear(feats), y)
             loss = loss + p.lambda_rear * loss_rear
         opt.zero_grad(set_to_none=True)
         loss.backward()
