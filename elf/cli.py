@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generator", default="random", help="'random' (randomly initialized SmallGenerator), 'trained' (train "
                    "elf-dd's small VAE-decoder generator on the real data first), or a generator checkpoint file")
     g.add_argument("--generator-epochs", type=int, default=10, help="epochs for --generator trained")
+    g.add_argument("--glad-init", choices=["noise", "real"], default="noise",
+                   help="latent initialization: noise, or the encoder's codes of real images (--generator trained, or a "
+                        "checkpoint saved with its encoder)")
     g.add_argument("--glad-split", default=None, help="generator layer whose output is optimized (default: the generator's own)")
     g.add_argument("--chunk-size", type=int, default=10, help="images per generator chunk (peak memory = one chunk)")
     g = p.add_argument_group("network pool")
@@ -186,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     g.add_argument("--log-every", type=int, default=10, help="steps between loss read-backs")
+    g.add_argument("--snapshot-every", type=int, default=None,
+                   help="also write the set every N steps (and at the end) as OUT_STEM.stepNNNNNN.safetensors, with the "
+                        "distillation wall time so far in its metadata (for accuracy-vs-time curves)")
     g = p.add_argument_group("real data")
     g.add_argument("--data", default=None, help="real data: 'cifar10' / 'cifar100', an ImageFolder directory or a .tar/.tar.gz "
                                                "archive of one with a train/ folder (default: $ELF_DATA)")
@@ -432,6 +438,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     log(f"real data: {len(train)} images, {k} classes, {c}x{h}x{w} ({train.origin})")
 
     pool: Any
+    t_pool = time.perf_counter()
     if args.pool == "random":
         pool = RandomInitPool(args.model, c, k, (h, w), device)
     else:
@@ -441,6 +448,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                                     device=device, progress=not args.no_progress, log=log)
     if args.perturb:
         pool = PerturbedPool(pool)
+    pool_seconds = time.perf_counter() - t_pool
 
     dsa = args.dsa_strategy if args.dsa_strategy is not None else preset.get("dsa")
     batch_real = args.batch_real or preset.get("batch_real", 256)
@@ -464,8 +472,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         objective = mtt.build_mtt_objective(args.model, args.experts, channel=c, num_classes=k, im_size=(h, w),
                                             syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
                                             max_start_epoch=args.max_start_epoch, syn_lr=args.syn_lr, lr_lr=args.lr_lr,
-                                            dsa=dsa if dsa is not None else "color_crop_cutout_flip_scale_rotate", device=device)
-        iterations = iterations if iterations is not None else 5000  # MTT's Iteration default
+                                            dsa=dsa, device=device)
+        iterations = iterations if iterations is not None else preset["iterations"]
 
     init_gen = torch.Generator(device=device)
     init_gen.manual_seed(args.seed + 1)  # the loop's generator uses args.seed
@@ -481,15 +489,31 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                                       method="dsa" if args.method == "dc" else args.method, split_at=args.glad_split,
                                       checkpoint=args.generator if kind == "checkpoint" else None,
                                       real_images=sampler.images, real_labels=sampler.labels,
-                                      train_epochs=args.generator_epochs, chunk_size=args.chunk_size, seed=args.seed,
+                                      train_epochs=args.generator_epochs, init=args.glad_init,
+                                      chunk_size=args.chunk_size, seed=args.seed,
                                       device=device, log=log)
 
     log(f"distilling {args.method} ({args.param}), {args.ipc} image(s)/class, {iterations} iterations on {device}")
     meta = {"command": "elf distill", "data": str(train.origin), "data_source_hash": train.source_hash,
-            "model": args.model, "ipc_requested": str(args.ipc), "preset_source": preset.get("source", "")}
+            "model": args.model, "ipc_requested": str(args.ipc), "preset_source": preset.get("source", ""),
+            "pool_build_time_s": f"{pool_seconds:.1f}"}
+    out = Path(args.out)
+    t_start = time.perf_counter()
+
+    def snapshot(s: Any, step: int) -> str:
+        path = out.with_name(f"{out.stem}.step{step:06d}{out.suffix}")
+        s = dataclasses.replace(s, classes=list(train.classes),
+                                metadata={**s.metadata, **meta, "snapshot_step": str(step), "iterations": str(iterations),
+                                          "distill_wall_time_s": f"{time.perf_counter() - t_start:.1f}"})
+        save_synthetic(path, s)
+        return str(path)
+
+    if args.snapshot_every is not None and args.snapshot_every < 1:
+        raise ELFError(f"--snapshot-every must be >= 1, got {args.snapshot_every}")
     sset = distill(param, objective, iterations, seed=args.seed, device=device, progress=not args.no_progress,
                    log_every=args.log_every, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                   resume=not args.no_resume, metadata=meta)
+                   resume=not args.no_resume, metadata=meta,
+                   eval_fn=snapshot if args.snapshot_every else None, eval_every=args.snapshot_every)
     sset = dataclasses.replace(sset, classes=list(train.classes))
     save_synthetic(args.out, sset)
     print(f"wrote {args.out}: {len(sset)} images ({sset.ipc} per class), final loss {sset.metadata.get('final_loss', '?')}")

@@ -127,13 +127,30 @@ def _is_elf(overrides: dict[str, Any]) -> bool:
     return overrides.get("lambda_front", 1.0) > 0 or overrides.get("lambda_rear", 1.0) > 0
 
 
+def _images_per_class(sset: Any) -> int:
+    return int(sset.ipc or max(1, len(sset) // sset.num_classes))
+
+
+def random_real_name(ipc: int) -> str:
+    """The reference "set" name of a random real subset with ``ipc`` images per class, e.g. ``random-real:ipc10``."""
+    return f"{RANDOM_REAL}:ipc{ipc}"
+
+
 def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
-    """Every run of the study in a fixed order (sets, models, variants, seeds; then references)."""
+    """Every run of the study in a fixed order (sets, models, variants, seeds; then references).
+
+    Random-real references are planned once per distinct set size (``random-real:ipc10`` serves every 10-per-class
+    set): the subset depends only on the size, so one per set would repeat identical runs. Planning them reads
+    each set's size.
+    """
+    from .io import load_any
+
     runs = [RunSpec(s, m, v, seed) for s in cfg.sets for m in cfg.models for v in cfg.variants for seed in cfg.seeds]
     baseline_variants = [v for v, o in cfg.variants.items() if not _is_elf(o)]
     ref_variant = baseline_variants[0] if baseline_variants else "baseline"
     if cfg.random_real:
-        runs += [RunSpec(f"{RANDOM_REAL}:{s}", m, ref_variant, seed) for s in cfg.sets for m in cfg.models for seed in cfg.seeds]
+        sizes = dict.fromkeys(_images_per_class(load_any(path)) for path in cfg.sets.values())
+        runs += [RunSpec(random_real_name(n), m, ref_variant, seed) for n in sizes for m in cfg.models for seed in cfg.seeds]
     if cfg.full_data:
         runs += [RunSpec(FULL_DATA, m, ref_variant, seed) for m in cfg.models for seed in cfg.seeds]
     return runs
@@ -200,11 +217,12 @@ class _Resources:
 
         def make() -> Any:
             if name.startswith(RANDOM_REAL + ":"):
-                base = self.synthetic(name.split(":", 1)[1])
-                ipc = base.ipc or max(1, len(base) // base.num_classes)
-                sub = self.real("train").per_class(ipc, torch.Generator().manual_seed(0))
+                size = name.split(":", 1)[1]
+                if not (size.startswith("ipc") and size[3:].isdigit()):
+                    raise ELFError(f"reference {name!r}: expected {random_real_name(10)!r}-style names")
+                sub = self.real("train").per_class(int(size[3:]), torch.Generator().manual_seed(0))
                 return SyntheticSet(sub.as_float(self.norm()), sub.labels, normalization=self.norm(), classes=sub.classes,
-                                    metadata={"method": "random real subset", "ipc_of": base.metadata.get("method", "")})
+                                    metadata={"method": "random real subset"})
             if name == FULL_DATA:
                 train = self.real("train")
                 return SyntheticSet(train.as_float(self.norm()), train.labels, normalization=self.norm(),

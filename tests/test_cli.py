@@ -192,11 +192,18 @@ def test_distill_mtt_and_glad_from_the_command_line(tmp_path: Path, image_folder
                  "--out", str(mtt_set), *common]) == 0
     sset = elf.io.load_synthetic(mtt_set)
     assert len(sset) == 3 and sset.lr is not None and sset.lr > 0  # the learned lr travels with the set
+    # regression: the CLI used the DSA pixel lr (0.1) for MTT instead of MTT's lr_img 1000, so images barely moved
+    assert float(sset.metadata["lr_pixels"]) == 1000.0 and sset.metadata["init"] == "real"
     glad_set = tmp_path / "glad.safetensors"
     assert main(["distill", "--method", "dm", "--param", "glad", "--generator", "random", "--ipc", "2",
                  "--iterations", "2", "--batch-real", "4", "--model", "ConvNetW8D2", "--out", str(glad_set), *common]) == 0
     gset = elf.io.load_synthetic(glad_set)
     assert gset.images.shape == (6, 3, 16, 16) and gset.metadata["parameterization"] == "GLaD"
+    real_init = tmp_path / "glad_real.safetensors"
+    assert main(["distill", "--method", "dm", "--param", "glad", "--generator", "trained", "--generator-epochs", "1",
+                 "--glad-init", "real", "--ipc", "1", "--iterations", "1", "--batch-real", "4", "--model", "ConvNetW8D2",
+                 "--out", str(real_init), *common]) == 0
+    assert elf.io.load_synthetic(real_init).images.shape == (3, 3, 16, 16)
     capsys.readouterr()
     assert main(["eval", "--images", str(glad_set), "--no-elf", "--protocol", "mtt", "--models", "ConvNetW8D2",
                  "--epochs", "1", "--runs", "1", *common]) == 0

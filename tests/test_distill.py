@@ -330,6 +330,26 @@ def test_cli_distill_then_eval(tmp_path: Path, image_folder: Path, capsys: pytes
     assert len(list((tmp_path / "cache" / "pools").glob("*/model_*.safetensors"))) == 2
 
 
+def test_cli_distill_snapshots_record_step_and_wall_time(tmp_path: Path, image_folder: Path) -> None:
+    data = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+    out = tmp_path / "dm.safetensors"
+    assert main(["distill", "--method", "dm", "--ipc", "1", "--iterations", "5", "--model", MODEL, "--batch-real", "4",
+                 "--snapshot-every", "2", "--out", str(out), *data]) == 0
+    snaps = sorted(tmp_path.glob("dm.step*.safetensors"))
+    assert [p.name for p in snaps] == ["dm.step000002.safetensors", "dm.step000004.safetensors", "dm.step000005.safetensors"]
+    times = []
+    for p, step in zip(snaps, (2, 4, 5)):
+        s = load_synthetic(p)
+        assert s.metadata["snapshot_step"] == str(step) and s.classes == ["a", "b", "c"]
+        assert float(s.metadata["pool_build_time_s"]) >= 0
+        times.append(float(s.metadata["distill_wall_time_s"]))
+    assert times == sorted(times)
+    final = load_synthetic(out)
+    assert torch.equal(final.images, load_synthetic(snaps[-1]).images)  # the last snapshot is the final set
+    assert main(["distill", "--method", "dm", "--ipc", "1", "--iterations", "1", "--model", MODEL, "--snapshot-every", "0",
+                 "--out", str(out), *data]) == 2
+
+
 def test_cli_distill_errors_are_clean(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
     assert main(["distill", "--method", "dm", "--ipc", "20", "--out", str(tmp_path / "x.safetensors"), "--model", MODEL, *data]) == 2

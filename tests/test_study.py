@@ -53,6 +53,10 @@ def test_plan_covers_the_matrix_and_references(workspace: Path) -> None:
     assert len({r.run_id for r in runs}) == len(runs)
     refs = [r for r in runs if r.set.startswith("random-real")]
     assert {r.variant for r in refs} == {"baseline"}
+    # regression: a second set of the same size used to plan identical random-real runs again
+    twice = plan_runs(_config(workspace, "p", sets={"a": str(workspace / "syn.safetensors"), "b": str(workspace / "syn.safetensors")}))
+    assert sorted({r.set for r in twice if r.set.startswith("random-real")}) == ["random-real:ipc2"]
+    assert len(twice) == 2 * 2 * 3 * 2 + 2 * 2
 
 
 def test_run_skip_summarize(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,7 +80,7 @@ def test_run_skip_summarize(workspace: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert len(rows) == 16
     expected = np.mean([float(r["accuracy"]) for r in rows if r["model"] == "ConvNetW4D2BN" and r["variant"] == "elf-mse" and r["set"] == "noise"])
     assert f"{expected:.2f} ±" in table and "| noise | ConvNetW4D2BN |" in table
-    assert "| random-real:noise | ConvNetW4D2 |" in table and "ELF gain" in table
+    assert "| random-real:ipc2 | ConvNetW4D2 |" in table and "ELF gain" in table
 
 
 def test_shards_partition_the_runs(workspace: Path) -> None:

@@ -395,7 +395,8 @@ class GradientMatching(_PoolObjective):
 
 #: Per-method defaults of the public DC/DSA/DM code (VICO-UoE/DatasetCondensation: main.py, main_DM.py and the README
 #: commands): pixel lr and momentum (SGD), initialization, real batch per class, DSA strategy, DC's ``Iteration``
-#: (outer iterations; gradient matching runs ``outer_loop`` image updates in each), and the network's lr.
+#: (outer iterations; gradient matching runs ``outer_loop`` image updates in each), and the network's lr; MTT's from
+#: GeorgeCazenavette/mtt-distillation ``distill.py``.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dm": {"lr_img": 1.0, "momentum_img": 0.5, "init": "real", "batch_real": 256, "dsa": OFFICIAL_STRATEGY,
            "iterations": 20000, "source": "main_DM.py: Iteration 20000, lr_img 1.0, momentum 0.5, init real, batch_real 256"},
@@ -405,4 +406,6 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dc": {"lr_img": 0.1, "momentum_img": 0.5, "init": "noise", "batch_real": 256, "dsa": None,
            "iterations": 1000, "lr_net": 0.01, "batch_train": 256,
            "source": "main.py --method DC: Iteration 1000, lr_img 0.1, momentum 0.5, init noise, lr_net 0.01, get_loops(ipc)"},
+    "mtt": {"lr_img": 1000.0, "momentum_img": 0.5, "init": "real", "dsa": OFFICIAL_STRATEGY, "iterations": 5000,
+            "source": "MTT distill.py: Iteration 5000, lr_img 1000, momentum 0.5, pix_init real"},
 }
