@@ -24,7 +24,7 @@ from elf.study import StudyConfig, distributed_shard, run_study
 MODELS = ["ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "VGG11BN"]  # Table 5 + the ConvNet-IN reference
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("ELF_DATA", "cifar10"))
     ap.add_argument("--set", action="append", required=True, metavar="NAME=PATH", help="a synthetic set (repeat)")
@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=0.01, help="0.005 reproduces Table 5 for DM/DSA sets")
     ap.add_argument("--models", nargs="+", default=MODELS)
-    args = ap.parse_args()
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results"), help="where the summary is copied")
+    args = ap.parse_args(argv)
     out = Path(args.out)
     rank, world = distributed_shard()
     teachers = {}
@@ -58,11 +59,15 @@ def main() -> None:
     )
     run_study(cfg)
     if rank == 0:
-        results = Path(__file__).parent / "results"
-        results.mkdir(exist_ok=True)
+        import torch
+
+        results = Path(args.results)
+        results.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "study" / "summary.md", results / "full-protocol.md")
         shutil.copy(out / "study" / "summary.csv", results / "full-protocol.csv")
-        (results / "full-protocol-settings.json").write_text(json.dumps(vars(args), indent=1))
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        settings = {**vars(args), "device": device, "gpus": max(world, 1), "torch": torch.__version__}
+        (results / "full-protocol-settings.json").write_text(json.dumps(settings, indent=1))
 
 
 if __name__ == "__main__":
