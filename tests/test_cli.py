@@ -189,7 +189,9 @@ def test_distill_mtt_and_glad_from_the_command_line(tmp_path: Path, image_folder
     mtt_set = tmp_path / "mtt.safetensors"
     assert main(["distill", "--method", "mtt", "--experts", str(tmp_path / "expert"), "--ipc", "1", "--iterations", "2",
                  "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--model", "ConvNetW8D2",
-                 "--out", str(mtt_set), *common]) == 0
+                 "--snapshot-every", "1", "--out", str(mtt_set), *common]) == 0
+    first = elf.io.load_synthetic(tmp_path / "mtt.step000001.safetensors")
+    assert first.lr is not None and first.metadata["method"] == "mtt"  # snapshots carry the learned lr too
     sset = elf.io.load_synthetic(mtt_set)
     assert len(sset) == 3 and sset.lr is not None and sset.lr > 0  # the learned lr travels with the set
     # regression: the CLI used the DSA pixel lr (0.1) for MTT instead of MTT's lr_img 1000, so images barely moved

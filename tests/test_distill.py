@@ -341,6 +341,7 @@ def test_cli_distill_snapshots_record_step_and_wall_time(tmp_path: Path, image_f
     for p, step in zip(snaps, (2, 4, 5)):
         s = load_synthetic(p)
         assert s.metadata["snapshot_step"] == str(step) and s.classes == ["a", "b", "c"]
+        assert s.metadata["method"] == "dm" and s.metadata["seed"] == "0"  # snapshots describe themselves
         assert float(s.metadata["pool_build_time_s"]) >= 0
         times.append(float(s.metadata["distill_wall_time_s"]))
     assert times == sorted(times)

@@ -141,7 +141,8 @@ def distill(
     def run_eval(step_done: int) -> None:
         assert eval_fn is not None
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            result = eval_fn(param.export(), step_done)
+            snapshot_meta = {**objective.metadata(), "iterations": str(iterations), "seed": str(seed), **(metadata or {})}
+            result = eval_fn(param.export(snapshot_meta, lr=_learned_lr(objective)), step_done)
         evals.append({"step": step_done, "eval": result})
         history.append({"step": step_done, "eval": result})
 
@@ -190,6 +191,10 @@ def distill(
     if evals:
         meta["eval"] = json.dumps(evals[-1], default=str)
     meta.update(metadata or {})
+    return param.export(meta, lr=_learned_lr(objective))
+
+
+def _learned_lr(objective: Objective) -> float | None:
+    """The objective's learned student lr (MTT), exported with the set; None for objectives without one."""
     learned = getattr(objective, "learned_lr", None)
-    lr = learned() if callable(learned) else None
-    return param.export(meta, lr=lr)
+    return learned() if callable(learned) else None
