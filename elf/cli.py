@@ -497,6 +497,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     meta = {"command": "elf distill", "data": str(train.origin), "data_source_hash": train.source_hash,
             "model": args.model, "ipc_requested": str(args.ipc), "preset_source": preset.get("source", ""),
             "pool_build_time_s": f"{pool_seconds:.1f}"}
+    if args.param == "glad":
+        meta.update(glad_init=args.glad_init, generator_source=str(args.generator))
     out = Path(args.out)
     t_start = time.perf_counter()
 

@@ -205,7 +205,9 @@ def test_distill_mtt_and_glad_from_the_command_line(tmp_path: Path, image_folder
     assert main(["distill", "--method", "dm", "--param", "glad", "--generator", "trained", "--generator-epochs", "1",
                  "--glad-init", "real", "--ipc", "1", "--iterations", "1", "--batch-real", "4", "--model", "ConvNetW8D2",
                  "--out", str(real_init), *common]) == 0
-    assert elf.io.load_synthetic(real_init).images.shape == (3, 3, 16, 16)
+    rset = elf.io.load_synthetic(real_init)
+    assert rset.images.shape == (3, 3, 16, 16) and rset.metadata["glad_init"] == "real"
+    assert rset.metadata["generator_kind"] == "trained"
     capsys.readouterr()
     assert main(["eval", "--images", str(glad_set), "--no-elf", "--protocol", "mtt", "--models", "ConvNetW8D2",
                  "--epochs", "1", "--runs", "1", *common]) == 0
