@@ -9,10 +9,11 @@ no DataLoader and no host synchronization per step (values are read back only wh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,23 @@ def _reinitialize(module: nn.Module) -> nn.Module:
         if callable(reset):
             reset()
     return module
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """Within the block, BatchNorm layers of ``module`` normalize with batch statistics (in train mode) but leave
+    their running statistics and batch counters unchanged."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(bns, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 class _Joined(nn.Module):
@@ -448,7 +466,11 @@ class ELFTrainer:
         loss = p.lambda_task * loss_task + p.lambda_front * loss_front
         if p.lambda_rear > 0:
             assert rear is not None and feats is not None
-            loss_rear = F.cross_entropy(rear(feats), y)
+            if p.rear_bn_stats_from_features:
+                loss_rear = F.cross_entropy(rear(feats), y)
+            else:
+                with frozen_bn_stats(rear):
+                    loss_rear = F.cross_entropy(rear(feats), y)
             loss = loss + p.lambda_rear * loss_rear
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -633,3 +633,37 @@ def test_logged_lr_is_exact():
                    progress=False, device="cpu")
     lrs = [h["lr"] for h in t.fit(0)]
     assert lrs[0] == 0.01 and lrs[-1] == 0.01 * 0.1
+
+
+def _bn_rear_pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(3)
+    front = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+    rear = nn.Sequential(nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, K))
+    return front, rear
+
+
+@pytest.mark.parametrize("from_features", [True, False])
+def test_rear_bn_stats_from_features_option(from_features):
+    """With rear_bn_stats_from_features=False the rear's pass on F(x) leaves the BatchNorm running statistics as the
+    student's own path set them (checked after one step, before any weight update can differ)."""
+    x, y = _data()
+    feats = FeatureBank(torch.rand(6, 4, 2, 2) * 5 + 3)  # teacher features far from the student's statistics
+
+    def bn_after_one_step(**kw):
+        t = ELFTrainer(_bn_rear_pair(), x, y, feature_bank=feats, epochs=0, batch_size=6, augment=None, progress=False, **kw)
+        t.fit(0)
+        return t.rear[0].running_mean.clone(), int(t.rear[0].num_batches_tracked)
+
+    student_only, count = bn_after_one_step(lambda_rear=0.0)
+    mean, n = bn_after_one_step(rear_bn_stats_from_features=from_features)
+    assert torch.equal(mean, student_only) != from_features
+    assert n == (2 if from_features else 1) == count + from_features
+
+
+def test_frozen_bn_stats_restores_momentum():
+    from elf.trainer import frozen_bn_stats
+
+    bn = nn.BatchNorm1d(3, momentum=None)
+    with frozen_bn_stats(bn):
+        bn(torch.randn(8, 3) + 10)
+    assert bn.momentum is None and torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
