@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-rear", type=float, default=None)
     g.add_argument("--lambda-task", type=float, default=None)
     g.add_argument("--distance", default=None, choices=["ce", "mse", "mae", "cos"])
+    g.add_argument("--rear-bn-stats", default=None, choices=["features", "student"],
+                   help="BatchNorm running stats in the rear: also updated by the pass on teacher features (default, "
+                        "official loop) or by the student's own path only (see docs/trainer.md)")
     g.add_argument("--no-augment", action="store_true", help="train without DSA")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     g.add_argument("--no-elf", action="store_true", help="skip the ELF runs")
@@ -257,6 +260,8 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     if getattr(args, "no_augment", False):
         out["augment"] = None
+    if getattr(args, "rear_bn_stats", None) is not None:
+        out["rear_bn_stats_from_features"] = args.rear_bn_stats == "features"
     return out
 
 

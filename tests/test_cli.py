@@ -110,6 +110,12 @@ def test_train_teacher_then_eval(tmp_path: Path, image_folder: Path, synthetic_f
     assert result["test"]["n"] == 3 * 8
     assert result["teachers"][0]["teacher_model"] == "ConvNetW8D2"
     assert result["environment"]["torch_version"] == torch.__version__
+    assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is True
+    assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
+                 "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", "--rear-bn-stats", "student",
+                 "--out", str(result_file), *common]) == 0
+    (row,) = json.loads(result_file.read_text())["results"]
+    assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is False
 
 
 def test_train_teacher_resumes(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
