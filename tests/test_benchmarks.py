@@ -6,9 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from elf.data import CIFAR10_MTT
 from elf.io import SyntheticSet, save_synthetic
@@ -24,15 +22,8 @@ def _load(name: str):  # noqa: ANN202
     return mod
 
 
-def test_full_protocol_script_runs_on_a_toy_folder(tmp_path: Path, torch_single_thread: None) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for k, cls in enumerate("abc"):
-            (tmp_path / "data" / split / cls).mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-                img[..., k] += 180
-                Image.fromarray(img).save(tmp_path / "data" / split / cls / f"{i}.png")
+def test_full_protocol_script_runs_on_a_toy_folder(tmp_path: Path, torch_single_thread: None, make_image_folder) -> None:
+    make_image_folder(tmp_path / "data", 32, 4, 2)
     torch.manual_seed(0)
     syn = tmp_path / "noise.safetensors"
     save_synthetic(syn, SyntheticSet(torch.randn(3, 3, 32, 32), torch.arange(3), normalization=CIFAR10_MTT))

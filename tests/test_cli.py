@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import elf
 from elf.cli import main
@@ -21,19 +20,9 @@ CLASSES = ["a", "b", "c"]
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def image_folder(tmp_path_factory: pytest.TempPathFactory, make_image_folder) -> Path:
     """train/ and test/ folders of 16x16 PNGs whose class is visible in the mean colour (learnable in a few steps)."""
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 8)):
-        for k, cls in enumerate(CLASSES):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-                img[..., k] += 180
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
+    return make_image_folder(tmp_path_factory.mktemp("folder"), 16, 12, 8, "".join(CLASSES))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 import elf
@@ -292,18 +291,8 @@ def test_export_round_trip_into_elf_trainer(sampler: RealSampler, tmp_path: Path
 
 # ---- command line --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        for k, cls in enumerate(["a", "b", "c"]):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (SIDE, SIDE, 3), dtype=np.uint8)
-                img[..., k] += 180
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
+def image_folder(tmp_path_factory: pytest.TempPathFactory, make_image_folder) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("folder"), SIDE, 8, 4)
 
 
 def test_cli_distill_then_eval(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import elf
 from elf.cli import main
@@ -19,17 +18,10 @@ from elf.study import StudyConfig, load_config, plan_runs, run_study, summarize
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workspace(tmp_path_factory: pytest.TempPathFactory, make_image_folder) -> Path:
     """A tiny ImageFolder (3 classes, 8x8), a 2-per-class synthetic set and a teacher checkpoint."""
     root = tmp_path_factory.mktemp("study")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 4)):
-        for k, cls in enumerate("abc"):
-            (root / "data" / split / cls).mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
-                img[..., k] += 180
-                Image.fromarray(img).save(root / "data" / split / cls / f"{i}.png")
+    make_image_folder(root / "data", 8, 6, 4)
     torch.manual_seed(0)
     save_synthetic(root / "syn.safetensors", SyntheticSet(torch.randn(6, 3, 8, 8), torch.arange(3).repeat_interleave(2),
                                                           normalization=CIFAR10_MTT, metadata={"method": "noise"}))
