@@ -510,7 +510,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     def snapshot(s: Any, step: int) -> str:
         path = out.with_name(f"{out.stem}.step{step:06d}{out.suffix}")
         s = dataclasses.replace(s, classes=list(train.classes),
-                                metadata={**s.metadata, **meta, "snapshot_step": str(step), "iterations": str(iterations),
+                                metadata={**s.metadata, "snapshot_step": str(step),
                                           "distill_wall_time_s": f"{time.perf_counter() - t_start:.1f}"})
         save_synthetic(path, s)
         return str(path)

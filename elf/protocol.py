@@ -34,8 +34,9 @@ class Protocol:
         features_on_augmented: compute teacher features on the augmented images every step (teacher in the loop)
             instead of once on the un-augmented images (official). Needs the teacher module, not only a bank.
         rear_bn_stats_from_features: the rear's pass on the teacher features F(x) updates the running statistics of
-            BatchNorm layers in the rear (what a train-mode call does; our reading of the official loop). False keeps those statistics for the student's own path, the
-            only one the model sees at test time (batch statistics are still used in that pass).
+            BatchNorm layers in the rear (what a train-mode call does; our reading of the official loop). False
+            keeps those statistics for the student's own path, the only one the model sees at test time (batch
+            statistics are still used in that pass).
         eval_batch_size: images per forward when testing.
         learned_lr: train with the set's learned lr (MTT/DATM ``lr_best.pt``) when it has one
             (:meth:`ELFTrainer.from_synthetic`); the official ELF code ignores it.
