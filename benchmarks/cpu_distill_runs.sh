@@ -21,6 +21,10 @@ case "$1" in
   dsa_early)      # the same DSA run from an Acc-DD pool: 3 ConvNets trained 2 epochs on the subset, perturbed per draw
     elf distill "${dsa[@]}" "${common[@]}" --pool early --pool-size 3 --pool-epochs 2 --perturb \
       --out "$W/sets/dsa_early.safetensors" --checkpoint-dir "$W/ck/dsa_early" ;;
+  dsa_random_o1|dsa_early_o1)   # Acc-DD's use of a pool: a fresh draw for every image update, no inner loop
+    pool=(); [ "$1" = dsa_early_o1 ] && pool=(--pool early --pool-size 3 --pool-epochs 2 --perturb)
+    elf distill --method dsa --train-per-class 1000 --batch-real 64 --outer-loop 1 --iterations 200 --snapshot-every 40 \
+      "${pool[@]}" "${common[@]}" --out "$W/sets/$1.safetensors" --checkpoint-dir "$W/ck/$1" ;;
   expert)         # one MTT expert trajectory (seed $2): ConvNet, MTT protocol (no momentum), 5 epochs on the subset
     elf train-teacher --data "$D" --model ConvNet --epochs 5 --seed "$2" --train-per-class 1000 \
       --out "$W/experts/s$2" --test-per-class 100 --no-progress ;;

@@ -51,7 +51,9 @@ def test_accdd_time_ratio_reads_study_runs(tmp_path: Path) -> None:
     out = tmp_path / "ratio.json"
     _load("accdd_time_ratio").main(["--runs", str(runs), "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["early_reaches_target"] and result["target"]["mean"] == 34.0
-    assert abs(result["time_ratio_distill_only"] - 90 / 200) < 1e-9
-    assert abs(result["time_ratio_with_pool"] - 150 / 200) < 1e-9
+    assert result["early"]["reaches_target"] and result["target"]["mean"] == 34.0 and result["early"]["step"] == 20
+    assert abs(result["early"]["time_ratio_distill_only"] - 90 / 200) < 1e-9
+    assert abs(result["early"]["time_ratio_with_pool"] - 150 / 200) < 1e-9
     assert [p["std"] for p in result["curves"]["early"]] == [1.0, 1.0]
+    _load("accdd_time_ratio").main(["--runs", str(runs), "--out", str(out), "--pool-seconds", "early=100"])
+    assert abs(json.loads(out.read_text())["early"]["time_ratio_with_pool"] - 190 / 200) < 1e-9
