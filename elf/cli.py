@@ -333,15 +333,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _teacher_from_buffer(args: argparse.Namespace, path: str, name: str, sset: Any, num_classes: int, log: Any) -> Any:
     """A teacher from one snapshot of an MTT expert buffer. Buffers hold parameters only: BatchNorm statistics are
     recomputed on up to 500 real training images per class (prepared like the set), since the stored ones are lost."""
-    from torch import nn
-
+    from .batchnorm import has_batchnorm
     from .io import load_expert_buffer, load_parameters_into, recompute_bn_stats
     from .models import create_model
 
     c, h, w = sset.images.shape[1:]
     teacher = create_model(name, channel=c, num_classes=num_classes, im_size=(h, w))
     load_parameters_into(teacher, load_expert_buffer(path, args.buffer_trajectory, args.buffer_epoch))
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()):
+    if has_batchnorm(teacher):
         log(f"{path} holds no BatchNorm statistics: recomputing them for {name} on real training images")
         train = _load_split(args, "train", None)
         train = train.per_class(min(500, int(train.class_counts().min())), torch.Generator().manual_seed(0))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .batchnorm import batchnorm_layers, batchnorm_momentum
 from .data import CIFAR10_CLASSES, CIFAR10_MTT, CIFAR100_DC, Normalization, _decode_tree
 from .errors import ELFError
 from .losses import infer_label_kind, is_distribution
@@ -499,24 +500,18 @@ def recompute_bn_stats(model: nn.Module, images: Tensor, batch_size: int = 256) 
     average of the per-batch statistics (batches weigh equally, so a short last batch counts as much as a full one);
     returns the model in eval mode. Models without BatchNorm are only switched to eval mode.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = batchnorm_layers(model)
     if bns:
         try:
             device = next(model.parameters()).device
         except StopIteration:
             device = images.device
-        saved = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None
         model.train()
-        try:
-            with torch.no_grad():
-                for i in range(0, images.shape[0], batch_size):
-                    model(images[i : i + batch_size].to(device))
-        finally:
-            for m, mom in zip(bns, saved):
-                m.momentum = mom
+        with batchnorm_momentum(model, None), torch.no_grad():
+            for i in range(0, images.shape[0], batch_size):
+                model(images[i : i + batch_size].to(device))
     return model.eval()
 
 

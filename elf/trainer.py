@@ -13,7 +13,7 @@ import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import DSA
+from .batchnorm import frozen_bn_stats
 from .errors import ELFError
 from .feature_bank import FeatureBank
 from .fileio import PathLike, load_tensors, save_tensors
@@ -116,23 +117,6 @@ def _reinitialize(module: nn.Module) -> nn.Module:
         if callable(reset):
             reset()
     return module
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
-    """Within the block, BatchNorm layers of ``module`` normalize with batch statistics (in train mode) but leave
-    their running statistics and batch counters unchanged."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(bns, saved):
-            m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
 
 
 class _Joined(nn.Module):
@@ -466,11 +450,8 @@ class ELFTrainer:
         loss = p.lambda_task * loss_task + p.lambda_front * loss_front
         if p.lambda_rear > 0:
             assert rear is not None and feats is not None
-            if p.rear_bn_stats_from_features:
+            with contextlib.nullcontext() if p.rear_bn_stats_from_features else frozen_bn_stats(rear):
                 loss_rear = F.cross_entropy(rear(feats), y)
-            else:
-                with frozen_bn_stats(rear):
-                    loss_rear = F.cross_entropy(rear(feats), y)
             loss = loss + p.lambda_rear * loss_rear
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -661,7 +661,7 @@ def test_rear_bn_stats_from_features_option(from_features):
 
 
 def test_frozen_bn_stats_restores_momentum():
-    from elf.trainer import frozen_bn_stats
+    from elf.batchnorm import frozen_bn_stats
 
     bn = nn.BatchNorm1d(3, momentum=None)
     with frozen_bn_stats(bn):

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..augment import DSA, OFFICIAL_STRATEGY
+from ..batchnorm import has_batchnorm
 from ..checkpoint import load_state_dict
 from ..errors import ELFError
 from ..fileio import PathLike, safe_torch_load
@@ -255,10 +256,6 @@ class ExpertTrajectories:
         return ExpertSegment(i, t, traj[t], traj[t + expert_epochs])
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 class TrajectoryMatching(Objective):
     """The MTT objective: the normalized distance between a student unrolled on the synthetic set and the expert.
 
@@ -301,7 +298,7 @@ class TrajectoryMatching(Objective):
             raise ELFError(f"batch_syn must be >= 1 (or None for all images), got {batch_syn}")
         self.model_name = model if isinstance(model, str) else str(getattr(model, "elf_model_name", type(model).__name__))
         net = create_model(model, channel=channel, num_classes=num_classes, im_size=im_size) if isinstance(model, str) else model
-        if _has_batchnorm(net):
+        if has_batchnorm(net):
             raise ELFError(
                 f"MTT's student {self.model_name} has BatchNorm: the unrolled steps use the experts' parameters only, and "
                 "MTT experts carry no running statistics. Use an instance-norm model (e.g. 'ConvNet', as MTT does) "

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..augment import DSA, OFFICIAL_STRATEGY
+from ..batchnorm import batchnorm_layers, batchnorm_momentum, has_batchnorm
 from ..errors import ELFError
 from ..models import ResNet
 from .base import Objective
@@ -66,10 +67,6 @@ def _as_dsa(dsa: DSA | str | bool | None) -> DSA | None:
     if isinstance(dsa, DSA):
         return dsa if dsa.enabled else None
     raise ELFError(f"dsa must be a DSA, a strategy string, True/False or None; got {type(dsa).__name__}")
-
-
-def _has_batchnorm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 def embed(net: nn.Module, x: Tensor) -> Tensor:
@@ -216,7 +213,7 @@ class DistributionMatching(_PoolObjective):
         for c in range(self.sampler.num_classes):
             real = self.sampler.batch(c, self.batch_real, generator)
             pairs.append(self._siamese(real, images[c * ipc : (c + 1) * ipc], generator, opg))
-        if _has_batchnorm(net):
+        if has_batchnorm(net):
             sizes = [r.shape[0] for r, _ in pairs]
             with torch.no_grad():
                 real_emb = embed(net, torch.cat([r for r, _ in pairs])).split(sizes)
@@ -321,17 +318,14 @@ class GradientMatching(_PoolObjective):
 
         (DC blends that batch into the initial statistics with momentum 0.1; we use the batch statistics exactly.)
         """
-        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bns = batchnorm_layers(net)
         real = torch.cat([self.sampler.batch(c, self.bn_real_per_class, generator) for c in range(self.sampler.num_classes)])
-        saved = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average: after one batch, exactly its statistics
         net.train()
-        with torch.no_grad():
+        with batchnorm_momentum(net, None), torch.no_grad():  # cumulative average: after one batch, exactly its statistics
             net(real)
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
+        for m in bns:
             m.eval()
 
     def loss(self, images: Tensor, labels: Tensor, step: int, generator: torch.Generator) -> Tensor:
@@ -348,7 +342,7 @@ class GradientMatching(_PoolObjective):
         elif self.inner_loop > 0:
             self._train_net(self._net, images.detach(), labels, generator, opg)
         net = self._net
-        if _has_batchnorm(net):
+        if has_batchnorm(net):
             self._freeze_bn(net, generator)
         else:
             net.train()

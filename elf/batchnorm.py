@@ -1,0 +1,45 @@
+"""BatchNorm helpers shared by the trainer, the distillers and the file loaders."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+__all__ = ["batchnorm_layers", "has_batchnorm", "batchnorm_momentum", "frozen_bn_stats"]
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer (1-D, 2-D, 3-D, sync) in ``module`` that tracks running statistics."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """True when ``module`` holds any BatchNorm layer (tracking running statistics or not)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+@contextlib.contextmanager
+def batchnorm_momentum(module: nn.Module, momentum: float | None, *, keep_counts: bool = False) -> Iterator[None]:
+    """Within the block, every tracking BatchNorm layer of ``module`` uses ``momentum`` (``None``: cumulative
+    average, ``0.0``: running statistics unchanged); the previous momenta come back afterwards, and with
+    ``keep_counts`` also the ``num_batches_tracked`` counters."""
+    bns = batchnorm_layers(module)
+    saved = [(m.momentum, m.num_batches_tracked.clone() if keep_counts and m.num_batches_tracked is not None else None)
+             for m in bns]
+    for m in bns:
+        m.momentum = momentum
+    try:
+        yield
+    finally:
+        for m, (previous, count) in zip(bns, saved):
+            m.momentum = previous
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def frozen_bn_stats(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within the block, BatchNorm layers of ``module`` normalize with batch statistics (in train mode) but leave
+    their running statistics and batch counters unchanged."""
+    return batchnorm_momentum(module, 0.0, keep_counts=True)
