@@ -345,6 +345,23 @@ class DSA:
             x = _APPLY[op](x, sample, self.params)
         return x
 
+    def apply_geometric(self, features: Tensor, sample: DSASample, image_size: tuple[int, int]) -> Tensor:
+        """Apply the geometric part of ``sample`` (crop, flip, scale, rotate) to feature maps ``(N, C, h, w)`` of the
+        images it augments (``image_size`` = their ``(H, W)``), so a teacher's map lines up with the student's view.
+
+        Colour and cut-out change no geometry and are skipped. Crop shifts are converted to fractions of a feature
+        cell (``dy * h / H``) and resampled bilinearly with zeros outside; flips, scales and rotations use the
+        same normalized transform as on the images.
+        """
+        if features.dim() != 4 or not features.is_floating_point():
+            raise ELFError(f"features must be float maps (N, C, h, w), got {tuple(features.shape)} {features.dtype}")
+        for op in sample.ops:
+            if op == "crop":
+                features = _shift_map(features, _int_param(sample, "crop", features), image_size)
+            elif op in ("flip", "scale", "rotate"):
+                features = _APPLY[op](features, sample, self.params)
+        return features
+
     def __call__(
         self,
         x: Tensor,
@@ -456,6 +473,19 @@ def _affine(x: Tensor, theta: Tensor) -> Tensor:
     theta = theta.to(x.dtype).expand(x.shape[0], 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=True)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def _shift_map(m: Tensor, shift: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """``out[i, j] = m[i + dy * h / H, j + dx * w / W]`` (bilinear, zeros outside) for integer image shifts (dy, dx)."""
+    n = m.shape[0]
+    big_h, big_w = image_size
+    shift = shift.to(m.dtype).expand(n, 2)
+    # with align_corners=False one image pixel spans 2 / H in normalized coordinates, whatever the map's size
+    ty, tx = shift[:, 0] * (2.0 / big_h), shift[:, 1] * (2.0 / big_w)
+    one, zero = torch.ones_like(tx), torch.zeros_like(tx)
+    theta = torch.stack([torch.stack([one, zero, tx], 1), torch.stack([zero, one, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(m.shape), align_corners=False)
+    return F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _apply_scale(x: Tensor, sample: DSASample, params: DSAParams) -> Tensor:

@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="feature storage dtype")
     g = p.add_argument_group("evaluation")
     g.add_argument("--models", nargs="+", default=["ConvNetBN"], help="evaluation models (see `elf models`)")
-    g.add_argument("--split-at", action="append", default=[], metavar="MODEL=POINT", help="split point for a model (default: its ELF default)")
+    g.add_argument("--split-at", action="append", default=[], metavar="MODEL=POINT",
+                   help="split point for a model (default: its ELF default); POINT 'auto' picks the deepest point matching "
+                        "the teacher's shape (or grid, with --adapter auto); a bare POINT applies to every model")
     g.add_argument("--protocol", default="elf", help="protocol preset: elf (official ELF evaluation, default), dsa, dm, dc, "
                                                    "mtt, glad; see docs/protocols.md. ELF runs always have the ELF terms on")
     g.add_argument("--epochs", type=int, default=None, help="the protocol's Epoch (official 1000; the loop runs Epoch+1)")
@@ -91,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rear-bn-stats", default=None, choices=["features", "student"],
                    help="BatchNorm running stats in the rear: also updated by the pass on teacher features (default, "
                         "official loop) or by the student's own path only (see docs/trainer.md)")
+    g.add_argument("--adapter", default=None, choices=["none", "auto"],
+                   help="auto: learned adapters bridge a student feature whose shape differs from the teacher's (any "
+                        "teacher for any model; see docs/adapters.md); none: shapes must match (paper)")
+    g.add_argument("--align-targets", action="store_true",
+                   help="apply each batch's geometric DSA transform to the teacher feature maps too (see docs/trainer.md)")
     g.add_argument("--no-augment", action="store_true", help="train without DSA")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     g.add_argument("--no-elf", action="store_true", help="skip the ELF runs")
@@ -260,6 +267,10 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
     if getattr(args, "no_augment", False):
         out["augment"] = None
+    if getattr(args, "adapter", None) is not None:
+        out["adapter"] = None if args.adapter == "none" else args.adapter
+    if getattr(args, "align_targets", False):
+        out["align_targets"] = True
     if getattr(args, "rear_bn_stats", None) is not None:
         out["rear_bn_stats_from_features"] = args.rear_bn_stats == "features"
     return out
@@ -307,7 +318,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 bank = FeatureBank.from_checkpoint(ckpt, name, sset, point, num_classes=num_classes, **bank_kw)
             log(f"teacher {name} ({ckpt}): features {bank.shape} at {bank.point}")
             banks.append(bank)
-    split_at = dict(s.split("=", 1) for s in args.split_at)
+    split_at = _split_points(args.split_at, args.models)
     seeds = list(range(args.seed, args.seed + args.runs))
     t0 = time.perf_counter()
     rows = compare_models(args.models, sset, None, test_x, test_y, banks=banks, protocol=args.protocol,
@@ -328,6 +339,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(result, indent=1, default=str)))
         print(f"wrote {args.out}")
     return 0
+
+
+def _split_points(items: Sequence[str], models: Sequence[str]) -> dict[str, str]:
+    """``MODEL=POINT`` entries (a bare ``POINT`` applies to every model) as a dict; model specs may hold '='."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" in item:
+            model, point = item.rsplit("=", 1)
+            out[model] = point
+        else:
+            out.update({m: item for m in models})
+    return out
 
 
 def _teacher_from_buffer(args: argparse.Namespace, path: str, name: str, sset: Any, num_classes: int, log: Any) -> Any:

@@ -16,12 +16,12 @@ import torch
 from .errors import ELFError
 from .feature_bank import FeatureBank
 from .losses import prepare_targets
-from .models import create_model, default_split_point
+from .models import create_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol
-from .split import split_model
+from .split import auto_split_point, split_model
 from .trainer import ELFTrainer, EvalResult
 
-__all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "format_table", "environment"]
+__all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "choose_bank", "format_table", "environment"]
 
 
 @dataclass
@@ -66,6 +66,49 @@ def pick_bank(shape: tuple[int, ...], banks: Sequence[FeatureBank]) -> FeatureBa
     return next((b for b in banks if b.shape == shape), None)
 
 
+def choose_bank(
+    model_name: str,
+    image_shape: Sequence[int],
+    num_classes: int,
+    banks: Sequence[FeatureBank],
+    split_at: str | None = None,
+    adapter: str | None = None,
+) -> FeatureBank:
+    """The bank an ELF run of ``model_name`` uses: one whose shape the model's front gives at ``split_at`` (default
+    point; for ``"auto"``, at any point); else, with ``adapter="auto"``, the first bank (adapters bridge the shapes).
+
+    Raises :class:`ELFError` naming the model's shape, the banks' shapes and what to do.
+    """
+    if not banks:
+        raise ELFError(f"ELF for {model_name} needs a teacher feature bank; none was given")
+    c, h, w = image_shape
+    model = create_model(model_name, channel=c, num_classes=num_classes, im_size=(h, w))
+    if split_at is None and not has_default_split_point(model):
+        split_at = "auto"  # as ELFTrainer does for models without a default cut
+    if split_at == "auto":
+        for bank in banks:
+            try:
+                auto_split_point(model, tuple(image_shape), bank.shape)
+                return bank
+            except ELFError:
+                continue
+        shape: tuple[int, ...] | str = "no exact match at any point"
+    else:
+        shape = front_shape(model_name, image_shape, num_classes, split_at)
+        bank = pick_bank(shape, banks)
+        if bank is not None:
+            return bank
+    if adapter is not None:
+        return banks[0]
+    have = ", ".join(f"{b.metadata.get('teacher_model', '?')} {b.shape}" for b in banks)
+    wide = f"ConvNetW{shape[0]}" if isinstance(shape, tuple) and len(shape) == 3 else "another"
+    raise ELFError(
+        f"no teacher feature bank matches {model_name}'s front output {shape} (banks: {have}); pass adapter='auto' "
+        f"(--adapter auto) to bridge the shapes with learned adapters, add a teacher of that feature shape (e.g. {wide}), "
+        "or choose another split point"
+    )
+
+
 def compare_models(
     models: Sequence[str],
     images: Any,
@@ -94,7 +137,8 @@ def compare_models(
         banks: teacher feature banks; each model uses the one matching its front shape.
         protocol, overrides: the evaluation protocol (default: official ELF) and single-field changes.
         seeds: number of runs or explicit seeds. baseline, elf: which of the two to run.
-        split_at: per-model split point (default: each model's ``elf_split_point``).
+        split_at: per-model split point (default: each model's ``elf_split_point``; ``"auto"``: chosen for the bank).
+            A model without a bank of its front shape uses the first bank when the protocol has ``adapter="auto"``.
     """
     proto = get_protocol(protocol, **overrides)
     split_at = dict(split_at or {})
@@ -119,26 +163,16 @@ def compare_models(
             row.baseline = trainer(name, proto.baseline()).run(test_images, test_labels, seeds)
             log(f"[{name}] baseline: {row.baseline}")
         if elf:
-            shape = front_shape(name, tuple(images.shape[1:]), num_classes, point)
-            bank = pick_bank(shape, banks)
-            if bank is None:
-                have = ", ".join(f"{b.metadata.get('teacher_model', '?')} {b.shape}" for b in banks) or "none"
-                raise ELFError(
-                    f"no teacher feature bank matches {name}'s front output {shape} (banks: {have}); add a teacher of "
-                    f"that feature shape (e.g. ConvNetW{shape[0]}) or choose another split point"
-                )
-            row.split_at = point or _default_point(name, images)
+            elf_proto = proto.with_elf()
+            bank = choose_bank(name, tuple(images.shape[1:]), num_classes, banks, point, elf_proto.adapter)
             row.bank = {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
-            log(f"[{name}] ELF at {row.split_at} with {row.bank['teacher_model']} features {bank.shape}")
-            row.elf = trainer(name, proto.with_elf(), feature_bank=bank, split_at=point).run(test_images, test_labels, seeds)
+            log(f"[{name}] ELF with {row.bank['teacher_model']} features {bank.shape}"
+                + (" (adapters where shapes differ)" if elf_proto.adapter else ""))
+            row.elf = trainer(name, elf_proto, feature_bank=bank, split_at=point).run(test_images, test_labels, seeds)
+            row.split_at = row.elf.data.get("split_at")
             log(f"[{name}] ELF: {row.elf}")
         out.append(row)
     return out
-
-
-def _default_point(name: str, images: torch.Tensor) -> str:
-    c, h, w = images.shape[1:]
-    return default_split_point(create_model(name, channel=c, im_size=(h, w)))
 
 
 def format_table(rows: Sequence[ModelComparison]) -> str:

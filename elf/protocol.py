@@ -37,6 +37,13 @@ class Protocol:
             BatchNorm layers in the rear (what a train-mode call does; our reading of the official loop). False
             keeps those statistics for the student's own path, the only one the model sees at test time (batch
             statistics are still used in that pass).
+        adapter: ``None`` (the student's feature at the cut must have the bank's shape, as in the paper) or
+            ``"auto"``: when the shapes differ, learned adapters map the student's feature to the teacher's
+            (front term) and the teacher's to the student's (rear term); see :mod:`elf.adapters`. They train with
+            the model and are not part of it.
+        align_targets: apply the geometric part of each batch's DSA draw (crop, flip, scale, rotate) to the teacher
+            feature maps too, so targets line up with the augmented images the student sees (official: off; the
+            4x4 targets then stay un-augmented). The rear term then also sees the aligned maps.
         eval_batch_size: images per forward when testing.
         learned_lr: train with the set's learned lr (MTT/DATM ``lr_best.pt``) when it has one
             (:meth:`ELFTrainer.from_synthetic`); the official ELF code ignores it.
@@ -60,11 +67,17 @@ class Protocol:
     distance: str | Callable[..., Any] = "ce"
     features_on_augmented: bool = False
     rear_bn_stats_from_features: bool = True
+    adapter: str | None = None
+    align_targets: bool = False
     eval_batch_size: int = 512
     learned_lr: bool = False
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if self.adapter not in (None, "auto"):
+            raise ELFError(f"protocol adapter must be None or 'auto', got {self.adapter!r}")
+        if self.align_targets and self.features_on_augmented:
+            raise ELFError("align_targets and features_on_augmented both make targets match the augmented view: choose one")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ELFError(f"protocol needs epochs >= 0, batch_size >= 1 and lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
         for lam in ("lambda_task", "lambda_front", "lambda_rear"):

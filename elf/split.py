@@ -27,7 +27,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import ELFError
 
-__all__ = ["SplitModules", "SplitPoint", "split_model", "list_split_points"]
+__all__ = ["SplitModules", "SplitPoint", "split_model", "list_split_points", "auto_split_point"]
 
 FORWARD_FEATURES = "forward_features"
 
@@ -338,3 +338,47 @@ def list_split_points(
         names = sorted(aliases[i], key=lambda s: (s.count("."), len(s)))
         points.append(SplitPoint(names[0], out_shape, tuple(names[1:])))
     return points
+
+
+def auto_split_point(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    feature_shape: Sequence[int],
+    *,
+    adapter: bool = False,
+    leaf_modules: Iterable[type] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+) -> tuple[str, str]:
+    """The cut of ``model`` for a teacher feature of ``feature_shape`` ``(C, H, W)``: ``(point, reason)``.
+
+    The deepest valid point whose output shape equals ``feature_shape``; failing that, with ``adapter``, the deepest
+    point whose spatial grid (map, channels-last map or patch tokens) is the teacher's ``H x W``, and failing that
+    the deepest map or token point (adapters resize its grid). The model's output itself is never chosen. Raises :class:`ELFError` listing the shapes when nothing fits.
+    """
+    from .adapters import infer_layout
+
+    want = tuple(int(s) for s in feature_shape)
+    points = [p for p in list_split_points(model, input_shape, leaf_modules=leaf_modules,
+                                           autowrap_functions=autowrap_functions)[:-1] if p.shape is not None]
+    exact = [p for p in points if p.shape == want]
+    if exact:
+        return exact[-1].name, f"deepest point with the teacher's feature shape {want}"
+    if adapter and len(want) == 3:
+        adaptable, grid = [], []
+        for p in points:
+            try:
+                layout = infer_layout(p.shape)
+            except ELFError:
+                continue
+            adaptable.append(p)
+            if layout.grid == want[1:]:
+                grid.append(p)
+        if grid:
+            return grid[-1].name, f"deepest point on the teacher's {want[1]}x{want[2]} grid ({grid[-1].shape}; adapters bridge the rest)"
+        if adaptable:
+            return adaptable[-1].name, (f"no point is on the teacher's {want[1]}x{want[2]} grid: deepest map or token "
+                                        f"point ({adaptable[-1].shape}; adapters resize it)")
+    shapes = ", ".join(f"{p.name} {p.shape}" for p in points[-8:])
+    hint = "" if adapter else " Pass adapter='auto' (--adapter auto) to bridge other shapes with learned adapters."
+    raise ELFError(f"no split point of {type(model).__name__} gives the teacher's feature shape {want}"
+                   f"{' or its grid' if adapter else ''} (deepest points: {shapes}).{hint}")

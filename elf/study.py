@@ -40,7 +40,10 @@ class StudyConfig:
     """What to run. ``variants`` maps a name to protocol overrides; a variant is an ELF run when either λ is
     positive (``{}`` under the name ``"elf"`` gives the official ELF terms) and a baseline otherwise. A variant may
     name a ``teacher`` (a key of ``teachers``), e.g. to compare feature epochs; otherwise each model gets the
-    teacher whose feature shape matches its split point."""
+    teacher whose feature shape matches its split point (or, with ``adapter = "auto"``, the first teacher).
+
+    ``validation_per_class = k`` measures on ``k`` images per class held out from the real *training* data (seed 0)
+    instead of the test set, for choosing settings; random-real references are then drawn from the rest."""
 
     sets: dict[str, str]
     models: list[str]
@@ -55,8 +58,10 @@ class StudyConfig:
     random_real: bool = True
     full_data: bool = False
     test_per_class: int | None = None
+    validation_per_class: int | None = None
     out: str = "study"
     name: str = "study"
+    order: str = "cells"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
@@ -137,7 +142,8 @@ def random_real_name(ipc: int) -> str:
 
 
 def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
-    """Every run of the study in a fixed order (sets, models, variants, seeds; then references).
+    """Every run of the study in a fixed order (sets, models, variants, seeds; then references; with
+    ``order = "seeds"`` the same runs sorted by seed, stably).
 
     Random-real references are planned once per distinct set size (``random-real:ipc10`` serves every 10-per-class
     set): the subset depends only on the size, so one per set would repeat identical runs. Planning them reads
@@ -146,6 +152,8 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
     from .io import load_any
 
     runs = [RunSpec(s, m, v, seed) for s in cfg.sets for m in cfg.models for v in cfg.variants for seed in cfg.seeds]
+    if cfg.order not in ("cells", "seeds"):
+        raise ELFError(f"study order must be 'cells' or 'seeds', got {cfg.order!r}")
     baseline_variants = [v for v, o in cfg.variants.items() if not _is_elf(o)]
     ref_variant = baseline_variants[0] if baseline_variants else "baseline"
     if cfg.random_real:
@@ -153,6 +161,8 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
         runs += [RunSpec(random_real_name(n), m, ref_variant, seed) for n in sizes for m in cfg.models for seed in cfg.seeds]
     if cfg.full_data:
         runs += [RunSpec(FULL_DATA, m, ref_variant, seed) for m in cfg.models for seed in cfg.seeds]
+    if cfg.order == "seeds":  # every cell's first seed before any cell's second: a study cut short has whole rows
+        runs.sort(key=lambda r: cfg.seeds.index(r.seed))
     return runs
 
 
@@ -193,20 +203,29 @@ class _Resources:
         return get_normalization(self.cfg.normalization)
 
     def real(self, split: str) -> Any:
+        """The real ``"train"`` or ``"test"`` images; with ``validation_per_class``, ``"train"`` is the training data
+        without the held-out images and ``"test"`` the held-out validation images."""
         from .data import load_cifar, load_dataset
 
-        def make() -> Any:
+        def load(which: str) -> Any:
             spec = self.cfg.data
             if spec.lower() in ("cifar10", "cifar100"):
-                return load_cifar(spec.lower(), Path("~/.cache/elf-dd/torchvision").expanduser(), train=split == "train")
-            return load_dataset(spec, split, progress=False)
+                return load_cifar(spec.lower(), Path("~/.cache/elf-dd/torchvision").expanduser(), train=which == "train")
+            return load_dataset(spec, which, progress=False)
+
+        def make() -> Any:
+            k = self.cfg.validation_per_class
+            if not k:
+                return load(split)
+            rest, val = load("train").split_validation(k, torch.Generator().manual_seed(0))
+            return rest if split == "train" else val
 
         return self._get(f"real:{split}", make)
 
     def test(self) -> tuple[torch.Tensor, torch.Tensor]:
         def make() -> tuple[torch.Tensor, torch.Tensor]:
             t = self.real("test")
-            if self.cfg.test_per_class:
+            if self.cfg.test_per_class and not self.cfg.validation_per_class:
                 t = t.per_class(self.cfg.test_per_class, torch.Generator().manual_seed(0))
             return t.as_float(self.norm()), t.labels
 
@@ -250,13 +269,15 @@ class _Resources:
 
 
 def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) -> dict[str, Any]:
-    from .evaluation import environment, front_shape, pick_bank
+    from .evaluation import choose_bank, environment
     from .protocol import get_protocol
     from .trainer import ELFTrainer
 
     overrides = {**cfg.overrides, **cfg.variants.get(run.variant, {})}
     teacher_label = overrides.pop("teacher", None)
     split_at = overrides.pop("split_at", None)
+    if isinstance(split_at, dict):  # per model, "*" for the others
+        split_at = split_at.get(run.model, split_at.get("*"))
     proto = get_protocol(cfg.protocol, **overrides)
     sset = res.synthetic(run.set)
     bank = None
@@ -267,10 +288,15 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
                 raise ELFError(f"variant {run.variant!r} names teacher {teacher_label!r}, not one of {sorted(banks)}")
             bank = banks[teacher_label]
         else:
-            shape = front_shape(run.model, tuple(sset.images.shape[1:]), sset.num_classes, split_at)
-            bank = pick_bank(shape, list(banks.values()))
-            if bank is None:
-                raise ELFError(f"no teacher in the study gives {run.model}'s feature shape {shape}; add one to [teachers]")
+            try:
+                bank = choose_bank(run.model, tuple(sset.images.shape[1:]), sset.num_classes, list(banks.values()),
+                                   split_at, proto.adapter)
+            except ELFError as e:
+                if proto.adapter is not None:
+                    raise
+                # the paper's ELF needs equal shapes: a cell it cannot fill is recorded as such, not as an error
+                return {"run": asdict(run), "run_id": run.run_id, "accuracy": None, "not_applicable": str(e),
+                        "protocol": proto.to_dict(), "study": cfg.name}
     trainer = ELFTrainer.from_synthetic(run.model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress)
     t0 = time.perf_counter()
@@ -278,9 +304,12 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
     acc = trainer.evaluate(*res.test())
     return {
         "run": asdict(run), "run_id": run.run_id, "accuracy": acc, "wall_time_s": time.perf_counter() - t0,
-        "protocol": proto.to_dict(), "split_at": split_at or getattr(trainer.model, "elf_split_point", None),
+        "protocol": proto.to_dict(), "split_at": trainer.split_point or split_at,
+        "adapters": repr(trainer.adapters) if trainer.adapters is not None else None,
         "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": history,
         "environment": environment(res.device), "git_revision": _git_revision(), "study": cfg.name,
+        "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
+                       if cfg.validation_per_class else "test", "test_n": int(res.test()[1].shape[0]),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -292,12 +321,14 @@ def run_study(
     device: torch.device | str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    keep_going: bool = False,
 ) -> list[Path]:
     """Run this process's share of the study; finished runs (their JSON exists) are skipped. Returns the run files.
 
     ``shard=(i, n)`` takes runs ``i, i + n, i + 2n, ...``; by default the torch.distributed rank and world size
     (torchrun) decide, and each rank uses ``cuda:LOCAL_RANK`` when CUDA is available. Rank 0 writes the summary once
-    every rank has finished.
+    every rank has finished. ``keep_going``: a run that raises is logged and left unwritten (a restart retries it)
+    instead of stopping this process.
     """
     distributed = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = shard if shard is not None else distributed_shard()
@@ -317,9 +348,18 @@ def run_study(
         if path.exists():
             log(f"[{k}/{len(runs)}] {run.run_id}: done, skipped")
             continue
-        record = _execute(run, cfg, res, progress)
+        try:
+            record = _execute(run, cfg, res, progress)
+        except Exception as e:
+            if not keep_going:
+                raise
+            log(f"[{k}/{len(runs)}] {run.run_id}: FAILED: {type(e).__name__}: {e}")
+            continue
         atomic_write(path, lambda p: Path(p).write_text(json.dumps(record, indent=1, default=str)))
-        log(f"[{k}/{len(runs)}] {run.run_id}: {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
+        if record["accuracy"] is None:
+            log(f"[{k}/{len(runs)}] {run.run_id}: not applicable ({record['not_applicable']})")
+        else:
+            log(f"[{k}/{len(runs)}] {run.run_id}: {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
     if distributed:
         import torch.distributed as dist
 
@@ -337,6 +377,8 @@ def summarize(cfg: StudyConfig) -> Path:
     """Collect every run JSON of the study into ``summary.csv``, ``summary.md`` and (with matplotlib) ``summary.png``."""
     out = Path(cfg.out)
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    not_applicable = {(r["run"]["set"], r["run"]["model"], r["run"]["variant"]) for r in records if r.get("accuracy") is None}
+    records = [r for r in records if r.get("accuracy") is not None]
     acc: dict[tuple[str, str, str], list[float]] = {}
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -352,15 +394,18 @@ def summarize(cfg: StudyConfig) -> Path:
     baseline = next((v for v in variants if not _is_elf(cfg.variants[v])), None)
     elf_variant = next((v for v in variants if _is_elf(cfg.variants[v])), None)
     set_names = list(cfg.sets) + [s for s in dict.fromkeys(k[0] for k in acc) if s not in cfg.sets]
-    lines = [f"# {cfg.name}", "", f"Test accuracy (%), mean ± std over seeds {cfg.seeds}; protocol {cfg.protocol!r}"
+    measured = (f"Validation accuracy ({cfg.validation_per_class} images per class held out of the real training data)"
+                if cfg.validation_per_class else "Test accuracy")
+    lines = [f"# {cfg.name}", "", f"{measured} (%), mean ± std over seeds {cfg.seeds}; protocol {cfg.protocol!r}"
              + (f" with {cfg.overrides}" if cfg.overrides else "") + ".", ""]
     gain = baseline is not None and elf_variant is not None
     lines.append("| set | model | " + " | ".join(variants) + (" | ELF gain |" if gain else " |"))
     lines.append("|---|---|" + "---|" * (len(variants) + (1 if gain else 0)))
     for s in set_names:
         for m in cfg.models:
-            cells = [_mean_std(acc.get((s, m, v), [])) for v in variants]
-            if not any(c != "-" for c in cells):
+            cells = ["n/a" if (s, m, v) in not_applicable and (s, m, v) not in acc else _mean_std(acc.get((s, m, v), []))
+                     for v in variants]
+            if not any(c not in ("-", "n/a") for c in cells):
                 continue
             row = f"| {s} | {m} | " + " | ".join(cells)
             if gain:

@@ -23,15 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import ELFAdapters, build_adapters
 from .augment import DSA
 from .batchnorm import frozen_bn_stats
 from .errors import ELFError
 from .feature_bank import FeatureBank
 from .fileio import PathLike, load_tensors, save_tensors
 from .losses import feature_distance, prepare_targets
-from .models import create_model, default_split_point
+from .models import create_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol
-from .split import list_split_points, split_model
+from .split import auto_split_point, list_split_points, split_model
 
 __all__ = ["ELFTrainer", "Callback", "EvalResult", "ModelSpec"]
 
@@ -152,7 +153,10 @@ class ELFTrainer:
         labels: class indices ``(N,)``, or soft labels ``(N, K)`` (probabilities or logits).
         feature_bank: teacher features of ``images`` (see :class:`FeatureBank`).
         teacher: alternatively the teacher module; a bank is built from it at ``teacher_point``.
-        split_at: where to cut the model (default: its ``elf_split_point``); ignored for a (front, rear) pair.
+        split_at: where to cut the model (default: its ``elf_split_point``, or ``"auto"`` for a model without one,
+            e.g. torchvision/timm models); ``"auto"`` picks the deepest point
+            matching the bank's shape (with ``adapter="auto"``: else its spatial grid) and reports it in
+            :attr:`split_point`. Ignored for a (front, rear) pair.
         protocol: a preset name or :class:`Protocol`; ``**overrides`` change single fields (``epochs=300``).
         label_kind: "auto" | "index" | "prob" | "logits". num_classes: required for names when labels are hard
             and some classes are absent.
@@ -205,6 +209,8 @@ class ELFTrainer:
         self.model: nn.Module | None = None
         self.front: nn.Module | None = None
         self.rear: nn.Module | None = None
+        self.adapters: ELFAdapters | None = None
+        self.split_point: str | None = None
         self.history: list[dict[str, float]] = []
         self._loop: _LoopState | None = None
         self.data_info: dict[str, Any] = {}
@@ -274,9 +280,27 @@ class ELFTrainer:
         model = model.to(self.device)
         if not (self.protocol.uses_features or self.split_at):
             return model, None, None
-        point = self.split_at or default_split_point(model)
+        point = self._resolve_split(model)
         front, rear = split_model(model, point, leaf_modules=self.leaf_modules)
         return model, front, rear
+
+    def _resolve_split(self, model: nn.Module) -> str:
+        """The cut for ``model``: ``split_at``, its default, or for ``"auto"`` the point chosen for the bank (once)."""
+        if self.split_at != "auto" and (self.split_at or has_default_split_point(model)):
+            self.split_point = self.split_at or default_split_point(model)
+            return self.split_point
+        if self.split_point is None:
+            if self.feature_bank is None:
+                raise ELFError(f"{self.model_name} has no default split point and split_at='auto' chooses the cut for a "
+                               "teacher feature bank: pass split_at= or feature_bank= (or teacher=)")
+            point, why = auto_split_point(model, tuple(self.images.shape[1:]), self.feature_bank.shape,
+                                          adapter=self.protocol.adapter is not None, leaf_modules=self.leaf_modules)
+            self.split_point = point
+            if self.progress:
+                import sys
+
+                print(f"{self.model_name}: split_at='auto' chose {point!r} ({why})", file=sys.stderr)
+        return self.split_point
 
     def _check_shapes(self, model: nn.Module, front: nn.Module | None) -> None:
         was_training = model.training
@@ -296,16 +320,20 @@ class ELFTrainer:
                         f"{self.model_name} outputs shape {tuple(out.shape)} but the labels have {self.num_classes} classes; "
                         "build the model with num_classes matching the labels"
                     )
+                self.adapters = None
                 if front is not None and self.feature_bank is not None:
                     got = tuple(front(x).shape[1:])
                     want = self.feature_bank.shape
-                    if got != want:
+                    if got != want and self.protocol.adapter is None:
                         raise ELFError(self._shape_mismatch_message(model, got, want))
+                    self.adapters = build_adapters(self.protocol.adapter, got, want)
+                    if self.adapters is not None:
+                        self.adapters.to(self.device)
         finally:
             model.train(was_training)
 
     def _shape_mismatch_message(self, model: nn.Module, got: tuple[int, ...], want: tuple[int, ...]) -> str:
-        point = self.split_at or getattr(model, "elf_split_point", "(given front)")
+        point = self.split_point or getattr(model, "elf_split_point", "(given front)")
         msg = f"{self.model_name} cut at {point!r} outputs {got} per image, but the teacher features are {want}."
         try:
             matches = [p.name for p in list_split_points(model, tuple(self.images.shape[1:]), leaf_modules=self.leaf_modules) if p.shape == want]
@@ -316,11 +344,17 @@ class ELFTrainer:
         else:
             msg += f" No split point of {self.model_name} gives {want}: use a teacher whose feature shape this model can match"
             msg += " (e.g. ConvNetW512 for 512x4x4), or pass (front, rear) yourself."
+        msg += " Or pass adapter='auto' (--adapter auto) to bridge the shapes with learned adapters."
         return msg
+
+    def _trained_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The model's parameters, then the adapters' (the order of momentum buffers in a saved state)."""
+        extra = list(self.adapters.parameters()) if self.adapters is not None else []
+        return list(model.parameters()) + extra
 
     def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         p = self.protocol
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
+        return torch.optim.SGD(self._trained_parameters(model), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
     # ---- training -------------------------------------------------------------------------------------------
     def fit(self, seed: int = 0, *, resume_from: PathLike | None = None) -> list[dict[str, float]]:
@@ -427,12 +461,17 @@ class ELFTrainer:
         p = self.protocol
         x = self.images[idx]
         y = self.targets[idx]
-        if dsa is not None:
-            x = dsa(x, generator=gen)
+        sample = None
+        if dsa is not None and dsa.ops:
+            sample = dsa.sample(x.shape, x.device, gen)
+            x = dsa.apply(x, sample)
         zero = x.new_zeros(())
         loss_front = loss_rear = zero
         # gathered once per step, shared by the front target and the rear input
         feats = self.feature_bank[idx] if self.feature_bank is not None and p.uses_features else None
+        if feats is not None and p.align_targets and sample is not None:
+            feats = dsa.apply_geometric(feats, sample, (x.shape[2], x.shape[3]))  # type: ignore[union-attr]
+        adapters = self.adapters
         if p.lambda_front > 0:
             assert front is not None and rear is not None
             h = front(x)
@@ -443,7 +482,7 @@ class ELFTrainer:
             else:
                 assert feats is not None
                 target = feats
-            loss_front = distance(h, target)
+            loss_front = distance(adapters.to_teacher(h) if adapters is not None else h, target)
         else:
             out = model(x)
         loss_task = F.cross_entropy(out, y)
@@ -451,7 +490,7 @@ class ELFTrainer:
         if p.lambda_rear > 0:
             assert rear is not None and feats is not None
             with contextlib.nullcontext() if p.rear_bn_stats_from_features else frozen_bn_stats(rear):
-                loss_rear = F.cross_entropy(rear(feats), y)
+                loss_rear = F.cross_entropy(rear(adapters.to_student(feats) if adapters is not None else feats), y)
             loss = loss + p.lambda_rear * loss_rear
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -471,7 +510,9 @@ class ELFTrainer:
             raise ELFError("save_state() needs a running or finished fit()")
         loop = self._loop
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        params = list(self.model.parameters())
+        if self.adapters is not None:
+            tensors.update({f"adapter.{k}": v for k, v in self.adapters.state_dict().items()})
+        params = self._trained_parameters(self.model)
         for i, param in enumerate(params):
             buf = loop.optimizer.state.get(param, {}).get("momentum_buffer")
             if buf is not None:
@@ -494,6 +535,12 @@ class ELFTrainer:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise ELFError(f"{path} holds weights of another model ({meta.get('model')}): {e}") from e
+        adapter_state = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+        if bool(adapter_state) != (self.adapters is not None):
+            raise ELFError(f"{path} was saved {'with' if adapter_state else 'without'} feature adapters, but this fit "
+                           f"{'has' if self.adapters is not None else 'has none'}: resume with the same protocol and bank")
+        if self.adapters is not None:
+            self.adapters.load_state_dict(adapter_state)
         gen.set_state(tensors["rng.batches"])
         if dsa is not None and "rng.dsa" in tensors and dsa.op_generator is not None:
             dsa.op_generator.set_state(tensors["rng.dsa"])
@@ -501,7 +548,7 @@ class ELFTrainer:
 
     def _load_momentum(self, path: PathLike, model: nn.Module, opt: torch.optim.Optimizer) -> None:
         tensors, _ = load_tensors(path, device=self.device)
-        for i, param in enumerate(model.parameters()):
+        for i, param in enumerate(self._trained_parameters(model)):
             if f"momentum.{i}" in tensors:
                 opt.state[param]["momentum_buffer"] = tensors[f"momentum.{i}"]
 
@@ -538,6 +585,9 @@ class ELFTrainer:
             result.accuracies.append(acc)
             result.wall_time_s.append(time.perf_counter() - t0)
             result.histories.append(history)
+        result.data["split_at"] = self.split_point
+        if self.adapters is not None:
+            result.data["adapters"] = repr(self.adapters)
         return result
 
 

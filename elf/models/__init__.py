@@ -2,7 +2,7 @@
 
 from .alexnet import AlexNet
 from .convnet import ConvNet
-from .registry import ModelInfo, create_model, default_split_point, list_models, register_model
+from .registry import ModelInfo, create_model, default_split_point, has_default_split_point, list_models, register_model
 from .resnet import BasicBlock, ResNet, resnet18
 from .vgg import VGG, vgg11
 
@@ -20,6 +20,7 @@ __all__ = [
     "VGG",
     "create_model",
     "default_split_point",
+    "has_default_split_point",
     "list_models",
     "register_model",
     "resnet18",

@@ -124,6 +124,8 @@ def create_model(name: str, channel: int = 3, num_classes: int = 10, im_size: tu
         channel: input channels. num_classes: classes. im_size: input (H, W).
         kwargs: ConvNet arguments (``width=64``) for ConvNet names, or passed to torchvision/timm constructors.
     """
+    name, spec_kwargs = parse_model_spec(name)
+    kwargs = {**spec_kwargs, **kwargs}
     if name.startswith(("torchvision.", "tv.")):
         import torchvision.models as tvm
 
@@ -139,7 +141,15 @@ def create_model(name: str, channel: int = 3, num_classes: int = 10, im_size: tu
             import timm
         except ImportError as e:
             raise ELFError(f"{name} needs timm: pip install 'elf-dd[timm]'") from e
-        return timm.create_model(name.split(".", 1)[1], pretrained=False, num_classes=num_classes, in_chans=channel, **kwargs)
+        timm_name = name.split(".", 1)[1]
+        common = dict(pretrained=False, num_classes=num_classes, in_chans=channel)
+        if "img_size" not in kwargs:
+            # models with a fixed input grid (ViTs) are built for the images at hand; others take no img_size
+            try:
+                return timm.create_model(timm_name, img_size=tuple(int(s) for s in im_size), **common, **kwargs)
+            except TypeError:
+                pass
+        return timm.create_model(timm_name, **common, **kwargs)
     canonical = _canonical(name)
     im = (int(im_size[0]), int(im_size[1]))
     if canonical in _REGISTRY:
@@ -161,6 +171,29 @@ def create_model(name: str, channel: int = 3, num_classes: int = 10, im_size: tu
     return model
 
 
+def parse_model_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """Split ``"NAME:key=value,key=value"`` into the name and constructor keyword arguments.
+
+    Values are Python literals (``patch_size=4``, ``drop_rate=0.1``, ``norm='batchnorm'``) or bare words taken as
+    strings, e.g. ``"timm.vit_tiny_patch16_224:patch_size=4"``.
+    """
+    import ast
+
+    if ":" not in spec:
+        return spec, {}
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ELFError(f"model spec {spec!r}: expected NAME:key=value[,key=value...], got {item!r}")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return name, kwargs
+
+
 def _canonical(name: str) -> str:
     flat = name.replace("-", "").replace("_", "")
     for key in list(_REGISTRY) + ["ConvNet"]:
@@ -169,6 +202,11 @@ def _canonical(name: str) -> str:
     if flat.lower().startswith("convnet"):
         return "ConvNet" + flat[len("convnet") :].upper()
     return flat
+
+
+def has_default_split_point(model: nn.Module) -> bool:
+    """True when ``model`` declares its default ELF cut (``elf_split_point``)."""
+    return isinstance(getattr(model, "elf_split_point", None), str)
 
 
 def default_split_point(model: nn.Module) -> str:

@@ -1,0 +1,166 @@
+"""Feature adapters: learned maps between a student's features at its cut and a teacher's feature map.
+
+ELF needs the student's front output to have the teacher's feature shape ``(C_t, H_t, W_t)``. When it does not (a
+width-128 ConvNet teacher for ResNet-18, a ViT's tokens, a channels-last stage), two small learned modules bridge
+the gap during training only:
+
+* ``to_teacher`` (P): student feature -> teacher map ``(B, C_t, H_t, W_t)``; the front term is ``D(P(front(x)), F(x))``.
+* ``to_student`` (L): teacher map -> the student's layout and shape; the rear term is ``CE(rear(L(F(x))), y)``.
+
+Channels are mapped by a 1x1 convolution, spatial size by average pooling (to a smaller map) or bilinear
+resizing (to a larger one). Student features may be maps ``(B, C, H, W)``, channels-last maps ``(B, H, W, C)`` or
+tokens ``(B, N, D)`` whose last ``h*w`` tokens are patches on an ``h x w`` grid (the first ``N - h*w`` are prefix
+tokens such as a class token). Adapters are not part of the evaluated model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .errors import ELFError
+
+__all__ = ["FeatureLayout", "infer_layout", "FeatureAdapter", "ELFAdapters", "build_adapters", "ADAPTER_MODES"]
+
+ADAPTER_MODES = (None, "auto")
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """How one sample's feature is laid out.
+
+    Attributes:
+        kind: ``"map"`` ``(C, H, W)``, ``"channels_last"`` ``(H, W, C)`` or ``"tokens"`` ``(N, D)``.
+        channels: C (or the token width D).
+        grid: spatial size ``(H, W)`` of the map or of the patch-token grid.
+        prefix: tokens before the patch tokens (class / distillation tokens); 0 for maps.
+    """
+
+    kind: str
+    channels: int
+    grid: tuple[int, int]
+    prefix: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The per-sample shape this layout describes."""
+        h, w = self.grid
+        if self.kind == "map":
+            return (self.channels, h, w)
+        if self.kind == "channels_last":
+            return (h, w, self.channels)
+        return (self.prefix + h * w, self.channels)
+
+    def to_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, *shape)`` -> ``(B, C, H, W)`` (prefix tokens dropped)."""
+        h, w = self.grid
+        if self.kind == "map":
+            return x
+        if self.kind == "channels_last":
+            return rearrange(x, "b h w c -> b c h w")
+        return rearrange(x[:, self.prefix :], "b (h w) d -> b d h w", h=h, w=w)
+
+    def from_map(self, m: torch.Tensor, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, *shape)``; ``prefix_tokens`` ``(1, prefix, D)`` are prepended to tokens."""
+        if self.kind == "map":
+            return m
+        if self.kind == "channels_last":
+            return rearrange(m, "b c h w -> b h w c")
+        tokens = rearrange(m, "b d h w -> b (h w) d")
+        if self.prefix:
+            assert prefix_tokens is not None
+            tokens = torch.cat([prefix_tokens.expand(m.shape[0], -1, -1), tokens], dim=1)
+        return tokens
+
+
+def infer_layout(shape: tuple[int, ...] | torch.Size, kind: str = "auto") -> FeatureLayout:
+    """The layout of a per-sample feature ``shape``.
+
+    ``kind="auto"``: 3-D shapes are maps ``(C, H, W)`` unless ``H != W`` while the first two sizes are equal
+    (``(H, W, C)`` with ``H == W``, as channels-last stages produce); 2-D shapes are tokens ``(N, D)`` with the
+    largest square ``h*h <= N`` as the patch grid and the rest as prefix tokens. Pass ``kind`` explicitly for
+    non-square grids.
+    """
+    shape = tuple(int(s) for s in shape)
+    if kind == "auto":
+        if len(shape) == 3:
+            kind = "channels_last" if shape[0] == shape[1] and shape[1] != shape[2] else "map"
+        elif len(shape) == 2:
+            kind = "tokens"
+        else:
+            raise ELFError(f"cannot adapt a feature of shape {shape}: adapters take maps (C, H, W), channels-last "
+                           "maps (H, W, C) or tokens (N, D); cut the model where its feature has one of these forms")
+    if kind == "map" and len(shape) == 3:
+        return FeatureLayout("map", shape[0], (shape[1], shape[2]))
+    if kind == "channels_last" and len(shape) == 3:
+        return FeatureLayout("channels_last", shape[2], (shape[0], shape[1]))
+    if kind == "tokens" and len(shape) == 2:
+        n, d = shape
+        side = math.isqrt(n)
+        if side == 0:
+            raise ELFError(f"a token feature {shape} has no patch tokens to arrange on a grid")
+        return FeatureLayout("tokens", d, (side, side), prefix=n - side * side)
+    raise ELFError(f"feature shape {shape} does not fit layout {kind!r} (map: (C, H, W); channels_last: (H, W, C); tokens: (N, D))")
+
+
+def _resize(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a map ``(B, C, H, W)`` to ``size``: average pooling when shrinking evenly, else bilinear."""
+    h, w = m.shape[-2:]
+    if (h, w) == tuple(size):
+        return m
+    if h % size[0] == 0 and w % size[1] == 0:
+        return F.adaptive_avg_pool2d(m, size)
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+
+
+class FeatureAdapter(nn.Module):
+    """Map features of layout ``source`` to layout ``target``: to a map, resize, 1x1 convolution, to ``target``.
+
+    The convolution is left out when the channel counts are equal (the adapter is then parameter-free unless the
+    target has prefix tokens, which are learned).
+    """
+
+    def __init__(self, source: FeatureLayout, target: FeatureLayout) -> None:
+        super().__init__()
+        self.source, self.target = source, target
+        self.proj = nn.Conv2d(source.channels, target.channels, 1) if source.channels != target.channels else nn.Identity()
+        self.prefix = nn.Parameter(torch.zeros(1, target.prefix, target.channels)) if target.prefix else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, *source.shape)`` -> ``(B, *target.shape)``."""
+        m = _resize(self.source.to_map(x), self.target.grid)
+        return self.target.from_map(self.proj(m), self.prefix)
+
+    def extra_repr(self) -> str:
+        return f"{self.source.shape} -> {self.target.shape}"
+
+
+class ELFAdapters(nn.Module):
+    """The pair used by one ELF run: ``to_teacher`` for the front term and ``to_student`` for the rear term."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], student_layout: str = "auto") -> None:
+        super().__init__()
+        if len(teacher_shape) != 3:
+            raise ELFError(f"adapters need a teacher feature map (C, H, W); the bank holds {tuple(teacher_shape)}")
+        s = infer_layout(student_shape, student_layout)
+        t = infer_layout(teacher_shape, "map")
+        self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        self.to_teacher = FeatureAdapter(s, t)
+        self.to_student = FeatureAdapter(t, s)
+
+    def extra_repr(self) -> str:
+        return f"student {self.student_shape} <-> teacher {self.teacher_shape}"
+
+
+def build_adapters(mode: str | None, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> ELFAdapters | None:
+    """Adapters for ``mode`` (``None``: none; ``"auto"``: only when the shapes differ)."""
+    if mode not in ADAPTER_MODES:
+        raise ELFError(f"unknown adapter mode {mode!r}; use None (shapes must match) or 'auto'")
+    if mode is None or tuple(student_shape) == tuple(teacher_shape):
+        return None
+    return ELFAdapters(tuple(student_shape), tuple(teacher_shape))
