@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         name="ELF Table 5 protocol: CIFAR-10, 10 IPC, 1000 epochs",
         sets=dict(s.split("=", 1) for s in args.set), models=args.models, data=args.data, teachers=teachers,
         seeds=list(range(args.seeds)), overrides={"epochs": args.epochs, "lr": args.lr}, out=str(out / "study"),
+        protocol="elf-official",
     )
     run_study(cfg)
     if rank == 0:

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-at", action="append", default=[], metavar="MODEL=POINT",
                    help="split point for a model (default: its ELF default); POINT 'auto' picks the deepest point matching "
                         "the teacher's shape (or grid, with --adapter auto); a bare POINT applies to every model")
-    g.add_argument("--protocol", default="elf", help="protocol preset: elf (official ELF evaluation, default), dsa, dm, dc, "
+    g.add_argument("--protocol", default="elf", help="protocol preset: elf (default: official numbers, rear BatchNorm "
+                                                   "statistics from the student's path), elf-official (the public code "
+                                                   "exactly), elf-cross (elf + adapters + aligned targets), dsa, dm, dc, "
                                                    "mtt, glad; see docs/protocols.md. ELF runs always have the ELF terms on")
     g.add_argument("--epochs", type=int, default=None, help="the protocol's Epoch (official 1000; the loop runs Epoch+1)")
     g.add_argument("--runs", type=int, default=5, help="runs (seeds 0..runs-1) per model and method")
@@ -91,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-task", type=float, default=None)
     g.add_argument("--distance", default=None, choices=["ce", "mse", "mae", "cos"])
     g.add_argument("--rear-bn-stats", default=None, choices=["features", "student"],
-                   help="BatchNorm running stats in the rear: also updated by the pass on teacher features (default, "
-                        "official loop) or by the student's own path only (see docs/trainer.md)")
+                   help="BatchNorm running stats in the rear: also updated by the pass on teacher features (official "
+                        "loop, elf-official) or by the student's own path only (default; see docs/protocols.md)")
     g.add_argument("--adapter", default=None, choices=["none", "auto"],
                    help="auto: learned adapters bridge a student feature whose shape differs from the teacher's (any "
                         "teacher for any model; see docs/adapters.md); none: shapes must match (paper)")

@@ -33,10 +33,11 @@ class Protocol:
             plain baseline). distance: "ce" | "mse" | "mae" | "cos" or a callable ``(pred, target) -> scalar``.
         features_on_augmented: compute teacher features on the augmented images every step (teacher in the loop)
             instead of once on the un-augmented images (official). Needs the teacher module, not only a bank.
-        rear_bn_stats_from_features: the rear's pass on the teacher features F(x) updates the running statistics of
-            BatchNorm layers in the rear (what a train-mode call does; our reading of the official loop). False
-            keeps those statistics for the student's own path, the only one the model sees at test time (batch
-            statistics are still used in that pass).
+        rear_bn_stats_from_features: True: the rear's pass on the teacher features F(x) also updates the running
+            statistics of BatchNorm layers in the rear (what a train-mode call does; the official loop,
+            preset ``"elf-official"``). False (library default, chosen on validation data; docs/protocols.md):
+            those statistics follow the student's own path only, the one the model sees at test time (batch
+            statistics are still used in the pass on F(x)). Models with no BatchNorm in the rear are unaffected.
         adapter: ``None`` (the student's feature at the cut must have the bank's shape, as in the paper) or
             ``"auto"``: when the shapes differ, learned adapters map the student's feature to the teacher's
             (front term) and the teacher's to the student's (rear term); see :mod:`elf.adapters`. They train with
@@ -66,7 +67,7 @@ class Protocol:
     lambda_rear: float = 1.0
     distance: str | Callable[..., Any] = "ce"
     features_on_augmented: bool = False
-    rear_bn_stats_from_features: bool = True
+    rear_bn_stats_from_features: bool = False
     adapter: str | None = None
     align_targets: bool = False
     eval_batch_size: int = 512
@@ -123,10 +124,21 @@ class Protocol:
         return out
 
 
-_OFFICIAL = Protocol(notes="official ELF evaluation (public ELF code, Dec 2023): ELF terms on, lr 0.01, 1000 epochs, DSA")
+_OFFICIAL = Protocol(name="elf-official", rear_bn_stats_from_features=True,
+                     notes="the public ELF evaluation code exactly (Dec 2023): ELF terms on, lr 0.01, 1000 epochs, DSA; "
+                           "the rear's pass on F(x) also updates BatchNorm running statistics")
+_ELF = _OFFICIAL.replace(name="elf", rear_bn_stats_from_features=False,
+                         notes="official ELF numbers; BatchNorm running statistics of the rear follow the student's path "
+                               "only (library default, chosen on validation data; same as elf-official for models "
+                               "without BatchNorm in the rear, e.g. ConvNet)")
 
 PROTOCOLS: dict[str, Protocol] = {
-    "elf": _OFFICIAL,
+    "elf": _ELF,
+    "elf-official": _OFFICIAL,
+    "elf-cross": _ELF.replace(name="elf-cross", adapter="auto", align_targets=True,
+                              notes="'elf' + learned adapters (any teacher for any student) + targets aligned with the "
+                                    "student's DSA geometry: the best setting on validation data across ResNet-18, "
+                                    "VGG-11 and ViT students (benchmarks/results/gpu-val-study)"),
     # the same training with the ELF terms off: how DSA / DM / MTT-era papers evaluate (DSA and DM code: 1000 epochs)
     "dsa": _OFFICIAL.replace(name="dsa", lambda_front=0.0, lambda_rear=0.0,
                              notes="DSA sets as DM and ELF evaluate them: lr 0.01, 1000 (+1) epochs, DSA, no ELF terms "

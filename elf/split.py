@@ -359,7 +359,7 @@ def auto_split_point(
 
     want = tuple(int(s) for s in feature_shape)
     points = [p for p in list_split_points(model, input_shape, leaf_modules=leaf_modules,
-                                           autowrap_functions=autowrap_functions)[:-1] if p.shape is not None]
+                                           autowrap_functions=autowrap_functions) if p.shape is not None]
     exact = [p for p in points if p.shape == want]
     if exact:
         return exact[-1].name, f"deepest point with the teacher's feature shape {want}"

@@ -278,8 +278,8 @@ class ELFTrainer:
         else:
             raise ELFError(f"model must be a name, an nn.Module, a factory or (front, rear); got {type(spec).__name__}")
         model = model.to(self.device)
-        if not (self.protocol.uses_features or self.split_at):
-            return model, None, None
+        if not (self.protocol.uses_features or (self.split_at and self.split_at != "auto")):
+            return model, None, None  # a baseline needs no cut ("auto" picks one only for a feature bank)
         point = self._resolve_split(model)
         front, rear = split_model(model, point, leaf_modules=self.leaf_modules)
         return model, front, rear
@@ -291,8 +291,8 @@ class ELFTrainer:
             return self.split_point
         if self.split_point is None:
             if self.feature_bank is None:
-                raise ELFError(f"{self.model_name} has no default split point and split_at='auto' chooses the cut for a "
-                               "teacher feature bank: pass split_at= or feature_bank= (or teacher=)")
+                raise ELFError(f"split_at='auto' chooses the cut of {self.model_name} for a teacher feature bank, and there "
+                               "is none: pass split_at= or feature_bank= (or teacher=)")
             point, why = auto_split_point(model, tuple(self.images.shape[1:]), self.feature_bank.shape,
                                           adapter=self.protocol.adapter is not None, leaf_modules=self.leaf_modules)
             self.split_point = point

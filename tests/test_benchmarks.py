@@ -57,3 +57,46 @@ def test_accdd_time_ratio_reads_study_runs(tmp_path: Path) -> None:
     assert [p["std"] for p in result["curves"]["early"]] == [1.0, 1.0]
     _load("accdd_time_ratio").main(["--runs", str(runs), "--out", str(out), "--pool-seconds", "early=100"])
     assert abs(json.loads(out.read_text())["early"]["time_ratio_with_pool"] - 190 / 200) < 1e-9
+
+
+def test_gpu_check_cpu_path_tiny(tmp_path: Path, torch_single_thread: None) -> None:
+    """benchmarks/gpu_check.py must work the first time on a GPU machine: its whole path runs here on toy sizes."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for k in range(10):
+            d = tmp_path / "data" / split / f"c{k}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    env = {**__import__("os").environ, "ELF_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"), "--results",
+                           str(tmp_path / "results"), "--epochs", "1", "--procs", "2"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "gpu-check.json").read_text())
+    assert report["teacher_w512"]["checkpoint"] == "epoch_001.safetensors" and report["dsa_set"]["metadata"]["method"] == "dsa"
+    assert all(stage["rc"] == 0 for name, stage in report["stages"].items() if isinstance(stage, dict))
+    dm = (tmp_path / "results" / "gpu-cross-arch-dm" / "summary.md").read_text()
+    assert "| dm200 | AlexNet |" in dm and "n/a" in dm  # the paper's ELF cannot serve AlexNet's 192x4x4 cut
+    assert (tmp_path / "results" / "gpu-cross-arch-dsa" / "dsa_ipc10.safetensors").exists()
+    val = (tmp_path / "results" / "gpu-val-study" / "summary.md").read_text()
+    assert val.startswith("# Choosing") and "Validation accuracy" in val
+    table = _load("cross_arch_table")
+    cells = table.load_cells(tmp_path / "results" / "gpu-cross-arch-dm")
+    assert ("dm200", "AlexNet", "elf") not in cells and ("dm200", "AlexNet", "adapt-sbn") in cells
+
+
+def test_cross_arch_table_marks_the_target() -> None:
+    table = _load("cross_arch_table")
+    cells = {("s", "M", "baseline"): [30.0, 31.0], ("s", "M", "elf"): [33.0, 33.2], ("s", "M", "best"): [35.0, 35.4],
+             ("s", "N", "baseline"): [30.0, 32.0], ("s", "N", "best"): [32.5, 34.5]}
+    text = table.table(cells, "best")
+    assert "| s | M | 30.50 ± 0.50 | 33.10 ± 0.10 | 35.20 ± 0.20 | +4.70 | yes | +2.10 (apart) |" in text
+    assert "| s | N | 31.00 ± 1.00 | n/a | 33.50 ± 1.00 | +2.50 | no | - |" in text

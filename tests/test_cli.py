@@ -99,6 +99,11 @@ def test_train_teacher_then_eval(tmp_path: Path, image_folder: Path, synthetic_f
     assert result["test"]["n"] == 3 * 8
     assert result["teachers"][0]["teacher_model"] == "ConvNetW8D2"
     assert result["environment"]["torch_version"] == torch.__version__
+    assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is False  # library default
+    assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
+                 "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", "--protocol", "elf-official",
+                 "--out", str(result_file), *common]) == 0
+    (row,) = json.loads(result_file.read_text())["results"]
     assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is True
     assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
                  "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", "--rear-bn-stats", "student",
@@ -209,3 +214,30 @@ def test_distill_mtt_and_glad_from_the_command_line(tmp_path: Path, image_folder
     assert "| ConvNetW8D2 |" in capsys.readouterr().out
     assert main(["distill", "--method", "mtt", "--ipc", "1", "--out", str(tmp_path / "x.safetensors"), *common]) == 2
     assert "--experts" in capsys.readouterr().err
+
+
+def test_eval_bundled_teacher_serves_resnet_and_vit_through_adapters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue #9: `elf eval --models ResNet18BN timm.<vit> --adapter auto` runs with the bundled width-128 teacher."""
+    pytest.importorskip("timm")
+    from PIL import Image
+
+    assets = Path(elf.__file__).parent / "assets"
+    rng = np.random.default_rng(0)
+    for k in range(10):  # the bundled set has CIFAR-10's 10 classes: a toy 10-class test folder at 32x32
+        for split in ("train", "test"):
+            d = tmp_path / "data" / split / f"c{k}"
+            d.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "0.png")
+    out = tmp_path / "r.json"
+    common = ["--images", str(assets / "demo_set.safetensors"), "--teacher", str(assets / "demo_teacher.safetensors"),
+              "--teacher-model", "ConvNet", "--epochs", "1", "--runs", "1", "--no-baseline", "--device", "cpu",
+              "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    vit = "timm.vit_tiny_patch16_224:patch_size=4"
+    with pytest.raises(SystemExit):  # without adapters the shapes do not match: a one-line error, exit 2
+        raise SystemExit(main(["eval", *common, "--models", "ResNet18BN"]))
+    assert "--adapter auto" in capsys.readouterr().err
+    assert main(["eval", *common, "--models", "ResNet18BN", vit, "--adapter", "auto", "--align-targets", "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["ResNet18BN"]["split_at"] == "layer4.0" and rows[vit]["split_at"] == "norm"
+    assert "(65, 192)" in rows[vit]["elf"]["data"]["adapters"]
+    assert rows[vit]["elf"]["protocol"]["adapter"] == "auto" and rows[vit]["elf"]["protocol"]["align_targets"]

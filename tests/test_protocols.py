@@ -20,6 +20,11 @@ def test_presets_pin_their_numbers() -> None:
     assert official.augment == "color_crop_cutout_flip_scale_rotate" and official.reset_optimizer_at_decay
     assert (official.lambda_front, official.lambda_rear, official.distance) == (1.0, 1.0, "ce")
     assert not official.features_on_augmented and not official.learned_lr
+    # the library default differs from the public code only in the rear's BatchNorm statistics
+    assert not official.rear_bn_stats_from_features and p["elf-official"].rear_bn_stats_from_features
+    assert p["elf-official"].replace(name="elf", rear_bn_stats_from_features=False, notes="") == official
+    assert p["elf-cross"].adapter == "auto" and p["elf-cross"].align_targets
+    assert p["elf-cross"].replace(name="elf", adapter=None, align_targets=False) == official
     for name in ("dsa", "dm", "mtt", "glad"):
         assert not p[name].uses_features and p[name].epochs == 1000 and p[name].augment == official.augment
     assert p["mtt"].learned_lr and p["glad"].learned_lr and not p["dsa"].learned_lr
