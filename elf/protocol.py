@@ -140,17 +140,17 @@ PROTOCOLS: dict[str, Protocol] = {
                                     "student's DSA geometry: the best setting on validation data across ResNet-18, "
                                     "VGG-11 and ViT students (benchmarks/results/gpu-val-study)"),
     # the same training with the ELF terms off: how DSA / DM / MTT-era papers evaluate (DSA and DM code: 1000 epochs)
-    "dsa": _OFFICIAL.replace(name="dsa", lambda_front=0.0, lambda_rear=0.0,
+    "dsa": _ELF.replace(name="dsa", lambda_front=0.0, lambda_rear=0.0,
                              notes="DSA sets as DM and ELF evaluate them: lr 0.01, 1000 (+1) epochs, DSA, no ELF terms "
                                    "(the DC/DSA repository's main.py defaults to epoch_eval_train 300: epochs=300 matches it)"),
-    "dm": _OFFICIAL.replace(name="dm", lambda_front=0.0, lambda_rear=0.0,
+    "dm": _ELF.replace(name="dm", lambda_front=0.0, lambda_rear=0.0,
                             notes="DM public code main_DM.py: epoch_eval_train 1000, lr 0.01, DSA"),
-    "dc": _OFFICIAL.replace(name="dc", epochs=300, augment=None, lambda_front=0.0, lambda_rear=0.0,
+    "dc": _ELF.replace(name="dc", epochs=300, augment=None, lambda_front=0.0, lambda_rear=0.0,
                             notes="DC/DSA repository main.py: epoch_eval_train 300, no augmentation for DC on CIFAR"),
-    "mtt": _OFFICIAL.replace(name="mtt", lambda_front=0.0, lambda_rear=0.0, learned_lr=True,
+    "mtt": _ELF.replace(name="mtt", lambda_front=0.0, lambda_rear=0.0, learned_lr=True,
                              notes="MTT public code distill.py: epoch_eval_train 1000, learned lr when present, DSA, "
                                    "ZCA images evaluated in ZCA space"),
-    "glad": _OFFICIAL.replace(name="glad", lambda_front=0.0, lambda_rear=0.0, learned_lr=True,
+    "glad": _ELF.replace(name="glad", lambda_front=0.0, lambda_rear=0.0, learned_lr=True,
                               notes="as 'mtt' (GLaD builds on MTT's code base; not checked against GLaD's own scripts); GLaD sets are "
                                     "never ZCA'd"),
 }

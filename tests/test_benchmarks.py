@@ -60,7 +60,7 @@ def test_accdd_time_ratio_reads_study_runs(tmp_path: Path) -> None:
 
 
 def test_gpu_check_cpu_path_tiny(tmp_path: Path, torch_single_thread: None) -> None:
-    """benchmarks/gpu_check.py must work the first time on a GPU machine: its whole path runs here on toy sizes."""
+    """benchmarks/gpu_check.sh must work the first time on a GPU machine: its whole path runs here on toy sizes."""
     import subprocess
     import sys
 
@@ -74,8 +74,8 @@ def test_gpu_check_cpu_path_tiny(tmp_path: Path, torch_single_thread: None) -> N
             d.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    env = {**__import__("os").environ, "ELF_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
+    env = {**__import__("os").environ, "ELF_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny",
                            "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"), "--results",
                            str(tmp_path / "results"), "--epochs", "1", "--procs", "2"],
                           capture_output=True, text=True, timeout=600, env=env)

@@ -100,3 +100,9 @@ def test_validation_split_is_disjoint_and_balanced() -> None:
     assert torch.bincount(val.labels).tolist() == [2, 2, 2, 2] and torch.bincount(rest.labels).tolist() == [3, 3, 3, 3]
     with pytest.raises(ELFError, match="fewer than k=6"):
         images.split_validation(6)
+
+
+def test_method_presets_share_the_library_default_for_elf_runs() -> None:
+    """ELF runs under a method's preset (``with_elf()``) use the measured default, not the official BN behaviour."""
+    for name in ("dsa", "dm", "dc", "mtt", "glad"):
+        assert not elf.PROTOCOLS[name].with_elf().rear_bn_stats_from_features
