@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.data:
         ap.error("--data (or ELF_DATA) is required")
-    args.data = str(Path(args.data).resolve())
+    # every process runs in the repository root; paths inside it are recorded relative to it
+    args.data, args.work, args.results = (_portable(p) for p in (args.data, args.work, args.results))
+    os.chdir(ROOT)
     if args.worker:
         return worker(args)
 
@@ -220,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(log, results / f"gpu-check-{log.name}")
     print(json.dumps({k: v for k, v in report.items() if k != "teacher_w512"}, indent=1, default=str))
     return 0
+
+
+def _portable(path: str) -> str:
+    """``path`` relative to the repository root when it lies inside it (records carry no machine paths), else absolute."""
+    full = Path(path).resolve()
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(full)
 
 
 def _pass(args: argparse.Namespace) -> list[str]:

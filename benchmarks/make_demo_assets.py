@@ -27,7 +27,20 @@ from elf.fileio import atomic_write, file_sha256, save_tensors
 from elf.io import save_synthetic
 from elf.teacher import load_teacher
 
-ASSETS = Path(__file__).resolve().parents[1] / "elf" / "assets"
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "elf" / "assets"
+
+
+def portable_settings(settings: dict) -> dict:
+    """The settings as recorded: paths relative to the repository (no machine's absolute paths), numbers as given."""
+    import os
+
+    out = {}
+    for key, value in settings.items():
+        if key in ("data", "teacher_dir", "out"):
+            value = os.path.relpath(Path(value).resolve(), ROOT)
+        out[key] = value
+    return out
 
 
 def main() -> None:
@@ -42,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info: dict = {"made_by": "benchmarks/make_demo_assets.py", "settings": vars(args), "data_sha256": file_sha256(args.data)}
+    info: dict = {"made_by": "benchmarks/make_demo_assets.py", "settings": portable_settings(vars(args)), "data_sha256": file_sha256(args.data)}
 
     # 1. teacher
     t0 = time.perf_counter()

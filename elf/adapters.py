@@ -24,10 +24,9 @@ from einops import rearrange
 from torch import nn
 
 from .errors import ELFError
+from .protocol import ADAPTER_MODES
 
-__all__ = ["FeatureLayout", "infer_layout", "FeatureAdapter", "ELFAdapters", "build_adapters", "ADAPTER_MODES"]
-
-ADAPTER_MODES = (None, "auto")
+__all__ = ["FeatureLayout", "infer_layout", "FeatureAdapter", "ELFAdapters", "build_adapters"]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from .feature_bank import FeatureBank
 from .losses import prepare_targets
 from .models import create_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol
-from .split import auto_split_point, split_model
+from .split import list_split_points, split_model
 from .trainer import ELFTrainer, EvalResult
 
 __all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "choose_bank", "format_table", "environment"]
@@ -52,10 +52,13 @@ class ModelComparison:
         }
 
 
-def front_shape(model_name: str, image_shape: Sequence[int], num_classes: int, split_at: str | None = None) -> tuple[int, ...]:
-    """Per-image output shape of ``model_name``'s front at ``split_at`` (default point) for ``(C, H, W)`` inputs."""
+def front_shape(model_name: str | torch.nn.Module, image_shape: Sequence[int], num_classes: int,
+                split_at: str | None = None) -> tuple[int, ...]:
+    """Per-image output shape of a model's front at ``split_at`` (default point) for ``(C, H, W)`` inputs; the model
+    is a name for :func:`~elf.create_model` or an already built module (run in eval mode, then left so)."""
     c, h, w = image_shape
-    model = create_model(model_name, channel=c, num_classes=num_classes, im_size=(h, w)).eval()
+    model = (create_model(model_name, channel=c, num_classes=num_classes, im_size=(h, w))
+             if isinstance(model_name, str) else model_name).eval()
     front = split_model(model, split_at or default_split_point(model)).front
     with torch.no_grad():
         return tuple(front(torch.zeros(1, c, h, w)).shape[1:])
@@ -85,16 +88,14 @@ def choose_bank(
     model = create_model(model_name, channel=c, num_classes=num_classes, im_size=(h, w))
     if split_at is None and not has_default_split_point(model):
         split_at = "auto"  # as ELFTrainer does for models without a default cut
-    if split_at == "auto":
-        for bank in banks:
-            try:
-                auto_split_point(model, tuple(image_shape), bank.shape)
-                return bank
-            except ELFError:
-                continue
+    if split_at == "auto":  # a bank that some point gives exactly (auto_split_point's first rule)
+        shapes = {p.shape for p in list_split_points(model, tuple(image_shape))}
+        bank = next((b for b in banks if b.shape in shapes), None)
+        if bank is not None:
+            return bank
         shape: tuple[int, ...] | str = "no exact match at any point"
     else:
-        shape = front_shape(model_name, image_shape, num_classes, split_at)
+        shape = front_shape(model, image_shape, num_classes, split_at)
         bank = pick_bank(shape, banks)
         if bank is not None:
             return bank

@@ -16,7 +16,10 @@ from typing import Any
 
 from .errors import ELFError
 
-__all__ = ["Protocol", "PROTOCOLS", "get_protocol"]
+__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "ADAPTER_MODES"]
+
+#: ``Protocol.adapter`` values: None (shapes must match, as in the paper) or "auto" (adapters where they differ).
+ADAPTER_MODES: tuple[str | None, ...] = (None, "auto")
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ class Protocol:
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if self.adapter not in (None, "auto"):
-            raise ELFError(f"protocol adapter must be None or 'auto', got {self.adapter!r}")
+        if self.adapter not in ADAPTER_MODES:
+            raise ELFError(f"protocol adapter must be one of {ADAPTER_MODES}, got {self.adapter!r}")
         if self.align_targets and self.features_on_augmented:
             raise ELFError("align_targets and features_on_augmented both make targets match the augmented view: choose one")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -297,12 +298,12 @@ class ELFTrainer:
                                           adapter=self.protocol.adapter is not None, leaf_modules=self.leaf_modules)
             self.split_point = point
             if self.progress:
-                import sys
-
                 print(f"{self.model_name}: split_at='auto' chose {point!r} ({why})", file=sys.stderr)
         return self.split_point
 
-    def _check_shapes(self, model: nn.Module, front: nn.Module | None) -> None:
+    def _check_shapes(self, model: nn.Module, front: nn.Module | None) -> tuple[int, ...] | None:
+        """Check the model's output against the labels and its front against the bank (unless adapters may bridge
+        them); returns the front's per-image output shape, or None without a front or bank."""
         was_training = model.training
         model.eval()
         try:
@@ -320,15 +321,12 @@ class ELFTrainer:
                         f"{self.model_name} outputs shape {tuple(out.shape)} but the labels have {self.num_classes} classes; "
                         "build the model with num_classes matching the labels"
                     )
-                self.adapters = None
-                if front is not None and self.feature_bank is not None:
-                    got = tuple(front(x).shape[1:])
-                    want = self.feature_bank.shape
-                    if got != want and self.protocol.adapter is None:
-                        raise ELFError(self._shape_mismatch_message(model, got, want))
-                    self.adapters = build_adapters(self.protocol.adapter, got, want)
-                    if self.adapters is not None:
-                        self.adapters.to(self.device)
+                if front is None or self.feature_bank is None:
+                    return None
+                got = tuple(front(x).shape[1:])
+                if got != self.feature_bank.shape and self.protocol.adapter is None:
+                    raise ELFError(self._shape_mismatch_message(model, got, self.feature_bank.shape))
+                return got
         finally:
             model.train(was_training)
 
@@ -368,7 +366,13 @@ class ELFTrainer:
         p = self.protocol
         torch.manual_seed(seed)
         model, front, rear = self._build_model()
-        self._check_shapes(model, front)
+        got = self._check_shapes(model, front)
+        # adapters are drawn from the global RNG after the model, so ELF and baseline models start alike
+        self.adapters = None
+        if got is not None and self.feature_bank is not None:
+            self.adapters = build_adapters(self.protocol.adapter, got, self.feature_bank.shape)
+            if self.adapters is not None:
+                self.adapters.to(self.device)
         self.model, self.front, self.rear = model, front, rear
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)

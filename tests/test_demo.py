@@ -35,3 +35,32 @@ def test_demo_runs_offline(capsys: pytest.CaptureFixture[str]) -> None:
 def test_demo_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--info"]) == 0
     assert json.loads(capsys.readouterr().out)["synthetic_set"]["method"] == "DM"
+
+
+def test_shipped_files_record_no_machine_paths() -> None:
+    """Docs and the bundled asset record name paths relative to the repository or the user's input, never the
+    absolute paths of the machine that wrote them."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"[\"'(\s]/(work|home|root|tmp|Users)/")
+    files = sorted((root / "docs").glob("*.md")) + sorted((root / "elf" / "assets").glob("*.json")) + [root / "README.md"]
+    offenders = [f"{f.relative_to(root)}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, offenders
+
+
+def test_make_demo_assets_records_relative_paths() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_demo_assets", root / "benchmarks" / "make_demo_assets.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    got = mod.portable_settings({"data": str(root.parent / "shared" / "x.tar.gz"), "out": str(root / "elf" / "assets"),
+                                 "teacher_dir": "runs/t", "seed": 0})
+    assert got["data"] == "../shared/x.tar.gz" and got["out"] == "elf/assets" and got["seed"] == 0
+    assert not Path(got["teacher_dir"]).is_absolute()
