@@ -121,13 +121,14 @@ class FeatureAdapter(nn.Module):
     """Map features of layout ``source`` to layout ``target``: to a map, resize, 1x1 convolution, to ``target``.
 
     The convolution is left out when the channel counts are equal (the adapter is then parameter-free unless the
-    target has prefix tokens, which are learned).
+    target has prefix tokens, which are learned), unless ``learned=True``.
     """
 
-    def __init__(self, source: FeatureLayout, target: FeatureLayout) -> None:
+    def __init__(self, source: FeatureLayout, target: FeatureLayout, learned: bool = False) -> None:
         super().__init__()
         self.source, self.target = source, target
-        self.proj = nn.Conv2d(source.channels, target.channels, 1) if source.channels != target.channels else nn.Identity()
+        self.proj = (nn.Conv2d(source.channels, target.channels, 1) if learned or source.channels != target.channels
+                     else nn.Identity())
         self.prefix = nn.Parameter(torch.zeros(1, target.prefix, target.channels)) if target.prefix else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,24 +143,27 @@ class FeatureAdapter(nn.Module):
 class ELFAdapters(nn.Module):
     """The pair used by one ELF run: ``to_teacher`` for the front term and ``to_student`` for the rear term."""
 
-    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], student_layout: str = "auto") -> None:
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], student_layout: str = "auto",
+                 learned: bool = False) -> None:
         super().__init__()
         if len(teacher_shape) != 3:
             raise ELFError(f"adapters need a teacher feature map (C, H, W); the bank holds {tuple(teacher_shape)}")
         s = infer_layout(student_shape, student_layout)
         t = infer_layout(teacher_shape, "map")
         self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
-        self.to_teacher = FeatureAdapter(s, t)
-        self.to_student = FeatureAdapter(t, s)
+        self.to_teacher = FeatureAdapter(s, t, learned)
+        self.to_student = FeatureAdapter(t, s, learned)
 
     def extra_repr(self) -> str:
         return f"student {self.student_shape} <-> teacher {self.teacher_shape}"
 
 
 def build_adapters(mode: str | None, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> ELFAdapters | None:
-    """Adapters for ``mode`` (``None``: none; ``"auto"``: only when the shapes differ)."""
+    """Adapters for ``mode``: ``None``: none; ``"auto"``: only when the shapes differ; ``"always"``: learned 1x1
+    projections both ways even when the shapes are equal (the student is then not forced to copy the teacher's map
+    channel for channel)."""
     if mode not in ADAPTER_MODES:
-        raise ELFError(f"unknown adapter mode {mode!r}; use None (shapes must match) or 'auto'")
-    if mode is None or tuple(student_shape) == tuple(teacher_shape):
+        raise ELFError(f"unknown adapter mode {mode!r}; use one of {ADAPTER_MODES}")
+    if mode is None or (mode == "auto" and tuple(student_shape) == tuple(teacher_shape)):
         return None
-    return ELFAdapters(tuple(student_shape), tuple(teacher_shape))
+    return ELFAdapters(tuple(student_shape), tuple(teacher_shape), learned=mode == "always")

@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rear-bn-stats", default=None, choices=["features", "student"],
                    help="BatchNorm running stats in the rear: also updated by the pass on teacher features (official "
                         "loop, elf-official) or by the student's own path only (default; see docs/protocols.md)")
-    g.add_argument("--adapter", default=None, choices=["none", "auto"],
+    g.add_argument("--adapter", default=None, choices=["none", "auto", "always"],
                    help="auto: learned adapters bridge a student feature whose shape differs from the teacher's (any "
-                        "teacher for any model; see docs/adapters.md); none: shapes must match (paper)")
+                        "teacher for any model; see docs/adapters.md); always: learned projections even for equal "
+                        "shapes; none: shapes must match (paper)")
     g.add_argument("--align-targets", action="store_true",
                    help="apply each batch's geometric DSA transform to the teacher feature maps too (see docs/trainer.md)")
     g.add_argument("--no-augment", action="store_true", help="train without DSA")

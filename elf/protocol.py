@@ -18,8 +18,9 @@ from .errors import ELFError
 
 __all__ = ["Protocol", "PROTOCOLS", "get_protocol", "ADAPTER_MODES"]
 
-#: ``Protocol.adapter`` values: None (shapes must match, as in the paper) or "auto" (adapters where they differ).
-ADAPTER_MODES: tuple[str | None, ...] = (None, "auto")
+#: ``Protocol.adapter`` values: None (shapes must match, as in the paper), "auto" (adapters where they differ) or
+#: "always" (learned projections even where the shapes are equal).
+ADAPTER_MODES: tuple[str | None, ...] = (None, "auto", "always")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Protocol:
         adapter: ``None`` (the student's feature at the cut must have the bank's shape, as in the paper) or
             ``"auto"``: when the shapes differ, learned adapters map the student's feature to the teacher's
             (front term) and the teacher's to the student's (rear term); see :mod:`elf.adapters`. They train with
-            the model and are not part of it.
+            the model and are not part of it. ``"always"``: learned 1x1 projections both ways even for equal shapes.
         align_targets: apply the geometric part of each batch's DSA draw (crop, flip, scale, rotate) to the teacher
             feature maps too, so targets line up with the augmented images the student sees (official: off; the
             4x4 targets then stay un-augmented). The rear term then also sees the aligned maps.

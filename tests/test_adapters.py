@@ -622,3 +622,23 @@ def test_study_measures_on_held_out_training_images(tmp_path, make_image_folder)
     tr = train.as_float(res.norm()).flatten(1)
     for img in val.as_float(res.norm()).flatten(1):
         assert not (tr == img).all(1).any()
+
+
+def test_adapter_always_learns_projections_for_equal_shapes(data, bank128) -> None:
+    """adapter="always": learned 1x1 projections both ways even when the student's cut has the teacher's shape."""
+    from elf.adapters import build_adapters
+
+    assert build_adapters("auto", (128, 4, 4), (128, 4, 4)) is None
+    ad = build_adapters("always", (128, 4, 4), (128, 4, 4))
+    assert ad is not None
+    assert isinstance(ad.to_teacher.proj, nn.Conv2d) and isinstance(ad.to_student.proj, nn.Conv2d)
+    with pytest.raises(ELFError, match="always"):
+        build_adapters("sometimes", (128, 4, 4), (128, 4, 4))
+    x, y = data
+    tr = _trainer("ConvNet", x, y, feature_bank=bank128, adapter="always")
+    tr.fit(0)
+    assert tr.adapters is not None and isinstance(tr.adapters.to_teacher.proj, nn.Conv2d)
+    assert sum(p.numel() for p in tr.model.parameters()) == sum(p.numel() for p in create_model("ConvNet", num_classes=K).parameters())
+    plain = _trainer("ConvNet", x, y, feature_bank=bank128, adapter="auto")
+    plain.fit(0)
+    assert plain.adapters is None
