@@ -100,3 +100,12 @@ def test_cross_arch_table_marks_the_target() -> None:
     text = table.table(cells, "best")
     assert "| s | M | 30.50 ± 0.50 | 33.10 ± 0.10 | 35.20 ± 0.20 | +4.70 | yes | +2.10 (apart) |" in text
     assert "| s | N | 31.00 ± 1.00 | n/a | 33.50 ± 1.00 | +2.50 | no | - |" in text
+
+
+def test_committed_width512_teacher_loads() -> None:
+    """The H200's width-512 teacher, committed in fp16 for the CPU studies, passes the checkpoint checksum."""
+    import elf
+
+    model = elf.create_model("ConvNetW512")
+    elf.load_checkpoint(model, ROOT / "benchmarks" / "results" / "gpu-cross-arch-dm" / "teacher_w512_epoch007_fp16.safetensors")
+    assert next(model.parameters()).dtype == torch.float32
