@@ -38,7 +38,7 @@ def portable_settings(settings: dict) -> dict:
     out = {}
     for key, value in settings.items():
         if key in ("data", "teacher_dir", "out"):
-            value = os.path.relpath(Path(value).resolve(), ROOT)
+            value = os.path.relpath(os.path.abspath(value), ROOT)  # abspath: a symlinked data folder keeps its name
         out[key] = value
     return out
 
