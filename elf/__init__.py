@@ -5,8 +5,6 @@ Public API::
     from elf import ELFTrainer, FeatureBank, split_model, list_split_points, ConvNet, create_model
 """
 
-__version__ = "0.1.0"
-
 from .augment import DSA, DSAParams
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ELFError
@@ -14,8 +12,9 @@ from .feature_bank import FeatureBank
 from .losses import DISTANCES, feature_distance
 from .models import AlexNet, ConvNet, ResNet, VGG, create_model, default_split_point, list_models, register_model
 from .protocol import PROTOCOLS, Protocol, get_protocol
-from .split import SplitModules, SplitPoint, list_split_points, split_model
+from .split import SplitModules, SplitOptions, SplitPoint, list_split_points, split_model
 from .trainer import Callback, ELFTrainer, EvalResult
+from .version import __version__
 
 __all__ = [
     "AlexNet",
@@ -32,6 +31,7 @@ __all__ = [
     "Protocol",
     "ResNet",
     "SplitModules",
+    "SplitOptions",
     "SplitPoint",
     "VGG",
     "__version__",

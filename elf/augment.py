@@ -11,7 +11,7 @@ Design points of this implementation (our own code, following the published defi
 * Sampling and applying are separate: :meth:`DSA.sample` draws a :class:`DSASample` (the op names and the
   parameter tensors), :meth:`DSA.apply` applies it. Applying one sample to two batches gives the *Siamese*
   augmentation; ``batch_shared=True`` draws one parameter set for the whole batch, which can then be applied to
-  batches of any size.
+  batches of any size. Both sides are table-driven: one sampler and one apply function per op.
 * Per-sample random numbers are drawn on the images' device from the caller's ``generator`` (or the global RNG of
   that device). The op choice in mode ``"S"`` is drawn on the CPU (from ``op_generator``, the DSA object's own
   seeded generator, or torch's global CPU RNG), so no call ever waits for the accelerator: there is no
@@ -290,42 +290,10 @@ class DSA:
         dev = torch.device("cpu") if device is None else torch.device(device)
         _check_generator(generator, dev)
         ops = self._choose_ops(op_generator)
-        m = 1 if batch_shared else n
-        p = self.params
-
-        def rand(count: int) -> Tensor:
-            return torch.rand(count, generator=generator, device=dev, dtype=torch.float32)
-
-        def randint(low: int, high_inclusive: int, count: int) -> Tensor:
-            return torch.randint(low, high_inclusive + 1, (count,), generator=generator, device=dev)
-
+        draw = _Draw(generator, dev, 1 if batch_shared else n, h, w)
         values: dict[str, Tensor] = {}
-        for op in ops:
-            if op == "color":
-                values["brightness"] = (rand(m) - 0.5) * p.brightness
-                values["saturation"] = rand(m) * p.saturation
-                values["contrast"] = rand(m) + p.contrast
-            elif op == "crop":
-                sh, sw = _crop_shift(h, p.ratio_crop_pad), _crop_shift(w, p.ratio_crop_pad)
-                dy = randint(-sh, sh, m)
-                dx = randint(-sw, sw, m)
-                values["crop"] = torch.stack([dy, dx], dim=1)
-            elif op == "cutout":
-                ch, cw = _cutout_size(h, p.ratio_cutout), _cutout_size(w, p.ratio_cutout)
-                # Centres as in the DSA paper's code: U{0, ..., H - 1 + (1 - size % 2)}.
-                cy = randint(0, h - 1 + (1 - ch % 2), m)
-                cx = randint(0, w - 1 + (1 - cw % 2), m)
-                values["cutout"] = torch.stack([cy, cx], dim=1)
-            elif op == "flip":
-                values["flip"] = rand(m) < p.prob_flip
-            elif op == "scale":
-                r = p.ratio_scale
-                lo, hi = min(r, 1.0 / r), max(r, 1.0 / r)
-                sx = rand(m) * (hi - lo) + lo
-                sy = rand(m) * (hi - lo) + lo
-                values["scale"] = torch.stack([sx, sy], dim=1)
-            elif op == "rotate":
-                values["rotate"] = (rand(m) * 2.0 - 1.0) * p.ratio_rotate
+        for op in ops:  # one sampler per op, in the ops' order: the generator's draws follow that order
+            values.update(_SAMPLE[op](draw, self.params))
         return DSASample(ops=ops, **values)
 
     # ------------------------------------------------------------------ applying
@@ -417,6 +385,73 @@ def _param(sample: DSASample, name: str, x: Tensor, tail: tuple[int, ...]) -> Te
             "draw the sample for this batch, or with batch_shared=True to reuse it across batch sizes"
         )
     return value.to(device=x.device)
+
+
+class _Draw:
+    """What a sampler draws with: ``count`` values per call from ``generator`` on ``device``, for images ``h`` x ``w``."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device, count: int, h: int, w: int) -> None:
+        self.generator, self.device, self.count, self.h, self.w = generator, device, count, h, w
+
+    def rand(self) -> Tensor:
+        """``count`` floats from U[0, 1)."""
+        return torch.rand(self.count, generator=self.generator, device=self.device, dtype=torch.float32)
+
+    def randint(self, low: int, high_inclusive: int) -> Tensor:
+        """``count`` integers from U{low, ..., high_inclusive}."""
+        return torch.randint(low, high_inclusive + 1, (self.count,), generator=self.generator, device=self.device)
+
+
+# Samplers: one per op, each returning the DSASample fields of its op. The order of the draws inside a sampler is
+# part of the reproducibility contract (tests pin the values): change it only with a new seed convention.
+
+
+def _sample_color(d: _Draw, p: DSAParams) -> dict[str, Tensor]:
+    brightness = (d.rand() - 0.5) * p.brightness
+    saturation = d.rand() * p.saturation
+    contrast = d.rand() + p.contrast
+    return {"brightness": brightness, "saturation": saturation, "contrast": contrast}
+
+
+def _sample_crop(d: _Draw, p: DSAParams) -> dict[str, Tensor]:
+    sh, sw = _crop_shift(d.h, p.ratio_crop_pad), _crop_shift(d.w, p.ratio_crop_pad)
+    dy = d.randint(-sh, sh)
+    dx = d.randint(-sw, sw)
+    return {"crop": torch.stack([dy, dx], dim=1)}
+
+
+def _sample_cutout(d: _Draw, p: DSAParams) -> dict[str, Tensor]:
+    ch, cw = _cutout_size(d.h, p.ratio_cutout), _cutout_size(d.w, p.ratio_cutout)
+    # Centres as in the DSA paper's code: U{0, ..., H - 1 + (1 - size % 2)}.
+    cy = d.randint(0, d.h - 1 + (1 - ch % 2))
+    cx = d.randint(0, d.w - 1 + (1 - cw % 2))
+    return {"cutout": torch.stack([cy, cx], dim=1)}
+
+
+def _sample_flip(d: _Draw, p: DSAParams) -> dict[str, Tensor]:
+    return {"flip": d.rand() < p.prob_flip}
+
+
+def _sample_scale(d: _Draw, p: DSAParams) -> dict[str, Tensor]:
+    r = p.ratio_scale
+    lo, hi = min(r, 1.0 / r), max(r, 1.0 / r)
+    sx = d.rand() * (hi - lo) + lo
+    sy = d.rand() * (hi - lo) + lo
+    return {"scale": torch.stack([sx, sy], dim=1)}
+
+
+def _sample_rotate(d: _Draw, p: DSAParams) -> dict[str, Tensor]:
+    return {"rotate": (d.rand() * 2.0 - 1.0) * p.ratio_rotate}
+
+
+_SAMPLE = {
+    "color": _sample_color,
+    "crop": _sample_crop,
+    "cutout": _sample_cutout,
+    "flip": _sample_flip,
+    "scale": _sample_scale,
+    "rotate": _sample_rotate,
+}
 
 
 def _apply_color(x: Tensor, sample: DSASample, params: DSAParams) -> Tensor:

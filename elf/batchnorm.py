@@ -1,13 +1,14 @@
-"""BatchNorm helpers shared by the trainer, the distillers and the file loaders."""
+"""BatchNorm statistics helpers: find the layers, set their momentum, freeze or re-estimate their running statistics."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["batchnorm_layers", "has_batchnorm", "batchnorm_momentum", "frozen_bn_stats"]
+__all__ = ["batchnorm_layers", "has_batchnorm", "batchnorm_momentum", "frozen_bn_stats", "recompute_bn_stats"]
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -43,3 +44,25 @@ def frozen_bn_stats(module: nn.Module) -> contextlib.AbstractContextManager[None
     """Within the block, BatchNorm layers of ``module`` normalize with batch statistics (in train mode) but leave
     their running statistics and batch counters unchanged."""
     return batchnorm_momentum(module, 0.0, keep_counts=True)
+
+
+def recompute_bn_stats(model: nn.Module, images: Tensor, batch_size: int = 256) -> nn.Module:
+    """Reset BatchNorm running statistics and re-estimate them on ``images`` (N, C, H, W), already preprocessed.
+
+    Runs forward passes in train mode under ``no_grad`` with ``momentum=None``: the running stats become the plain
+    average of the per-batch statistics (batches weigh equally, so a short last batch counts as much as a full one);
+    returns the model in eval mode. Models without BatchNorm are only switched to eval mode.
+    """
+    bns = batchnorm_layers(model)
+    if bns:
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = images.device
+        for m in bns:
+            m.reset_running_stats()
+        model.train()
+        with batchnorm_momentum(model, None), torch.no_grad():
+            for i in range(0, images.shape[0], batch_size):
+                model(images[i : i + batch_size].to(device))
+    return model.eval()

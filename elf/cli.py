@@ -25,6 +25,13 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (a module name or a .py file) so the models it registers with "
+                        "elf.register_model can be named; repeat for several. Installed plugins (entry-point group "
+                        "elf_dd.models) load without it")
+
+
 def _add_test_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("real data")
     g.add_argument("--data", required=required, default=None,
@@ -40,12 +47,15 @@ def _add_test_data(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elf", description="ELF: evaluate distilled datasets on any architecture with distillation features.")
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"elf-dd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the built-in model names", description="List model names for --models and --teacher-model.")
+    p = sub.add_parser("models", help="list the model names (built-in, registered, plugins)",
+                       description="List model names for --models and --teacher-model: built-ins, models of --import "
+                                   "modules and of installed plugins (entry-point group elf_dd.models).")
+    _add_import(p)
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("split-points", help="list the valid split points of a model with their output shapes",
@@ -54,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--im-size", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--shape", default=None, metavar="CxHxW",
+                   help="list only the points with this per-image output shape, e.g. 512x4x4 (a teacher's feature shape)")
+    _add_import(p)
     p.set_defaults(func=_cmd_split_points)
 
     p = sub.add_parser("eval", help="evaluate a synthetic set with the baseline and with ELF",
@@ -107,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="write the full result as JSON here")
     _add_test_data(p, required=False)
     _add_device(p)
+    _add_import(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="baseline vs ELF on the bundled CIFAR-10 assets (no download)",
@@ -128,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N", help="run only shard I of N (0-based); under torchrun the rank decides")
     p.add_argument("--summarize", action="store_true", help="only collect finished runs into the summary")
     _add_device(p)
+    _add_import(p)
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("train-teacher", help="train a teacher ConvNet on real data (MTT expert protocol)",
@@ -146,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if a resume file exists")
     _add_test_data(p, required=False)
     _add_device(p)
+    _add_import(p)
     p.set_defaults(func=_cmd_train_teacher)
 
     p = sub.add_parser("distill", help="distill a synthetic set from real data (DM, DC, DSA, MTT; pixels or GLaD latents)",
@@ -213,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=None, help="distill from a class-balanced subset (quick runs)")
     g.add_argument("--cache-dir", default=None, help="decoded-data and pool cache (default: $ELF_CACHE or ~/.cache/elf-dd)")
     _add_device(p)
+    _add_import(p)
     p.set_defaults(func=_cmd_distill)
     return parser
 
@@ -233,13 +250,31 @@ def _cmd_split_points(args: argparse.Namespace) -> int:
     from .split import list_split_points
 
     h, w = args.im_size
+    if args.channels < 1 or h < 1 or w < 1 or args.num_classes < 1:
+        raise ELFError(f"--channels, --im-size and --num-classes must be positive, got {args.channels}, {h}x{w}, "
+                       f"{args.num_classes}")
+    shape = _parse_shape(args.shape) if args.shape else None
     model = create_model(args.model, channel=args.channels, num_classes=args.num_classes, im_size=(h, w))
     default = getattr(model, "elf_split_point", None)
-    print(f"{args.model} at {args.channels}x{h}x{w}: valid split points (output shape per image)")
-    for point in list_split_points(model, (args.channels, h, w)):
+    points = list_split_points(model, (args.channels, h, w), shape=shape)
+    which = f" with output shape {'x'.join(map(str, shape))}" if shape else ""
+    print(f"{args.model} at {args.channels}x{h}x{w}: valid split points{which} (output shape per image)")
+    for point in points:
         mark = "  <- default ELF point" if point.name == default or default in point.aliases else ""
         print(f"  {point}{mark}")
+    if shape and not points:
+        print(f"  (none: no point of {args.model} outputs {shape}; adapters bridge other shapes: --adapter auto)")
     return 0
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(v < 1 for v in shape):
+        raise ELFError(f"--shape must look like 512x4x4 (positive integers), got {text!r}")
+    return shape
 
 
 def _data_spec(args: argparse.Namespace) -> str:
@@ -280,7 +315,7 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import get_normalization
+    from .pixel_space import get_normalization
     from .evaluation import compare_models, environment, format_table
     from .feature_bank import FeatureBank
     from .fileio import atomic_write
@@ -350,35 +385,34 @@ def _split_points(items: Sequence[str], models: Sequence[str]) -> dict[str, str]
     for item in items:
         if "=" in item:
             model, point = item.rsplit("=", 1)
+            if not model or not point:
+                raise ELFError(f"--split-at {item!r}: expected MODEL=POINT (or a bare POINT for every model)")
             out[model] = point
+        elif item in models:
+            raise ELFError(f"--split-at {item!r} names a model, not a point: give {item}=POINT "
+                           f"(`elf split-points {item}` lists the points)")
         else:
             out.update({m: item for m in models})
     return out
 
 
 def _teacher_from_buffer(args: argparse.Namespace, path: str, name: str, sset: Any, num_classes: int, log: Any) -> Any:
-    """A teacher from one snapshot of an MTT expert buffer. Buffers hold parameters only: BatchNorm statistics are
-    recomputed on up to 500 real training images per class (prepared like the set), since the stored ones are lost."""
-    from .batchnorm import has_batchnorm
-    from .io import load_expert_buffer, load_parameters_into, recompute_bn_stats
-    from .models import create_model
+    """A teacher from one snapshot of an MTT expert buffer; BatchNorm statistics from up to 500 real training images
+    per class, prepared like the set (see :func:`elf.teacher.teacher_from_expert_buffer`)."""
+    from .teacher import teacher_from_expert_buffer
 
-    c, h, w = sset.images.shape[1:]
-    teacher = create_model(name, channel=c, num_classes=num_classes, im_size=(h, w))
-    load_parameters_into(teacher, load_expert_buffer(path, args.buffer_trajectory, args.buffer_epoch))
-    if has_batchnorm(teacher):
-        log(f"{path} holds no BatchNorm statistics: recomputing them for {name} on real training images")
+    def bn_images() -> torch.Tensor:
         train = _load_split(args, "train", None)
         train = train.per_class(min(500, int(train.class_counts().min())), torch.Generator().manual_seed(0))
         x = train.as_float(sset.normalization)
-        if sset.zca:
-            x = _zca(args, sset.normalization).transform(x)
-        recompute_bn_stats(teacher, x)
-    return teacher.eval()
+        return _zca(args, sset.normalization).transform(x) if sset.zca else x
+
+    return teacher_from_expert_buffer(path, name, tuple(sset.images.shape[1:]), num_classes, trajectory=args.buffer_trajectory,
+                                      epoch=args.buffer_epoch, bn_images=bn_images, log=log)
 
 
 def _zca(args: argparse.Namespace, norm: Any) -> Any:
-    from .data import fit_zca_cached
+    from .pixel_space import fit_zca_cached
 
     train = _load_split(args, "train", None)
     return fit_zca_cached(train, norm, eps=0.1, cache_dir=args.cache_dir)
@@ -410,10 +444,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
-    from .data import get_normalization
+    from .pixel_space import get_normalization
     from .teacher import train_teacher
 
-    from .data import space_metadata
+    from .pixel_space import space_metadata
 
     norm = get_normalization(args.normalization)
     train = _load_split(args, "train", args.train_per_class, args.seed)
@@ -436,99 +470,29 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional_module(name: str, what: str) -> Any:
-    """Import ``elf.distill.<name>`` or explain that ``what`` is not available in this build."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"elf.distill.{name}")
-    except ImportError as e:
-        raise ELFError(f"{what} is not available in this build of elf-dd (elf.distill.{name} cannot be imported: {e}); "
-                       "use --method dm/dc/dsa with --param pixels") from e
-
-
 def _cmd_distill(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .data import default_cache_dir, get_normalization
-    from .distill import (METHOD_DEFAULTS, DistributionMatching, EarlyStagePool, GradientMatching, PerturbedPool,
-                          PixelParam, RandomInitPool, RealSampler, dc_loops, distill)
+    from .distill import DistillRecipe, RealSampler, build_distillation, distill
     from .io import save_synthetic
+    from .pixel_space import get_normalization
 
     log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr))
-    if args.ipc < 1:
-        raise ELFError(f"--ipc must be >= 1, got {args.ipc}")
-    preset: dict[str, Any] = METHOD_DEFAULTS.get(args.method, {})
+    recipe = DistillRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillRecipe)})
+    recipe.check()
+    if args.snapshot_every is not None and args.snapshot_every < 1:
+        raise ELFError(f"--snapshot-every must be >= 1, got {args.snapshot_every}")
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     norm = get_normalization(args.normalization)
     train = _load_split(args, "train", args.train_per_class, args.seed)
     sampler = RealSampler.from_imageset(train, norm, device)
     c, h, w = sampler.image_shape
-    k = sampler.num_classes
-    log(f"real data: {len(train)} images, {k} classes, {c}x{h}x{w} ({train.origin})")
-
-    pool: Any
-    t_pool = time.perf_counter()
-    if args.pool == "random":
-        pool = RandomInitPool(args.model, c, k, (h, w), device)
-    else:
-        cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-        pool = EarlyStagePool.train(args.model, sampler.images, sampler.labels, args.pool_size, epochs=args.pool_epochs,
-                                    seed=args.seed, num_classes=k, source_hash=train.source_hash, cache_dir=cache,
-                                    device=device, progress=not args.no_progress, log=log)
-    if args.perturb:
-        pool = PerturbedPool(pool)
-    pool_seconds = time.perf_counter() - t_pool
-
-    dsa = args.dsa_strategy if args.dsa_strategy is not None else preset.get("dsa")
-    batch_real = args.batch_real or preset.get("batch_real", 256)
-    iterations = args.iterations
-    objective: Any
-    if args.method == "dm":
-        objective = DistributionMatching(sampler, pool, batch_real=batch_real, dsa=dsa)
-        iterations = iterations if iterations is not None else preset["iterations"]
-    elif args.method in ("dc", "dsa"):
-        outer, inner = dc_loops(args.ipc)
-        outer = args.outer_loop if args.outer_loop is not None else outer
-        inner = args.inner_loop if args.inner_loop is not None else inner
-        objective = GradientMatching(sampler, pool, batch_real=batch_real, dsa=dsa, params=args.match,
-                                     distance=args.distance, outer_loop=outer, inner_loop=inner, lr_net=args.lr_net,
-                                     batch_train=preset["batch_train"], name=args.method)
-        iterations = iterations if iterations is not None else preset["iterations"] * outer
-    else:  # mtt
-        mtt = _optional_module("mtt", "--method mtt")
-        if not args.experts:
-            raise ELFError("--method mtt needs --experts: an `elf train-teacher` output folder or MTT replay_buffer_*.pt files")
-        objective = mtt.build_mtt_objective(args.model, args.experts, channel=c, num_classes=k, im_size=(h, w),
-                                            syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-                                            max_start_epoch=args.max_start_epoch, syn_lr=args.syn_lr, lr_lr=args.lr_lr,
-                                            dsa=dsa, device=device)
-        iterations = iterations if iterations is not None else preset["iterations"]
-
-    init_gen = torch.Generator(device=device)
-    init_gen.manual_seed(args.seed + 1)  # the loop's generator uses args.seed
-    if args.param == "pixels":
-        param: Any = PixelParam(k, args.ipc, (c, h, w), norm, init=args.init or preset.get("init", "real"), sampler=sampler,
-                                generator=init_gen, factor=args.factor, lr=args.lr_img or preset.get("lr_img", 0.1),
-                                momentum=args.momentum_img if args.momentum_img is not None else preset.get("momentum_img", 0.5),
-                                device=device)
-    else:  # glad
-        glad = _optional_module("glad", "--param glad")
-        kind = args.generator if args.generator in ("random", "trained") else "checkpoint"
-        param = glad.build_glad_param(kind, k, args.ipc, norm, image_size=h, channels=c,
-                                      method="dsa" if args.method == "dc" else args.method, split_at=args.glad_split,
-                                      checkpoint=args.generator if kind == "checkpoint" else None,
-                                      real_images=sampler.images, real_labels=sampler.labels,
-                                      train_epochs=args.generator_epochs, init=args.glad_init,
-                                      chunk_size=args.chunk_size, seed=args.seed,
-                                      device=device, log=log)
-
-    log(f"distilling {args.method} ({args.param}), {args.ipc} image(s)/class, {iterations} iterations on {device}")
-    meta = {"command": "elf distill", "data": str(train.origin), "data_source_hash": train.source_hash,
-            "model": args.model, "ipc_requested": str(args.ipc), "preset_source": preset.get("source", ""),
-            "pool_build_time_s": f"{pool_seconds:.1f}"}
-    if args.param == "glad":
-        meta.update(glad_init=args.glad_init, generator_source=str(args.generator))
+    log(f"real data: {len(train)} images, {sampler.num_classes} classes, {c}x{h}x{w} ({train.origin})")
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else None
+    run = build_distillation(recipe, sampler, norm, device=device, cache_dir=cache, source_hash=train.source_hash,
+                             progress=not args.no_progress, log=log)
+    log(f"distilling {args.method} ({args.param}), {args.ipc} image(s)/class, {run.iterations} iterations on {device}")
+    meta = {"command": "elf distill", "data": str(train.origin), "data_source_hash": train.source_hash, **run.metadata}
     out = Path(args.out)
     t_start = time.perf_counter()
 
@@ -540,9 +504,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         save_synthetic(path, s)
         return str(path)
 
-    if args.snapshot_every is not None and args.snapshot_every < 1:
-        raise ELFError(f"--snapshot-every must be >= 1, got {args.snapshot_every}")
-    sset = distill(param, objective, iterations, seed=args.seed, device=device, progress=not args.no_progress,
+    sset = distill(run.param, run.objective, run.iterations, seed=args.seed, device=device, progress=not args.no_progress,
                    log_every=args.log_every, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                    resume=not args.no_resume, metadata=meta,
                    eval_fn=snapshot if args.snapshot_every else None, eval_every=args.snapshot_every)
@@ -560,6 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "imports", None):
+            from .plugins import import_plugins
+
+            import_plugins(args.imports)
         return int(args.func(args))
     except ELFError as e:
         print(f"elf {args.command}: error: {e}", file=sys.stderr)

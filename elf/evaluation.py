@@ -16,9 +16,10 @@ import torch
 from .errors import ELFError
 from .feature_bank import FeatureBank
 from .losses import prepare_targets
-from .models import create_model, default_split_point, has_default_split_point
+from .models import build_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol
-from .split import list_split_points, split_model
+from .split import SplitOptions, list_split_points, split_model
+from .synthetic import SyntheticSet
 from .trainer import ELFTrainer, EvalResult
 
 __all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "choose_bank", "format_table", "environment"]
@@ -53,13 +54,12 @@ class ModelComparison:
 
 
 def front_shape(model_name: str | torch.nn.Module, image_shape: Sequence[int], num_classes: int,
-                split_at: str | None = None) -> tuple[int, ...]:
+                split_at: str | None = None, options: SplitOptions | None = None) -> tuple[int, ...]:
     """Per-image output shape of a model's front at ``split_at`` (default point) for ``(C, H, W)`` inputs; the model
     is a name for :func:`~elf.create_model` or an already built module (run in eval mode, then left so)."""
     c, h, w = image_shape
-    model = (create_model(model_name, channel=c, num_classes=num_classes, im_size=(h, w))
-             if isinstance(model_name, str) else model_name).eval()
-    front = split_model(model, split_at or default_split_point(model)).front
+    model = build_model(model_name, (c, h, w), num_classes, fresh=False).eval()
+    front = split_model(model, split_at or default_split_point(model), options=options).front
     with torch.no_grad():
         return tuple(front(torch.zeros(1, c, h, w)).shape[1:])
 
@@ -76,6 +76,7 @@ def choose_bank(
     banks: Sequence[FeatureBank],
     split_at: str | None = None,
     adapter: str | None = None,
+    options: SplitOptions | None = None,
 ) -> FeatureBank:
     """The bank an ELF run of ``model_name`` uses: one whose shape the model's front gives at ``split_at`` (default
     point; for ``"auto"``, at any point); else, with ``adapter="auto"``, the first bank (adapters bridge the shapes).
@@ -84,18 +85,17 @@ def choose_bank(
     """
     if not banks:
         raise ELFError(f"ELF for {model_name} needs a teacher feature bank; none was given")
-    c, h, w = image_shape
-    model = create_model(model_name, channel=c, num_classes=num_classes, im_size=(h, w))
+    model = build_model(model_name, tuple(image_shape), num_classes)  # type: ignore[arg-type]
     if split_at is None and not has_default_split_point(model):
         split_at = "auto"  # as ELFTrainer does for models without a default cut
     if split_at == "auto":  # a bank that some point gives exactly (auto_split_point's first rule)
-        shapes = {p.shape for p in list_split_points(model, tuple(image_shape))}
+        shapes = {p.shape for p in list_split_points(model, tuple(image_shape), options=options)}
         bank = next((b for b in banks if b.shape in shapes), None)
         if bank is not None:
             return bank
         shape: tuple[int, ...] | str = "no exact match at any point"
     else:
-        shape = front_shape(model, image_shape, num_classes, split_at)
+        shape = front_shape(model, image_shape, num_classes, split_at, options)
         bank = pick_bank(shape, banks)
         if bank is not None:
             return bank
@@ -126,6 +126,7 @@ def compare_models(
     device: torch.device | str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    split_options: SplitOptions | None = None,
     **overrides: Any,
 ) -> list[ModelComparison]:
     """Evaluate each model with the plain baseline and with ELF under the same protocol and seeds.
@@ -133,17 +134,18 @@ def compare_models(
     Args:
         models: model names for :func:`~elf.create_model`.
         images, labels: the synthetic set ``(N, C, H, W)`` and its labels, or a loaded
-            :class:`~elf.io.SyntheticSet` and ``None`` (its metadata and learned lr then flow into the results).
+            :class:`~elf.synthetic.SyntheticSet` and ``None`` (its metadata and learned lr then flow into the results).
         test_images, test_labels: real test data ``(M, C, H, W)``, normalized like ``images``, and ``(M,)``.
         banks: teacher feature banks; each model uses the one matching its front shape.
         protocol, overrides: the evaluation protocol (default: official ELF) and single-field changes.
         seeds: number of runs or explicit seeds. baseline, elf: which of the two to run.
         split_at: per-model split point (default: each model's ``elf_split_point``; ``"auto"``: chosen for the bank).
             A model without a bank of its front shape uses the first bank when the protocol has ``adapter="auto"``.
+        split_options: leaf modules and autowrap functions for every trace (see :class:`~elf.SplitOptions`).
     """
     proto = get_protocol(protocol, **overrides)
     split_at = dict(split_at or {})
-    synthetic = images if hasattr(images, "normalization") else None
+    synthetic = images if isinstance(images, SyntheticSet) else None
     if synthetic is not None:
         images, labels = synthetic.images, synthetic.labels
     if labels is None:
@@ -152,8 +154,10 @@ def compare_models(
 
     def trainer(name: str, p: Protocol, **kw: Any) -> ELFTrainer:
         if synthetic is not None:
-            return ELFTrainer.from_synthetic(name, synthetic, protocol=p, device=device, progress=progress, **kw)
-        return ELFTrainer(name, images, labels, protocol=p, device=device, progress=progress, **kw)
+            return ELFTrainer.from_synthetic(name, synthetic, protocol=p, device=device, progress=progress,
+                                             split_options=split_options, **kw)
+        return ELFTrainer(name, images, labels, protocol=p, device=device, progress=progress, split_options=split_options,
+                          **kw)
 
     out = []
     for name in models:
@@ -165,7 +169,7 @@ def compare_models(
             log(f"[{name}] baseline: {row.baseline}")
         if elf:
             elf_proto = proto.with_elf()
-            bank = choose_bank(name, tuple(images.shape[1:]), num_classes, banks, point, elf_proto.adapter)
+            bank = choose_bank(name, tuple(images.shape[1:]), num_classes, banks, point, elf_proto.adapter, split_options)
             row.bank = {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
             log(f"[{name}] ELF with {row.bank['teacher_model']} features {bank.shape}"
                 + (" (adapters where shapes differ)" if elf_proto.adapter else ""))
@@ -189,7 +193,7 @@ def format_table(rows: Sequence[ModelComparison]) -> str:
 
 def environment(device: torch.device | str | None = None) -> dict[str, str]:
     """Versions and machine facts recorded with every result."""
-    from . import __version__
+    from .version import __version__
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {

@@ -10,20 +10,18 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, load_state_dict
-from .data import check_same_space, space_metadata
 from .errors import ELFError
 from .fileio import PathLike, load_tensors, save_tensors, state_dict_sha256, tensor_sha256
 from .models import create_model, default_split_point
-from .split import split_model
-
-if TYPE_CHECKING:
-    from .io import SyntheticSet
+from .pixel_space import check_same_space, space_metadata
+from .split import SplitOptions, split_model
+from .synthetic import SyntheticSet
 
 __all__ = ["FeatureBank"]
 
@@ -51,8 +49,8 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 def _unpack_images(images: Any, space: dict[str, str] | None) -> tuple[torch.Tensor, dict[str, str] | None]:
     """Images as a tensor plus their pixel-space record; a SyntheticSet supplies both."""
-    if hasattr(images, "images") and hasattr(images, "normalization"):  # elf.io.SyntheticSet
-        return images.images, space or space_metadata(images.normalization, bool(getattr(images, "zca", False)))
+    if isinstance(images, SyntheticSet):
+        return images.images, space or space_metadata(images.normalization, images.zca)
     if not isinstance(images, torch.Tensor):
         raise ELFError(f"images must be a tensor (N, C, H, W) or a SyntheticSet, got {type(images).__name__}")
     return images, space
@@ -131,25 +129,35 @@ class FeatureBank:
         cache_dir: PathLike | None = None,
         progress: bool = False,
         space: dict[str, str] | None = None,
+        options: SplitOptions | None = None,
     ) -> FeatureBank:
         """Run ``teacher`` up to ``point`` on every image (eval mode, no grad, in batches) and keep the result.
 
         Args:
             teacher: the distillation model trained on real data (e.g. ``ConvNetW512``).
             images: synthetic images ``(N, C, H, W)``, normalized as the teacher expects, un-augmented; or a
-                :class:`~elf.io.SyntheticSet`, whose pixel space (normalization, ZCA) is then recorded.
+                :class:`~elf.synthetic.SyntheticSet`, whose pixel space (normalization, ZCA) is then recorded.
             point: split point of the teacher (default: its ``elf_split_point``, "features" for ConvNet).
             batch_size: images per teacher forward. device: where to compute and keep the features
                 (default: the teacher's device). dtype: storage dtype, float32 (default), float16 or bfloat16.
             cache_dir: if given, reuse ``<cache_dir>/<key>.safetensors`` when its key matches, else write it.
             progress: print a progress bar over batches.
             space: the images' pixel space (:func:`elf.data.space_metadata`), recorded in the metadata; a
-                :class:`~elf.io.SyntheticSet` passed as ``images`` supplies it.
+                :class:`~elf.synthetic.SyntheticSet` passed as ``images`` supplies it.
+            options: how to trace the teacher (leaf modules, autowrap functions; see :class:`~elf.SplitOptions`),
+                added to what the teacher declares itself; ``options.at`` is the point when ``point`` is None.
         """
         images, space = _unpack_images(images, space)
         if images.dim() != 4:
             raise ELFError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-        point = point or default_split_point(teacher)
+        if images.shape[0] == 0:
+            raise ELFError("FeatureBank.build got no images (an empty set); pass the synthetic images (N, C, H, W), N >= 1")
+        if not images.is_floating_point():
+            raise ELFError(f"FeatureBank.build needs float images normalized as the teacher expects, got {images.dtype}")
+        if not bool(torch.isfinite(images).all()):
+            raise ELFError("FeatureBank.build: the images contain NaN or inf values; the bank would be NaN. Fix the images first")
+        point = point or (options.at if options is not None and options.at not in (None, "auto") else None) \
+            or default_split_point(teacher)
         dtype = _resolve_dtype(dtype)
         param = next(teacher.parameters(), None)
         dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
@@ -167,7 +175,7 @@ class FeatureBank:
                 warnings.warn(f"feature cache {cache_file} is unusable ({e}); recomputing", stacklevel=2)
         was_training = teacher.training
         teacher.eval()
-        front = split_model(teacher, point).front
+        front = split_model(teacher, point, options=options).front
         chunks = []
         batches = range(0, images.shape[0], batch_size)
         if progress:
@@ -179,6 +187,9 @@ class FeatureBank:
                 for start in batches:
                     x = images[start : start + batch_size].to(dev, non_blocking=True)
                     chunks.append(front(x).to(dtype))
+        except RuntimeError as e:
+            raise ELFError(f"the teacher {type(teacher).__name__} cannot run on images of shape {tuple(images.shape[1:])} "
+                           f"({e}); build the teacher for these images (channels, size)") from e
         finally:
             teacher.train(was_training)
         features = torch.cat(chunks)
@@ -196,7 +207,11 @@ class FeatureBank:
         }
         bank = cls(features, meta)
         if cache_file is not None:
-            bank.save(cache_file)
+            try:
+                bank.save(cache_file)
+            except (OSError, ELFError) as e:  # the features are computed: keep them, say the cache is not written
+                warnings.warn(f"could not write the feature cache {cache_file} ({e}); the features are kept in memory "
+                              "and will be recomputed next time", stacklevel=2)
         return bank
 
     @classmethod
@@ -235,7 +250,7 @@ class FeatureBank:
         meta["features_sha256"] = tensor_sha256(self.features)
         meta["shape"] = ",".join(map(str, self.features.shape))
         meta["dtype"] = _dtype_name(self.features.dtype)
-        from . import __version__
+        from .version import __version__
 
         meta["elf_version"] = __version__
         return save_tensors(path, {"features": self.features}, meta)

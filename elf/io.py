@@ -1,12 +1,16 @@
-"""Synthetic (distilled) sets and the file formats published by the dataset-distillation code bases.
+"""Synthetic-set file formats: ours, and those published by the dataset-distillation code bases, read into a SyntheticSet.
 
 * our format: :func:`save_synthetic` / :func:`load_synthetic` (safetensors + string metadata);
 * MTT / ELF / TESLA / DATM ``images_best.pt`` + ``labels_best.pt`` (+ ``lr_best.pt``): :func:`load_mtt`;
 * DC / DSA / DM ``res_<method>_<dataset>_<model>_<ipc>ipc.pt``: :func:`load_dc_result`;
 * KIP-style ``.npz`` (NHWC images, one-hot labels): :func:`load_npz`;
 * a folder of class subfolders of PNG images: :func:`load_image_dir`;
-* MTT expert trajectories ``replay_buffer_<n>.pt``: :func:`load_expert_buffer`, :func:`load_parameters_into`,
-  :func:`recompute_bn_stats`.
+* any of these, chosen by name: :func:`load_any`; bare ``(images, labels)`` files: :func:`load_tensor_pair`.
+
+The set type itself is :class:`elf.synthetic.SyntheticSet`. MTT expert buffers (``replay_buffer_<n>.pt``) are read
+by :func:`elf.teacher.load_expert_buffer` and :func:`elf.teacher.load_parameters_into`, and BatchNorm statistics
+re-estimated by :func:`elf.batchnorm.recompute_bn_stats`; those names, ``SyntheticSet`` and ``LABEL_KINDS`` are
+re-exported here so the old imports keep working for this release.
 
 Every ``.pt`` file is read with ``torch.load(weights_only=True)`` (:func:`elf.fileio.safe_torch_load`): a file
 that would run code when unpickled is refused with an :class:`ELFError`.
@@ -16,23 +20,23 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .batchnorm import batchnorm_layers, batchnorm_momentum
-from .data import CIFAR10_CLASSES, CIFAR10_MTT, CIFAR100_DC, Normalization, _decode_tree
+from .batchnorm import recompute_bn_stats  # re-exported: lived here before elf.batchnorm
+from .data import CIFAR10_CLASSES, decode_image_tree
 from .errors import ELFError
-from .losses import infer_label_kind, is_distribution
 from .fileio import file_sha256, load_tensors, safe_torch_load, save_tensors
+from .losses import infer_label_kind  # re-exported: was importable from here
+from .pixel_space import CIFAR10_MTT, CIFAR100_DC, Normalization
+from .synthetic import LABEL_KINDS, SyntheticSet  # re-exported: lived here before elf.synthetic
+from .teacher import load_expert_buffer, load_parameters_into  # re-exported: lived here before elf.teacher
 
 __all__ = [
     "SyntheticSet",
@@ -52,115 +56,7 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-LABEL_KINDS = ("index", "prob", "logits")
 _FORMAT = "elf-dd/synthetic"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# SyntheticSet
-
-
-@dataclass
-class SyntheticSet:
-    """A distilled image set.
-
-    ``images``: float (N, C, H, W), in the space the set was distilled in (normalized, and ZCA-whitened when
-    ``zca``); ``labels``: int64 (N,) for ``label_kind`` "index", float (N, K) for "prob" (rows sum to 1) or
-    "logits" ("auto" infers the kind); ``ipc``: images per class, inferred when the (argmax) labels are class-major
-    and balanced; ``lr``: the learned learning rate (MTT/DATM), if any; ``metadata``: free-form strings
-    (method, source, ...).
-    """
-
-    images: Tensor
-    labels: Tensor
-    label_kind: str = "auto"
-    normalization: Normalization | None = None
-    zca: bool = False
-    classes: list[str] | None = None
-    ipc: int | None = None
-    lr: float | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.images, Tensor):
-            raise ELFError(f"SyntheticSet.images must be a tensor, got {type(self.images).__name__}")
-        if not isinstance(self.labels, Tensor):
-            self.labels = torch.as_tensor(self.labels)
-        self.images = self.images.detach()
-        self.labels = self.labels.detach()
-        x = self.images
-        if x.dim() != 4 or not x.is_floating_point():
-            raise ELFError(f"synthetic images must be float (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ELFError("synthetic images contain NaN or inf values; the file is corrupt or the distillation diverged")
-        n = x.shape[0]
-        if self.labels.shape[:1] != (n,):
-            raise ELFError(f"labels have shape {tuple(self.labels.shape)} but there are {n} images; need one label per image")
-        if self.label_kind == "auto":
-            self.label_kind = infer_label_kind(self.labels)
-        if self.label_kind not in LABEL_KINDS:
-            raise ELFError(f"label_kind must be one of {', '.join(LABEL_KINDS)} or 'auto', got {self.label_kind!r}")
-        if self.label_kind == "index":
-            if self.labels.dim() != 1 or self.labels.is_floating_point() or self.labels.dtype == torch.bool:
-                raise ELFError(f"index labels must be integer (N,), got {self.labels.dtype} {tuple(self.labels.shape)}")
-            self.labels = self.labels.long()
-            if n and int(self.labels.min()) < 0:
-                raise ELFError("index labels must be non-negative class indices")
-        else:
-            if self.labels.dim() != 2 or not self.labels.is_floating_point():
-                raise ELFError(f"{self.label_kind} labels must be float (N, K), got {self.labels.dtype} {tuple(self.labels.shape)}")
-            if not bool(torch.isfinite(self.labels).all()):
-                raise ELFError("soft labels contain NaN or inf values")
-            if self.label_kind == "prob" and not is_distribution(self.labels):
-                raise ELFError("label_kind 'prob' needs non-negative rows that sum to 1; use 'logits' for unnormalized scores")
-        if isinstance(self.normalization, dict):
-            self.normalization = Normalization.from_dict(self.normalization)
-        if self.normalization is not None and self.normalization.channels != x.shape[1]:
-            raise ELFError(f"normalization {self.normalization.name!r} has {self.normalization.channels} channels but images have {x.shape[1]}")
-        self.zca = bool(self.zca)
-        if self.classes is not None:
-            self.classes = [str(c) for c in self.classes]
-            if self.label_kind != "index" and len(self.classes) != self.labels.shape[1]:
-                raise ELFError(f"{len(self.classes)} class names given but soft labels have {self.labels.shape[1]} columns")
-            if self.label_kind == "index" and n and int(self.labels.max()) >= len(self.classes):
-                raise ELFError(f"label {int(self.labels.max())} has no class name ({len(self.classes)} names given)")
-        if self.lr is not None:
-            self.lr = float(self.lr.detach().reshape(-1)[0]) if isinstance(self.lr, Tensor) else float(self.lr)
-            if not math.isfinite(self.lr):
-                raise ELFError(f"learned lr is {self.lr}; expected a finite number")
-        if self.ipc is None:
-            self.ipc = self._infer_ipc()
-        elif int(self.ipc) <= 0:
-            raise ELFError(f"ipc must be positive, got {self.ipc}")
-        else:
-            self.ipc = int(self.ipc)
-        self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        """K: the soft-label width, else the number of class names, else max label + 1."""
-        if self.label_kind != "index":
-            return int(self.labels.shape[1])
-        if self.classes is not None:
-            return len(self.classes)
-        return int(self.labels.max()) + 1 if len(self) else 0
-
-    def hard_labels(self) -> Tensor:
-        """int64 (N,) class indices (argmax of soft labels)."""
-        return self.labels if self.label_kind == "index" else self.labels.argmax(1)
-
-    def _infer_ipc(self) -> int | None:
-        if not len(self):
-            return None
-        y = self.hard_labels().cpu()
-        counts = torch.bincount(y, minlength=self.num_classes)
-        sorted_ = bool((y[1:] >= y[:-1]).all())
-        if sorted_ and bool((counts == counts[0]).all()) and int(counts[0]) > 0:
-            return int(counts[0])
-        return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -394,7 +290,7 @@ def load_image_dir(path: PathLike, normalization: Normalization | None, *, mode:
     Sorted folder names give the class indices; images are class-major. 8-bit files quantize the images, so a set
     saved this way is not bit-identical to the float original.
     """
-    imgs = _decode_tree(path, None, mode=mode)
+    imgs = decode_image_tree(path, None, mode=mode)
     meta = {"format": "image_dir", "path": str(path), "source_hash": imgs.source_hash}
     return SyntheticSet(imgs.as_float(normalization), imgs.labels, "index", normalization, False, imgs.classes, None, None, meta)
 
@@ -439,80 +335,6 @@ def load_any(path: PathLike, **kw: Any) -> SyntheticSet:
     if extra:
         raise ELFError(f"{p}: {loader.__name__} does not take {', '.join(extra)} (it takes {', '.join(sorted(accepted - {'path', 'images_path'}))})")
     return loader(p, **kw)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# MTT expert buffers
-
-
-def load_expert_buffer(path: PathLike, trajectory: int = 0, epoch: int = -1) -> list[Tensor]:
-    """Parameters of one snapshot of an MTT ``replay_buffer_<n>.pt``: a list of tensors in ``model.parameters()`` order.
-
-    The file is a list of trajectories; each trajectory a list of (epochs + 1) snapshots; each snapshot a list of
-    CPU tensors. BatchNorm running statistics are *not* stored: after :func:`load_parameters_into`, a model with
-    BatchNorm keeps its initial running stats, so call :func:`recompute_bn_stats` before using it in eval mode.
-    """
-    path = Path(path).expanduser()
-    obj = safe_torch_load(path)
-    if not isinstance(obj, (list, tuple)) or not obj:
-        raise ELFError(f"{path}: not an MTT expert buffer (expected a non-empty list of trajectories)")
-    if not -len(obj) <= trajectory < len(obj):
-        raise ELFError(f"{path}: trajectory {trajectory} does not exist; the buffer holds {len(obj)} trajectories")
-    traj = obj[trajectory]
-    if not isinstance(traj, (list, tuple)) or not traj:
-        raise ELFError(f"{path}: trajectory {trajectory} is not a non-empty list of snapshots")
-    if not -len(traj) <= epoch < len(traj):
-        raise ELFError(f"{path}: epoch {epoch} does not exist; trajectory {trajectory} holds {len(traj)} snapshots (epochs 0..{len(traj) - 1})")
-    snap = traj[epoch]
-    if not isinstance(snap, (list, tuple)) or not all(isinstance(t, Tensor) for t in snap):
-        raise ELFError(f"{path}: snapshot [{trajectory}][{epoch}] is not a list of tensors")
-    return [t.detach() for t in snap]
-
-
-def load_parameters_into(model: nn.Module, params: Sequence[Tensor]) -> nn.Module:
-    """Copy ``params`` into ``model.parameters()`` in order (count and shapes checked); returns ``model``.
-
-    Buffers (BatchNorm running statistics) are untouched: see :func:`recompute_bn_stats`.
-    """
-    named = list(model.named_parameters())
-    for i, ((name, p), t) in enumerate(zip(named, params)):
-        if tuple(p.shape) != tuple(t.shape):
-            raise ELFError(
-                f"parameter {i} {name!r}: the model has shape {tuple(p.shape)} but the buffer has {tuple(t.shape)}; "
-                "build the same architecture (width, depth, norm, image size, classes) as the expert"
-            )
-    if len(named) != len(params):
-        first = repr(named[len(params)][0]) if len(named) > len(params) else f"buffer tensor {len(named)} {tuple(params[len(named)].shape)}"
-        raise ELFError(
-            f"the buffer has {len(params)} tensors but the model has {len(named)} parameters (first unmatched: {first}); "
-            "build the same architecture as the expert"
-        )
-    with torch.no_grad():
-        for (_, p), t in zip(named, params):
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
-    return model
-
-
-def recompute_bn_stats(model: nn.Module, images: Tensor, batch_size: int = 256) -> nn.Module:
-    """Reset BatchNorm running statistics and re-estimate them on ``images`` (N, C, H, W), already preprocessed.
-
-    Runs forward passes in train mode under ``no_grad`` with ``momentum=None``: the running stats become the plain
-    average of the per-batch statistics (batches weigh equally, so a short last batch counts as much as a full one);
-    returns the model in eval mode. Models without BatchNorm are only switched to eval mode.
-    """
-    bns = batchnorm_layers(model)
-    if bns:
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = images.device
-        for m in bns:
-            m.reset_running_stats()
-        model.train()
-        with batchnorm_momentum(model, None), torch.no_grad():
-            for i in range(0, images.shape[0], batch_size):
-                model(images[i : i + batch_size].to(device))
-    return model.eval()
 
 
 def load_tensor_pair(path: PathLike) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,8 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import ELFError
 
-__all__ = ["SplitModules", "SplitPoint", "split_model", "list_split_points", "auto_split_point"]
+__all__ = ["SplitModules", "SplitOptions", "SplitPoint", "split_model", "list_split_points", "auto_split_point",
+           "model_split_options"]
 
 FORWARD_FEATURES = "forward_features"
 
@@ -50,6 +51,57 @@ class SplitPoint:
     def __str__(self) -> str:
         shape = "x".join(map(str, self.shape)) if self.shape is not None else "?"
         return f"{self.name:<24} {shape}"
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How to cut a model, one value for every trace (student, teacher, feature bank, shape listing, evaluation).
+
+    Attributes:
+        at: the cut ("layer4.0", "auto", ...); None means the model's default (its ``elf_split_point``).
+        leaf_modules: module classes torch.fx must not trace into (blocks with data-dependent control flow).
+        autowrap_functions: functions kept as single graph nodes.
+
+    A model can declare its own options (``register_model(..., leaf_modules=...)`` stores them on the models it
+    builds as ``elf_split_options``); every trace merges those with the options passed in.
+    """
+
+    at: str | None = None
+    leaf_modules: tuple[type, ...] = ()
+    autowrap_functions: tuple[Callable[..., Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        object.__setattr__(self, "autowrap_functions", tuple(self.autowrap_functions))
+        for leaf in self.leaf_modules:
+            if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+                raise ELFError(f"leaf_modules must be nn.Module classes, got {leaf!r}")
+        for fn in self.autowrap_functions:
+            if not callable(fn):
+                raise ELFError(f"autowrap_functions must be functions, got {fn!r}")
+
+    def merged(self, other: SplitOptions | None) -> SplitOptions:
+        """These options plus ``other``'s leaves and functions; ``other.at`` fills ``at`` only when this has none."""
+        if other is None:
+            return self
+        return SplitOptions(
+            self.at if self.at is not None else other.at,
+            tuple(dict.fromkeys(self.leaf_modules + other.leaf_modules)),
+            tuple(dict.fromkeys(self.autowrap_functions + other.autowrap_functions)),
+        )
+
+
+def model_split_options(model: nn.Module) -> SplitOptions:
+    """The options ``model`` declares: its ``elf_split_options`` (set by a registration) and its default cut."""
+    declared = getattr(model, "elf_split_options", None)
+    opts = declared if isinstance(declared, SplitOptions) else SplitOptions()
+    point = getattr(model, "elf_split_point", None)
+    return SplitOptions(point, opts.leaf_modules, opts.autowrap_functions) if opts.at is None and isinstance(point, str) else opts
+
+
+def _options(options: SplitOptions | None, leaf_modules: Iterable[type], autowrap_functions: Iterable[Callable[..., Any]]) -> SplitOptions:
+    """Keyword arguments and an options value as one :class:`SplitOptions`."""
+    return (options or SplitOptions()).merged(SplitOptions(None, tuple(leaf_modules), tuple(autowrap_functions)))
 
 
 class _MethodModule(nn.Module):
@@ -122,21 +174,20 @@ def _optional_args(model: nn.Module) -> dict[str, Any] | None:
     return extra or None
 
 
-def _trace(model: nn.Module, train: bool, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable[..., Any]]) -> _Traced:
+def _trace(model: nn.Module, train: bool, options: SplitOptions) -> _Traced:
     timm_leaves, timm_functions = _notrace_defaults(model)
-    tracer = NodePathTracer(
-        leaf_modules=list(leaf_modules) + timm_leaves,
-        autowrap_functions=tuple(autowrap_functions) + tuple(timm_functions),
-    )
+    opts = options.merged(model_split_options(model)).merged(SplitOptions(None, tuple(timm_leaves), tuple(timm_functions)))
+    tracer = NodePathTracer(leaf_modules=list(opts.leaf_modules), autowrap_functions=opts.autowrap_functions)
     was_training = model.training
     model.train(train)
     try:
         graph = tracer.trace(model, concrete_args=_optional_args(model))
     except Exception as e:
         raise ELFError(
-            f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}). Either mark the "
-            "untraceable submodules as leaves (split_model(model, at, leaf_modules=[MyBlock])) or functions as "
-            "autowrapped (autowrap_functions=[fn]), or split the model yourself and pass (front, rear) to ELFTrainer."
+            f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}). Mark the untraceable "
+            "submodules as leaves or functions as autowrapped: SplitOptions(leaf_modules=[MyBlock], "
+            "autowrap_functions=[fn]) (ELFTrainer(..., leaf_modules=..., autowrap_functions=...), or declare them once "
+            "with register_model(..., leaf_modules=...)); or split the model yourself and pass (front, rear) to ELFTrainer."
         ) from e
     finally:
         model.train(was_training)
@@ -261,6 +312,7 @@ def split_model(
     *,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    options: SplitOptions | None = None,
 ) -> SplitModules:
     """Split ``model`` after point ``at`` into ``(front, rear)`` with ``rear(front(x)) == model(x)``.
 
@@ -274,6 +326,8 @@ def split_model(
             ``get_graph_node_names`` names them.
         leaf_modules: module classes not to trace into (for blocks with data-dependent control flow).
         autowrap_functions: functions to keep as single graph nodes.
+        options: a :class:`SplitOptions` (its leaves and functions are added to the two above; its ``at`` is not
+            used: ``at`` is the cut). The model's own declared options always apply.
 
     Raises:
         ELFError: unknown point (with close matches), a point crossed by more than one tensor (naming them),
@@ -283,9 +337,9 @@ def split_model(
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise ELFError(f"{type(model).__name__} has no forward_features/forward_head; name a traced split point instead")
         return SplitModules(_MethodModule(model, "forward_features"), _MethodModule(model, "forward_head"))
-    leaves, wraps = list(leaf_modules), list(autowrap_functions)
-    traced_train = _trace(model, True, leaves, wraps)
-    traced_eval = _trace(model, False, leaves, wraps)
+    opts = _options(options, leaf_modules, autowrap_functions)
+    traced_train = _trace(model, True, opts)
+    traced_eval = _trace(model, False, opts)
     train_split = _partition(traced_train, _resolve(traced_train, at, model), model)
     if _same_graph(traced_train.graph_module, traced_eval.graph_module):
         return train_split
@@ -302,15 +356,19 @@ def list_split_points(
     *,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    options: SplitOptions | None = None,
+    shape: Sequence[int] | None = None,
 ) -> list[SplitPoint]:
     """Every valid cut of ``model`` (exactly one tensor crosses it), in forward order, with its output shape.
 
     Args:
         model: the model (not modified; it is run once in eval mode on a zero batch of two to record shapes).
         input_shape: ``(C, H, W)`` of one input (a leading batch dimension is ignored).
+        leaf_modules, autowrap_functions, options: how to trace, as for :func:`split_model`.
+        shape: keep only the points whose per-image output shape is this (e.g. a feature bank's ``(512, 4, 4)``).
     """
-    shape = tuple(input_shape)[-3:] if len(input_shape) >= 3 else tuple(input_shape)
-    traced = _trace(model, False, list(leaf_modules), list(autowrap_functions))
+    in_shape = tuple(input_shape)[-3:] if len(input_shape) >= 3 else tuple(input_shape)
+    traced = _trace(model, False, _options(options, leaf_modules, autowrap_functions))
     was_training = model.training
     model.eval()
     try:
@@ -318,9 +376,9 @@ def list_split_points(
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         with torch.no_grad():
-            ShapeProp(traced.graph_module).propagate(torch.zeros((2, *shape), device=device, dtype=dtype))
+            ShapeProp(traced.graph_module).propagate(torch.zeros((2, *in_shape), device=device, dtype=dtype))
     except Exception as e:
-        raise ELFError(f"running {type(model).__name__} on an input of shape {shape} failed ({e}); check input_shape") from e
+        raise ELFError(f"running {type(model).__name__} on an input of shape {in_shape} failed ({e}); check input_shape") from e
     finally:
         model.train(was_training)
     aliases: dict[int, list[str]] = {}
@@ -337,6 +395,9 @@ def list_split_points(
         out_shape = tuple(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else None
         names = sorted(aliases[i], key=lambda s: (s.count("."), len(s)))
         points.append(SplitPoint(names[0], out_shape, tuple(names[1:])))
+    if shape is not None:
+        want = tuple(int(s) for s in shape)
+        points = [p for p in points if p.shape == want]
     return points
 
 
@@ -348,6 +409,7 @@ def auto_split_point(
     adapter: bool = False,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    options: SplitOptions | None = None,
 ) -> tuple[str, str]:
     """The cut of ``model`` for a teacher feature of ``feature_shape`` ``(C, H, W)``: ``(point, reason)``.
 
@@ -358,8 +420,8 @@ def auto_split_point(
     from .adapters import infer_layout
 
     want = tuple(int(s) for s in feature_shape)
-    points = [p for p in list_split_points(model, input_shape, leaf_modules=leaf_modules,
-                                           autowrap_functions=autowrap_functions) if p.shape is not None]
+    opts = _options(options, leaf_modules, autowrap_functions)
+    points = [p for p in list_split_points(model, input_shape, options=opts) if p.shape is not None]
     exact = [p for p in points if p.shape == want]
     if exact:
         return exact[-1].name, f"deepest point with the teacher's feature shape {want}"

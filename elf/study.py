@@ -43,7 +43,11 @@ class StudyConfig:
     teacher whose feature shape matches its split point (or, with ``adapter = "auto"``, the first teacher).
 
     ``validation_per_class = k`` measures on ``k`` images per class held out from the real *training* data (seed 0)
-    instead of the test set, for choosing settings; random-real references are then drawn from the rest."""
+    instead of the test set, for choosing settings; random-real references are then drawn from the rest.
+
+    ``import = ["my_models", "models.py"]`` (``imports`` in Python) names modules that register models of your own
+    (:func:`elf.register_model`); :func:`load_config` imports them, module names and ``.py`` paths taken from the
+    study file's folder. Installed plugins (entry points ``elf_dd.models``) need no entry."""
 
     sets: dict[str, str]
     models: list[str]
@@ -62,9 +66,17 @@ class StudyConfig:
     out: str = "study"
     name: str = "study"
     order: str = "cells"
+    imports: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        d = dict(d)
+        if "import" in d:  # the TOML/YAML key; "import" is a Python keyword
+            if "imports" in d:
+                raise ELFError("a study takes 'import' or 'imports', not both")
+            d["imports"] = d.pop("import")
+        if isinstance(d.get("imports"), str):
+            d["imports"] = [d["imports"]]
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
@@ -111,6 +123,10 @@ def load_config(path: PathLike) -> StudyConfig:
     cfg.data = resolve(cfg.data)
     cfg.teachers = {k: {**v, "checkpoint": resolve(v["checkpoint"])} for k, v in cfg.teachers.items()}
     cfg.out = resolve(cfg.out)
+    if cfg.imports:
+        from .plugins import import_plugins
+
+        import_plugins(cfg.imports, base_dir=base)
     return cfg
 
 
@@ -198,7 +214,7 @@ class _Resources:
         return self._cache[key]
 
     def norm(self) -> Any:
-        from .data import get_normalization
+        from .pixel_space import get_normalization
 
         return get_normalization(self.cfg.normalization)
 
@@ -232,7 +248,8 @@ class _Resources:
         return self._get("test", make)
 
     def synthetic(self, name: str) -> Any:
-        from .io import SyntheticSet, load_any
+        from .io import load_any
+        from .synthetic import SyntheticSet
 
         def make() -> Any:
             if name.startswith(RANDOM_REAL + ":"):

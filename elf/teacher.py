@@ -1,32 +1,45 @@
-"""Train the teacher ("distillation model") that ELF takes features from, on real data.
+"""Teachers: train the teacher ("distillation model") that ELF takes features from, load it, or load MTT expert buffers.
 
 The expert protocol of the public MTT code: SGD lr 0.01, weight decay 5e-4, momentum 0 (MTT's default; 0.9 in
 the ELF paper's feature models), batch 256, DSA augmentation on the real images, constant lr. A checkpoint per
 epoch (safetensors, BatchNorm running statistics included, which MTT's expert buffers drop) lets the user pick
 the feature epoch; the paper uses epochs 30-100 and finds the choice matters little. Training resumes after an
 interruption from ``<out_dir>/resume.safetensors``.
+
+MTT's published experts are ``replay_buffer_<n>.pt`` files of parameter snapshots: :func:`load_expert_buffer` reads
+one snapshot and :func:`load_parameters_into` copies it into a model built like the expert
+(:func:`elf.batchnorm.recompute_bn_stats` then restores the BatchNorm statistics the buffers drop).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ELFError
-from .fileio import PathLike, atomic_write
+from .fileio import PathLike, atomic_write, safe_torch_load
 from .models import create_model
 from .protocol import Protocol
 from .trainer import Callback, ELFTrainer
 
-__all__ = ["TeacherRun", "expert_protocol", "train_teacher", "load_teacher", "checkpoint_path"]
+__all__ = [
+    "TeacherRun",
+    "expert_protocol",
+    "train_teacher",
+    "load_teacher",
+    "teacher_from_expert_buffer",
+    "checkpoint_path",
+    "load_expert_buffer",
+    "load_parameters_into",
+]
 
 
 def expert_protocol(epochs: int = 50, momentum: float = 0.0, **changes: Any) -> Protocol:
@@ -142,3 +155,87 @@ def load_teacher(model: str, checkpoint: PathLike, *, channel: int = 3, num_clas
     teacher = create_model(model, channel=channel, num_classes=num_classes, im_size=im_size)
     load_checkpoint(teacher, path)
     return teacher.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MTT expert buffers
+
+
+def load_expert_buffer(path: PathLike, trajectory: int = 0, epoch: int = -1) -> list[Tensor]:
+    """Parameters of one snapshot of an MTT ``replay_buffer_<n>.pt``: a list of tensors in ``model.parameters()`` order.
+
+    The file is a list of trajectories; each trajectory a list of (epochs + 1) snapshots; each snapshot a list of
+    CPU tensors. BatchNorm running statistics are *not* stored: after :func:`load_parameters_into`, a model with
+    BatchNorm keeps its initial running stats, so call :func:`elf.batchnorm.recompute_bn_stats` before using it in
+    eval mode.
+    """
+    path = Path(path).expanduser()
+    obj = safe_torch_load(path)
+    if not isinstance(obj, (list, tuple)) or not obj:
+        raise ELFError(f"{path}: not an MTT expert buffer (expected a non-empty list of trajectories)")
+    if not -len(obj) <= trajectory < len(obj):
+        raise ELFError(f"{path}: trajectory {trajectory} does not exist; the buffer holds {len(obj)} trajectories")
+    traj = obj[trajectory]
+    if not isinstance(traj, (list, tuple)) or not traj:
+        raise ELFError(f"{path}: trajectory {trajectory} is not a non-empty list of snapshots")
+    if not -len(traj) <= epoch < len(traj):
+        raise ELFError(f"{path}: epoch {epoch} does not exist; trajectory {trajectory} holds {len(traj)} snapshots (epochs 0..{len(traj) - 1})")
+    snap = traj[epoch]
+    if not isinstance(snap, (list, tuple)) or not all(isinstance(t, Tensor) for t in snap):
+        raise ELFError(f"{path}: snapshot [{trajectory}][{epoch}] is not a list of tensors")
+    return [t.detach() for t in snap]
+
+
+def load_parameters_into(model: nn.Module, params: Sequence[Tensor]) -> nn.Module:
+    """Copy ``params`` into ``model.parameters()`` in order (count and shapes checked); returns ``model``.
+
+    Buffers (BatchNorm running statistics) are untouched: see :func:`elf.batchnorm.recompute_bn_stats`.
+    """
+    named = list(model.named_parameters())
+    for i, ((name, p), t) in enumerate(zip(named, params)):
+        if tuple(p.shape) != tuple(t.shape):
+            raise ELFError(
+                f"parameter {i} {name!r}: the model has shape {tuple(p.shape)} but the buffer has {tuple(t.shape)}; "
+                "build the same architecture (width, depth, norm, image size, classes) as the expert"
+            )
+    if len(named) != len(params):
+        first = repr(named[len(params)][0]) if len(named) > len(params) else f"buffer tensor {len(named)} {tuple(params[len(named)].shape)}"
+        raise ELFError(
+            f"the buffer has {len(params)} tensors but the model has {len(named)} parameters (first unmatched: {first}); "
+            "build the same architecture as the expert"
+        )
+    with torch.no_grad():
+        for (_, p), t in zip(named, params):
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+    return model
+
+
+def teacher_from_expert_buffer(
+    path: PathLike,
+    model: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    trajectory: int = 0,
+    epoch: int = -1,
+    bn_images: Callable[[], Tensor] | Tensor | None = None,
+    log: Callable[[str], None] = print,
+) -> nn.Module:
+    """A teacher (eval mode) from one snapshot of an MTT expert buffer ``replay_buffer_<n>.pt``.
+
+    Buffers hold parameters only: for a model with BatchNorm, the running statistics are recomputed on ``bn_images``
+    (real training images ``(M, C, H, W)`` prepared like the synthetic set, or a function returning them, called
+    only when needed); without them such a teacher is refused.
+    """
+    from .batchnorm import has_batchnorm, recompute_bn_stats
+
+    c, h, w = image_shape
+    teacher = create_model(model, channel=c, num_classes=num_classes, im_size=(h, w))
+    load_parameters_into(teacher, load_expert_buffer(path, trajectory, epoch))
+    if has_batchnorm(teacher):
+        if bn_images is None:
+            raise ELFError(f"{path} holds no BatchNorm statistics and {model} has BatchNorm: give real images to "
+                           "recompute them (bn_images=)")
+        log(f"{path} holds no BatchNorm statistics: recomputing them for {model} on real training images")
+        recompute_bn_stats(teacher, bn_images() if callable(bn_images) else bn_images)
+    return teacher.eval()

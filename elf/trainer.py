@@ -29,11 +29,12 @@ from .augment import DSA
 from .batchnorm import frozen_bn_stats
 from .errors import ELFError
 from .feature_bank import FeatureBank
-from .fileio import PathLike, load_tensors, save_tensors
+from .fileio import PathLike
 from .losses import feature_distance, prepare_targets
-from .models import create_model, default_split_point, has_default_split_point
+from .models import build_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol
-from .split import auto_split_point, list_split_points, split_model
+from .resume import SavedState, read_state, write_state
+from .split import SplitOptions, auto_split_point, list_split_points, split_model
 
 __all__ = ["ELFTrainer", "Callback", "EvalResult", "ModelSpec"]
 
@@ -113,14 +114,6 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _reinitialize(module: nn.Module) -> nn.Module:
-    for m in module.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return module
-
-
 class _Joined(nn.Module):
     """``rear(front(x))`` for a user-given (front, rear) pair."""
 
@@ -163,7 +156,9 @@ class ELFTrainer:
             and some classes are absent.
         device: training device (default: CUDA when available). callbacks: :class:`Callback` objects.
         progress: show a progress bar. log_every: epochs between logged (synchronized) loss values.
-        leaf_modules: module classes torch.fx must not trace into when splitting.
+        leaf_modules, autowrap_functions: module classes torch.fx must not trace into and functions it keeps as
+            single nodes, in every trace (the model, the teacher, the feature bank); or pass them as
+            ``split_options=SplitOptions(...)``. Models registered with them carry them already.
     """
 
     def __init__(
@@ -184,6 +179,8 @@ class ELFTrainer:
         progress: bool = True,
         log_every: int | None = None,
         leaf_modules: Sequence[type] = (),
+        autowrap_functions: Sequence[Callable[..., Any]] = (),
+        split_options: SplitOptions | None = None,
         **overrides: Any,
     ) -> None:
         self.protocol = get_protocol(protocol, **overrides)
@@ -199,8 +196,10 @@ class ELFTrainer:
         self.hard_labels = hard.to(self.device)
         self.model_spec = model
         self.model_name = _model_name(model)
-        self.split_at = split_at
-        self.leaf_modules = tuple(leaf_modules)
+        self.split_options = (split_options or SplitOptions()).merged(
+            SplitOptions(None, tuple(leaf_modules), tuple(autowrap_functions)))
+        self.split_at = split_at if split_at is not None else self.split_options.at
+        self.leaf_modules = self.split_options.leaf_modules
         self.callbacks = list(callbacks)
         self.progress = progress
         self.log_every = log_every
@@ -220,7 +219,8 @@ class ELFTrainer:
             raise ELFError("features_on_augmented=True computes teacher features every step: pass teacher=")
         if feature_bank is None and teacher is not None and p.uses_features:
             teacher = teacher.to(self.device)
-            feature_bank = FeatureBank.build(teacher, self.images, teacher_point, device=self.device)
+            feature_bank = FeatureBank.build(teacher, self.images, teacher_point, device=self.device,
+                                             options=self.split_options)
         if p.uses_features and feature_bank is None:
             raise ELFError(
                 "ELF needs teacher features: pass feature_bank= (FeatureBank.build(teacher, images)) or teacher=; "
@@ -239,7 +239,7 @@ class ELFTrainer:
         replaces the protocol lr (unless ``lr=`` is given). A feature bank or teacher given here must come from
         the same pixel space (normalization, ZCA) as the set when both record it.
         """
-        from .data import check_same_space, space_metadata
+        from .pixel_space import check_same_space, space_metadata
 
         space = space_metadata(synthetic.normalization, synthetic.zca)
         bank = kwargs.get("feature_bank")
@@ -260,29 +260,18 @@ class ELFTrainer:
     # ---- model ----------------------------------------------------------------------------------------------
     def _build_model(self) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
         spec = self.model_spec
-        c, h, w = self.images.shape[1:]
         # fit() seeded torch's global RNG: init, dropout and drop-path all follow the seed
         if isinstance(spec, tuple):
             if len(spec) != 2 or not all(isinstance(m, nn.Module) for m in spec):
                 raise ELFError("a model given as a tuple must be (front, rear), two nn.Modules")
-            front, rear = _reinitialize(copy.deepcopy(spec[0])), _reinitialize(copy.deepcopy(spec[1]))
-            model = _Joined(front, rear)
+            # one copy of the pair, so modules the halves share stay shared (tied weights stay tied)
+            model = build_model(_Joined(spec[0], spec[1]), tuple(self.images.shape[1:]), self.num_classes)
             return model.to(self.device), model.front, model.rear
-        if isinstance(spec, str):
-            model = create_model(spec, channel=c, num_classes=self.num_classes, im_size=(h, w))
-        elif isinstance(spec, nn.Module):
-            model = _reinitialize(copy.deepcopy(spec))
-        elif callable(spec):
-            model = spec()
-            if not isinstance(model, nn.Module):
-                raise ELFError(f"the model factory returned {type(model).__name__}, not an nn.Module")
-        else:
-            raise ELFError(f"model must be a name, an nn.Module, a factory or (front, rear); got {type(spec).__name__}")
-        model = model.to(self.device)
+        model = build_model(spec, tuple(self.images.shape[1:]), self.num_classes).to(self.device)
         if not (self.protocol.uses_features or (self.split_at and self.split_at != "auto")):
             return model, None, None  # a baseline needs no cut ("auto" picks one only for a feature bank)
         point = self._resolve_split(model)
-        front, rear = split_model(model, point, leaf_modules=self.leaf_modules)
+        front, rear = split_model(model, point, options=self.split_options)
         return model, front, rear
 
     def _resolve_split(self, model: nn.Module) -> str:
@@ -295,7 +284,7 @@ class ELFTrainer:
                 raise ELFError(f"split_at='auto' chooses the cut of {self.model_name} for a teacher feature bank, and there "
                                "is none: pass split_at= or feature_bank= (or teacher=)")
             point, why = auto_split_point(model, tuple(self.images.shape[1:]), self.feature_bank.shape,
-                                          adapter=self.protocol.adapter is not None, leaf_modules=self.leaf_modules)
+                                          adapter=self.protocol.adapter is not None, options=self.split_options)
             self.split_point = point
             if self.progress:
                 print(f"{self.model_name}: split_at='auto' chose {point!r} ({why})", file=sys.stderr)
@@ -334,7 +323,8 @@ class ELFTrainer:
         point = self.split_point or getattr(model, "elf_split_point", "(given front)")
         msg = f"{self.model_name} cut at {point!r} outputs {got} per image, but the teacher features are {want}."
         try:
-            matches = [p.name for p in list_split_points(model, tuple(self.images.shape[1:]), leaf_modules=self.leaf_modules) if p.shape == want]
+            matches = [p.name for p in list_split_points(model, tuple(self.images.shape[1:]), options=self.split_options,
+                                                         shape=want)]
         except ELFError:
             matches = []
         if matches:
@@ -355,6 +345,20 @@ class ELFTrainer:
         return torch.optim.SGD(self._trained_parameters(model), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
     # ---- training -------------------------------------------------------------------------------------------
+    def _init_model(self, seed: int) -> tuple[nn.Module, nn.Module | None, nn.Module | None, ELFAdapters | None]:
+        """The model, its front and rear, and the adapters as ``fit(seed)`` starts them (seeds torch's global RNG)."""
+        torch.manual_seed(seed)
+        model, front, rear = self._build_model()
+        self.adapters = None
+        got = self._check_shapes(model, front)
+        # adapters are drawn from the global RNG after the model, so ELF and baseline models start alike
+        adapters = None
+        if got is not None and self.feature_bank is not None:
+            adapters = build_adapters(self.protocol.adapter, got, self.feature_bank.shape)
+            if adapters is not None:
+                adapters.to(self.device)
+        return model, front, rear, adapters
+
     def fit(self, seed: int = 0, *, resume_from: PathLike | None = None) -> list[dict[str, float]]:
         """Train a fresh model (initialized from ``seed``) with the protocol; returns the logged history.
 
@@ -364,15 +368,7 @@ class ELFTrainer:
         ``on_epoch_end``) at the epoch after the saved one, with the same weights, momentum, lr and RNG states.
         """
         p = self.protocol
-        torch.manual_seed(seed)
-        model, front, rear = self._build_model()
-        got = self._check_shapes(model, front)
-        # adapters are drawn from the global RNG after the model, so ELF and baseline models start alike
-        self.adapters = None
-        if got is not None and self.feature_bank is not None:
-            self.adapters = build_adapters(self.protocol.adapter, got, self.feature_bank.shape)
-            if self.adapters is not None:
-                self.adapters.to(self.device)
+        model, front, rear, self.adapters = self._init_model(seed)
         self.model, self.front, self.rear = model, front, rear
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
@@ -382,14 +378,15 @@ class ELFTrainer:
         if p.features_on_augmented:
             assert self.teacher is not None
             self.teacher.to(self.device).eval()
-            teacher_front = split_model(self.teacher, self.teacher_point or default_split_point(self.teacher)).front
+            teacher_front = split_model(self.teacher, self.teacher_point or default_split_point(self.teacher),
+                                        options=self.split_options).front
         lr = p.lr
         opt = self._optimizer(model, lr)
         start_epoch = 0
         if resume_from is not None:
-            start_epoch, lr = self._load_state(resume_from, model, gen, dsa, seed)
+            start_epoch, lr, saved = self._load_state(resume_from, model, gen, dsa, seed)
             opt = self._optimizer(model, lr)
-            self._load_momentum(resume_from, model, opt)
+            saved.restore_momentum(opt)
         self._loop = _LoopState(seed, opt, gen, dsa, lr, start_epoch - 1)
         n, bs = self.images.shape[0], p.batch_size
         total = p.total_epochs
@@ -462,6 +459,20 @@ class ELFTrainer:
         distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         teacher_front: nn.Module | None,
     ) -> dict[str, torch.Tensor]:
+        x, y, feats = self._batch(idx, dsa, gen)
+        loss, loss_task, loss_front, loss_rear, out = self._loss_terms(model, front, rear, self.adapters, x, y, feats,
+                                                                       distance, teacher_front)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        correct = (out.detach().argmax(1) == self.hard_labels[idx]).sum()
+        return {"loss": loss.detach(), "task": loss_task.detach(), "front": loss_front.detach(),
+                "rear": loss_rear.detach(), "correct": correct.float()}
+
+    def _batch(self, idx: torch.Tensor, dsa: DSA | None,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images ``(B, C, H, W)`` (augmented with a draw from ``dsa`` and ``gen``), targets and teacher features
+        (aligned with the draw when the protocol says so; None without feature terms) of the batch ``idx``."""
         p = self.protocol
         x = self.images[idx]
         y = self.targets[idx]
@@ -469,13 +480,28 @@ class ELFTrainer:
         if dsa is not None and dsa.ops:
             sample = dsa.sample(x.shape, x.device, gen)
             x = dsa.apply(x, sample)
-        zero = x.new_zeros(())
-        loss_front = loss_rear = zero
         # gathered once per step, shared by the front target and the rear input
         feats = self.feature_bank[idx] if self.feature_bank is not None and p.uses_features else None
         if feats is not None and p.align_targets and sample is not None:
             feats = dsa.apply_geometric(feats, sample, (x.shape[2], x.shape[3]))  # type: ignore[union-attr]
-        adapters = self.adapters
+        return x, y, feats
+
+    def _loss_terms(
+        self,
+        model: nn.Module,
+        front: nn.Module | None,
+        rear: nn.Module | None,
+        adapters: ELFAdapters | None,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        feats: torch.Tensor | None,
+        distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        teacher_front: nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weighted loss and its task, front and rear terms (scalars), and the logits ``(B, K)`` of one batch."""
+        p = self.protocol
+        zero = x.new_zeros(())
+        loss_front = loss_rear = zero
         if p.lambda_front > 0:
             assert front is not None and rear is not None
             h = front(x)
@@ -496,12 +522,7 @@ class ELFTrainer:
             with contextlib.nullcontext() if p.rear_bn_stats_from_features else frozen_bn_stats(rear):
                 loss_rear = F.cross_entropy(rear(adapters.to_student(feats) if adapters is not None else feats), y)
             loss = loss + p.lambda_rear * loss_rear
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        correct = (out.detach().argmax(1) == self.hard_labels[idx]).sum()
-        return {"loss": loss.detach(), "task": loss_task.detach(), "front": loss_front.detach(),
-                "rear": loss_rear.detach(), "correct": correct.float()}
+        return loss, loss_task, loss_front, loss_rear, out
 
     # ---- resumable state ----------------------------------------------------------------------------------
     def save_state(self, path: PathLike) -> Path:
@@ -513,48 +534,36 @@ class ELFTrainer:
         if self.model is None or self._loop is None:
             raise ELFError("save_state() needs a running or finished fit()")
         loop = self._loop
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        sections = {"model": self.model.state_dict()}
         if self.adapters is not None:
-            tensors.update({f"adapter.{k}": v for k, v in self.adapters.state_dict().items()})
-        params = self._trained_parameters(self.model)
-        for i, param in enumerate(params):
-            buf = loop.optimizer.state.get(param, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"momentum.{i}"] = buf
-        tensors["rng.batches"] = loop.generator.get_state()
-        if loop.dsa is not None and loop.dsa.op_generator is not None:
-            tensors["rng.dsa"] = loop.dsa.op_generator.get_state()
-        meta = {"format": STATE_FORMAT, "epoch": str(loop.epoch), "lr": repr(loop.lr), "seed": str(loop.seed),
+            sections["adapter"] = self.adapters.state_dict()
+        meta = {"epoch": str(loop.epoch), "lr": repr(loop.lr), "seed": str(loop.seed),
                 "model": self.model_name, "protocol": json.dumps(self.protocol.to_dict(), default=str)}
-        return save_tensors(path, tensors, meta)
+        return write_state(path, STATE_FORMAT, sections=sections, optimizer=loop.optimizer,
+                           generators={"batches": loop.generator, "dsa": loop.dsa.op_generator if loop.dsa else None},
+                           meta=meta)
 
-    def _load_state(self, path: PathLike, model: nn.Module, gen: torch.Generator, dsa: DSA | None, seed: int) -> tuple[int, float]:
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != STATE_FORMAT:
-            raise ELFError(f"{path}: not an ELFTrainer state file (written by save_state)")
+    def _load_state(self, path: PathLike, model: nn.Module, gen: torch.Generator, dsa: DSA | None,
+                    seed: int) -> tuple[int, float, SavedState]:
+        saved = read_state(path, STATE_FORMAT, what="an ELFTrainer state file (written by save_state)")
+        meta = saved.meta
         if int(meta["seed"]) != seed:
             raise ELFError(f"{path} was saved by a fit with seed {meta['seed']}; resume it with fit(seed={meta['seed']})")
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(saved.section("model"))
         except RuntimeError as e:
-            raise ELFError(f"{path} holds weights of another model ({meta.get('model')}): {e}") from e
-        adapter_state = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+            first = str(e).strip().splitlines()[0]
+            raise ELFError(f"{path} holds weights of another model ({meta.get('model')}, this fit trains "
+                           f"{self.model_name}): {first}") from e
+        adapter_state = saved.section("adapter")
         if bool(adapter_state) != (self.adapters is not None):
             raise ELFError(f"{path} was saved {'with' if adapter_state else 'without'} feature adapters, but this fit "
                            f"{'has' if self.adapters is not None else 'has none'}: resume with the same protocol and bank")
         if self.adapters is not None:
             self.adapters.load_state_dict(adapter_state)
-        gen.set_state(tensors["rng.batches"])
-        if dsa is not None and "rng.dsa" in tensors and dsa.op_generator is not None:
-            dsa.op_generator.set_state(tensors["rng.dsa"])
-        return int(meta["epoch"]) + 1, float(meta["lr"])
-
-    def _load_momentum(self, path: PathLike, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        tensors, _ = load_tensors(path, device=self.device)
-        for i, param in enumerate(self._trained_parameters(model)):
-            if f"momentum.{i}" in tensors:
-                opt.state[param]["momentum_buffer"] = tensors[f"momentum.{i}"]
+        saved.restore_generator("batches", gen)
+        saved.restore_generator("dsa", dsa.op_generator if dsa is not None else None)
+        return int(meta["epoch"]) + 1, float(meta["lr"]), saved
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -578,11 +587,23 @@ class ELFTrainer:
         self.model.train(was_training)
         return float(correct) / images.shape[0] * 100.0
 
-    def run(self, test_images: torch.Tensor, test_labels: torch.Tensor, seeds: int | Sequence[int] = 5) -> EvalResult:
-        """``fit`` then ``evaluate`` once per seed (an int ``k`` means seeds ``0..k-1``); accuracy at the final epoch."""
+    def run(self, test_images: torch.Tensor, test_labels: torch.Tensor, seeds: int | Sequence[int] = 5, *,
+            batched: bool = False, compile: bool = False) -> EvalResult:
+        """``fit`` then ``evaluate`` once per seed (an int ``k`` means seeds ``0..k-1``); accuracy at the final epoch.
+
+        ``batched=True`` trains the seeds at once as one vectorized model (:mod:`elf.batched`; same accuracies up to
+        float rounding), or runs them one by one with a printed reason when it cannot; ``compile=True`` also wraps
+        that batched step in ``torch.compile``.
+        """
         seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
         result = EvalResult(self.model_name, [], seed_list, self.protocol.to_dict(), data=dict(self.data_info))
-        for seed in seed_list:
+        if compile and not batched:
+            raise ELFError("compile=True compiles the batched step: pass batched=True as well (it works for one seed too)")
+        if batched:
+            from .batched import run_batched
+
+            batched = run_batched(self, test_images, test_labels, result, compile=compile)
+        for seed in [] if batched else seed_list:
             t0 = time.perf_counter()
             history = self.fit(seed)
             acc = self.evaluate(test_images, test_labels)

@@ -5,8 +5,9 @@
         --teacher teachers/w128.safetensors --teacher-model ConvNet
 
 The teacher ``ConvNet`` (width 128, depth 3) gives 128x4x4 features at 32x32; ``SmallCNN`` below is built so that
-one of its block boundaries has that shape too. ``list_split_points`` finds it; ``register_model`` makes the model
-available by name (``ELFTrainer("SmallCNN", ...)``, ``elf eval --models SmallCNN`` in the same process).
+one of its block boundaries has that shape too. ``list_split_points(..., shape=bank.shape)`` finds it;
+``register_model(..., split_point=...)`` makes the model available by name with that default cut
+(``ELFTrainer("SmallCNN", ...)``; on the command line through ``--import``, see ``examples/my_models.py``).
 """
 
 from __future__ import annotations
@@ -14,36 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-from torch import nn
-
 from elf import ELFError, ELFTrainer, FeatureBank, list_split_points, register_model
 
 from _inputs import load_inputs
-
-
-def conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
-
-
-class SmallCNN(nn.Module):
-    """stem -> three pooled stages (64, 128, 128 channels) -> one unpooled 256-channel stage -> global pool -> fc."""
-
-    def __init__(self, channel: int = 3, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = conv_block(channel, 32, pool=False)
-        self.stage1 = conv_block(32, 64, pool=True)  # H/2
-        self.stage2 = conv_block(64, 128, pool=True)  # H/4
-        self.stage3 = conv_block(128, 128, pool=True)  # H/8: 128x4x4 at 32x32, the ConvNet teacher's shape
-        self.stage4 = conv_block(128, 256, pool=False)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
-        return self.head(self.stage4(x))
+from my_models import SmallCNN  # the same CNN the command-line example registers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,20 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     points = list_split_points(SmallCNN(channel, num_classes), (channel, *im_size))
     for p in points:
         print(f"  {p}{'   <- matches the teacher' if p.shape == want else ''}")
-    matching = [p.name for p in points if p.shape == want]
+    matching = [p.name for p in list_split_points(SmallCNN(channel, num_classes), (channel, *im_size), shape=want)]
     if not matching:
         print(f"no split point of SmallCNN outputs {want}; choose another teacher width/depth", file=sys.stderr)
         return 1
     point = matching[-1]  # the deepest match leaves the smallest rear, as the paper does for ResNet-18
     print(f"split point: {point}")
 
-    # 3. register it by name, with its default cut, so create_model / ELFTrainer / the CLI know it
-    def build(channel: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-        model = SmallCNN(channel, num_classes)
-        model.elf_split_point = point  # default cut used by ELFTrainer when split_at is not given
-        return model
-
-    register_model("SmallCNN", build, f"example CNN; default cut {point}")
+    # 3. register it by name with its default cut, so create_model / ELFTrainer know it (for the command line and
+    #    studies, put the registration in a module: see examples/my_models.py and docs/custom-architectures.md)
+    register_model("SmallCNN", SmallCNN, f"example CNN; default cut {point}", split_point=point, override=True)
 
     # 4. baseline and ELF
     common = dict(epochs=args.epochs, device=args.device, progress=False, num_classes=num_classes)

@@ -274,7 +274,7 @@ def test_resume_with_adapters_is_bit_identical(data, bank128, tmp_path):
     tensors, _ = load_tensors(path)
     assert any(k.startswith("adapter.to_teacher.proj") for k in tensors)
     n_model = len(list(first.model.parameters()))
-    assert f"momentum.{n_model}" in tensors  # the adapters' momentum buffers come after the model's
+    assert f"momentum.0.{n_model}" in tensors  # the adapters' momentum buffers come after the model's
     resumed = _trainer("ConvNetW64", x, y, **kw)
     resumed.fit(5, resume_from=path)
     for key, value in full.model.state_dict().items():

@@ -55,13 +55,18 @@ __all__ = [
 from .generators import SmallGenerator, load_generator, save_generator, train_generator  # noqa: E402
 from .glad import GeneratorLatentParam, build_glad_param  # noqa: E402
 from .mtt import ExpertTrajectories, TrajectoryMatching, build_mtt_objective, expert_trajectory_from_dir  # noqa: E402
+from .recipe import Distillation, DistillRecipe, build_distillation, build_pool  # noqa: E402
 
 __all__ += [
+    "Distillation",
+    "DistillRecipe",
     "ExpertTrajectories",
     "GeneratorLatentParam",
     "SmallGenerator",
     "TrajectoryMatching",
+    "build_distillation",
     "build_glad_param",
+    "build_pool",
     "build_mtt_objective",
     "expert_trajectory_from_dir",
     "load_generator",

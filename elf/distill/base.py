@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import Normalization
 from ..errors import ELFError
-from ..io import SyntheticSet
+from ..pixel_space import Normalization
+from ..synthetic import SyntheticSet
 
 __all__ = ["Parameterization", "Objective", "class_major_labels"]
 

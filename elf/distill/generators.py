@@ -36,15 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import load_checkpoint, load_state_dict, save_checkpoint
-from ..data import Normalization
 from ..errors import ELFError
 from ..fileio import PathLike
+from ..pixel_space import Normalization
 
 __all__ = [
     "SmallGenerator",
     "LatentEncoder",
     "GeneratorTraining",
     "train_generator",
+    "to_pm1",
     "save_generator",
     "load_generator",
     "encoder_path",
@@ -203,7 +204,7 @@ class GeneratorTraining:
     seconds: float = 0.0
 
 
-def _to_pm1(images: Tensor, normalization: Normalization | None) -> Tensor:
+def to_pm1(images: Tensor, normalization: Normalization | None) -> Tensor:
     """Normalized (or ``[0, 1]`` when ``normalization`` is None) images -> ``[-1, 1]``."""
     x = normalization.denormalize(images) if normalization is not None else images
     return (x.clamp(0.0, 1.0) * 2.0 - 1.0).float()
@@ -241,7 +242,7 @@ def train_generator(
     if epochs < 1 or batch_size < 1:
         raise ELFError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     dev = torch.device(device) if device is not None else images.device
-    x_all = _to_pm1(images, normalization)
+    x_all = to_pm1(images, normalization)
     c, s = int(images.shape[1]), int(images.shape[-1])
     cpu_gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import Normalization
 from ..errors import ELFError
-from ..io import SyntheticSet
+from ..pixel_space import Normalization
 from ..split import split_model
+from ..synthetic import SyntheticSet
 from .base import Parameterization
-from .generators import SmallGenerator, load_generator, train_generator
+from .generators import SmallGenerator, load_generator, to_pm1, train_generator
 
 __all__ = ["GLAD_LRS", "GeneratorLatentParam", "build_glad_param", "glad_lrs"]
 
@@ -311,8 +311,6 @@ def build_glad_param(
 def _encode_real(encoder: nn.Module, images: Tensor, labels: Tensor, normalization: Normalization | None,
                  num_classes: int, ipc: int, seed: int) -> Tensor:
     """Encoder means of ``ipc`` random real images per class, class-major ``(num_classes * ipc, Z)``."""
-    from .generators import _to_pm1
-
     g = torch.Generator().manual_seed(seed)
     labels = labels.cpu()
     picks = []
@@ -323,5 +321,5 @@ def _encode_real(encoder: nn.Module, images: Tensor, labels: Tensor, normalizati
         picks.append(idx[torch.randperm(idx.numel(), generator=g)[:ipc]])
     sel = torch.cat(picks)
     dev = next(encoder.parameters()).device
-    mus = [encoder(_to_pm1(images[sel[i : i + 256]], normalization).to(dev))[0] for i in range(0, sel.numel(), 256)]
+    mus = [encoder(to_pm1(images[sel[i : i + 256]], normalization).to(dev))[0] for i in range(0, sel.numel(), 256)]
     return torch.cat(mus)

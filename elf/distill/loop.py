@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from ..errors import ELFError
-from ..fileio import PathLike, load_tensors, save_tensors
-from ..io import SyntheticSet
+from ..fileio import PathLike
+from ..resume import read_state, write_state
+from ..synthetic import SyntheticSet
 from .base import Objective, Parameterization
 
 __all__ = ["distill", "make_optimizer", "CHECKPOINT_NAME", "STATE_FORMAT"]
@@ -45,42 +46,29 @@ def _fingerprint(param: Parameterization, objective: Objective) -> str:
 
 def _save(path: Path, step: int, seed: int, param: Parameterization, objective: Objective, opt: torch.optim.Optimizer,
           gen: torch.Generator, history: list[dict[str, Any]]) -> None:
-    tensors = {f"param.{k}": v for k, v in param.state_dict().items()}
-    for gi, group in enumerate(opt.param_groups):
-        for pi, p in enumerate(group["params"]):
-            buf = opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"momentum.{gi}.{pi}"] = buf
-    tensors["rng.loop"] = gen.get_state()
-    tensors.update({f"objective.{k}": v for k, v in objective.state_dict().items()})
-    meta = {"format": STATE_FORMAT, "step": str(step), "seed": str(seed), "fingerprint": _fingerprint(param, objective),
+    meta = {"step": str(step), "seed": str(seed), "fingerprint": _fingerprint(param, objective),
             "history": json.dumps(history, default=str)}
-    save_tensors(path, tensors, meta)
+    write_state(path, STATE_FORMAT, sections={"param": param.state_dict(), "objective": objective.state_dict()},
+                optimizer=opt, generators={"loop": gen}, meta=meta)
 
 
 def _load(path: Path, seed: int, param: Parameterization, objective: Objective, opt: torch.optim.Optimizer,
           gen: torch.Generator, device: torch.device) -> tuple[int, list[dict[str, Any]]]:
-    tensors, meta = load_tensors(path, device=device)
-    if meta.get("format") != STATE_FORMAT:
-        raise ELFError(f"{path}: not a distillation checkpoint; delete it or pass resume=False")
+    saved = read_state(path, STATE_FORMAT, what="a distillation checkpoint; delete it or pass resume=False", device=device)
+    meta = saved.meta
     if meta.get("seed") != str(seed):
         raise ELFError(f"{path} was written by a run with seed {meta.get('seed')}; resume with seed={meta.get('seed')} "
                        "or start over with resume=False (or another checkpoint_dir)")
     if meta.get("fingerprint") != _fingerprint(param, objective):
         raise ELFError(f"{path} was written with other settings ({meta.get('fingerprint')}); use the same settings, "
                        "another checkpoint_dir, or resume=False")
-    state = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
     try:
-        param.load_state_dict(state)
+        param.load_state_dict(saved.section("param"))
     except RuntimeError as e:
         raise ELFError(f"{path} does not fit this parameterization ({e}); use the same ipc/shape or resume=False") from e
-    for gi, group in enumerate(opt.param_groups):
-        for pi, p in enumerate(group["params"]):
-            key = f"momentum.{gi}.{pi}"
-            if key in tensors:
-                opt.state[p]["momentum_buffer"] = tensors[key].to(p.device, p.dtype)
-    gen.set_state(tensors["rng.loop"].cpu())
-    objective.load_state_dict({k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")})
+    saved.restore_momentum(opt)
+    saved.restore_generator("loop", gen)
+    objective.load_state_dict(saved.section("objective"))
     return int(meta["step"]), json.loads(meta.get("history", "[]"))
 
 

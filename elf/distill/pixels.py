@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import Normalization
 from ..errors import ELFError
-from ..io import SyntheticSet
+from ..pixel_space import Normalization
+from ..synthetic import SyntheticSet
 from .base import Parameterization
 from .real import RealSampler
 

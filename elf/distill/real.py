@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..data import ImageSet, Normalization
+from ..data import ImageSet
 from ..errors import ELFError
 from ..fileio import tensor_sha256
+from ..pixel_space import Normalization
 
 __all__ = ["RealSampler"]
 

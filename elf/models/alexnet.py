@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .base import FeaturesHeadNet
+from .registry import register_model
 
 __all__ = ["AlexNet"]
 
@@ -13,8 +14,10 @@ __all__ = ["AlexNet"]
 class AlexNet(FeaturesHeadNet):
     """Five convs (128-192-256-192-192) with three 2x2 max-pools, then one linear layer.
 
-    At 32x32, ``features`` outputs ``(N, 192, 4, 4)``.
+    At 32x32, ``features`` outputs ``(N, 192, 4, 4)``: the default ELF cut.
     """
+
+    elf_split_point = "features"
 
     def __init__(self, channel: int = 3, num_classes: int = 10, im_size: tuple[int, int] = (32, 32)) -> None:
         super().__init__()
@@ -39,3 +42,9 @@ class AlexNet(FeaturesHeadNet):
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
+
+
+@register_model("AlexNet")
+def alexnet(channel: int = 3, num_classes: int = 10, im_size: tuple[int, int] = (32, 32)) -> AlexNet:
+    """AlexNet of the DC code; default cut features, 192x4x4"""
+    return AlexNet(channel, num_classes, im_size)

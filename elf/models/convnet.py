@@ -59,6 +59,8 @@ class ConvNet(FeaturesHeadNet):
             are treated as 32x32 (the first conv pads by 3 for one-channel input), as in the published code.
     """
 
+    elf_split_point = "features"  # the default ELF cut: the teacher feature of the paper
+
     def __init__(
         self,
         channel: int = 3,

@@ -1,54 +1,176 @@
-"""Model names of the DD literature -> constructors, plus torchvision and timm models by prefix.
+"""The model registry: names of the DD literature, user-registered models and plugins -> constructors.
 
 ``create_model("ConvNetBN")``, ``create_model("ResNet18BN")``, ``create_model("torchvision.resnet18")``,
-``create_model("timm.resnet18")``. Every built-in carries ``elf_split_point``: the paper's default ELF cut.
+``create_model("timm.resnet18")``, ``create_model("MyNet")`` after ``@elf.register_model("MyNet", split_point=...)``.
+Built-ins register themselves in their own files and declare their default ELF cut there. Installed packages add
+models through the ``elf_dd.models`` entry-point group (see :mod:`elf.plugins`), loaded on first use.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from torch import nn
 
 from ..errors import ELFError
-from .alexnet import AlexNet
-from .convnet import ConvNet
-from .resnet import resnet18
-from .vgg import vgg11
+from ..split import SplitOptions
 
-__all__ = ["create_model", "list_models", "default_split_point", "register_model", "ModelInfo"]
+__all__ = ["create_model", "list_models", "default_split_point", "register_model", "ModelInfo", "build_model",
+           "has_default_split_point", "parse_model_spec", "model_info", "RESERVED_PREFIXES"]
 
 _NORM_CODES = {"BN": "batchnorm", "IN": "instancenorm", "LN": "layernorm", "GN": "groupnorm", "NN": "none"}
 _ACT_CODES = {"AS": "sigmoid", "AR": "relu", "AL": "leakyrelu"}
 _POOL_CODES = {"NP": "none", "MP": "maxpooling", "AP": "avgpooling"}
 _CONVNET_RE = re.compile(r"^ConvNet((?:W\d+|D\d+|BN|IN|LN|GN|NN|AS|AR|AL|NP|MP|AP)*)$")
 _CONVNET_TOKEN = re.compile(r"W\d+|D\d+|BN|IN|LN|GN|NN|AS|AR|AL|NP|MP|AP")
+RESERVED_PREFIXES = ("torchvision.", "tv.", "timm.")
+
+SplitPointSpec = str | Callable[[tuple[int, int]], str] | None
+Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+_IMAGE_ARGS = ("channel", "num_classes", "im_size")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A registered model name: ``builder(channel, num_classes, im_size)`` and a one-line description."""
+    """A registered model: how to build it, its default cut and how to trace it.
+
+    Attributes:
+        name: the registered name. builder: returns the ``nn.Module``; it is called with whichever of ``channel``,
+            ``num_classes``, ``im_size`` (``(H, W)``) it accepts, as keywords, plus the caller's keyword arguments.
+            (A builder taking exactly three positional arguments with other names is called positionally, the
+            0.1 convention.)
+        description: one line for ``elf models``.
+        split_point: the default ELF cut, a point name or a function of ``(H, W)`` returning one; None keeps the
+            model's own ``elf_split_point`` (or none: ``split_at="auto"`` then chooses).
+        options: leaf modules and autowrap functions that every trace of this model uses.
+    """
 
     name: str
-    builder: Callable[[int, int, tuple[int, int]], nn.Module]
-    description: str
+    builder: Callable[..., nn.Module]
+    description: str = ""
+    split_point: SplitPointSpec = None
+    options: SplitOptions = field(default_factory=SplitOptions)
+
+    def default_point(self, im_size: tuple[int, int]) -> str | None:
+        """The registered default cut for images of ``(H, W)``, or None."""
+        point = self.split_point(im_size) if callable(self.split_point) else self.split_point
+        if point is not None and not isinstance(point, str):
+            raise ELFError(f"{self.name}: split_point must be a name or return one, got {point!r}")
+        return point
+
+    def build(self, channel: int, num_classes: int, im_size: tuple[int, int], **kwargs: Any) -> nn.Module:
+        """Call the builder for ``channel``-channel ``(H, W)`` images and ``num_classes`` classes; checks the result."""
+        where = f"{getattr(self.builder, '__module__', '?')}.{getattr(self.builder, '__qualname__', self.builder)}"
+        args, call_kwargs = _builder_arguments(self.builder, channel, num_classes, im_size, kwargs)
+        try:
+            inspect.signature(self.builder).bind(*args, **call_kwargs)
+        except TypeError as e:
+            raise ELFError(
+                f"model {self.name!r}: its builder {where} cannot be called with {sorted(call_kwargs) or 'no arguments'} "
+                f"({e}); a builder takes any of channel=, num_classes=, im_size=(H, W) and its own keyword arguments"
+            ) from e
+        except ValueError:  # no signature to check (some builtins): call and see
+            pass
+        model = self.builder(*args, **call_kwargs)
+        if not isinstance(model, nn.Module):
+            raise ELFError(f"model {self.name!r}: its builder {where} returned {type(model).__name__}, not an nn.Module")
+        point = self.default_point(im_size)
+        if point is not None:
+            model.elf_split_point = point  # type: ignore[assignment]
+        if self.options.leaf_modules or self.options.autowrap_functions:
+            model.elf_split_options = self.options  # type: ignore[assignment]
+        return model
+
+
+def _builder_arguments(builder: Callable[..., nn.Module], channel: int, num_classes: int, im_size: tuple[int, int],
+                       kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments for ``builder``: the image arguments it accepts, and ``kwargs``."""
+    image = {"channel": channel, "num_classes": num_classes, "im_size": im_size}
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return (), {**image, **kwargs}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return (), {**image, **kwargs}
+    named = [k for k in _IMAGE_ARGS if k in params]
+    positional = [p for p in params.values() if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                              inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if not named and len(positional) >= 3 and all(p.default is inspect.Parameter.empty for p in positional[:3]):
+        return (channel, num_classes, im_size), dict(kwargs)  # builder(c, k, s): the 0.1 convention
+    return (), {**{k: image[k] for k in named}, **kwargs}
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, builder: Callable[[int, int, tuple[int, int]], nn.Module], description: str = "") -> None:
-    """Make ``create_model(name)`` build ``builder(channel, num_classes, im_size)``; the hook for custom models.
+def register_model(
+    name: str,
+    builder: Callable[..., nn.Module] | None = None,
+    description: str = "",
+    *,
+    split_point: SplitPointSpec = None,
+    leaf_modules: Iterable[type] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+    override: bool = False,
+) -> Any:
+    """Make ``create_model(name)`` (and ``elf eval --models NAME``, studies, ``elf split-points``) build a model.
 
-    Give the returned module an ``elf_split_point`` attribute to set its default ELF cut.
+    Use as a decorator or a call::
+
+        @elf.register_model("MyNet", split_point="blocks.2", leaf_modules=[MyAttention])
+        def my_net(num_classes: int = 10, im_size=(32, 32), width: int = 64) -> nn.Module: ...
+
+        elf.register_model("MyNet", my_net, "my CNN", split_point=lambda hw: "stage3" if hw[0] <= 32 else "stage4")
+
+    Args:
+        name: the model name (case, '-' and '_' are ignored when looking it up); names starting with
+            "torchvision.", "tv." or "timm." are reserved.
+        builder: returns the model; takes any of ``channel``, ``num_classes``, ``im_size`` ``(H, W)`` and its own
+            keyword arguments (``create_model("MyNet", width=32)``, ``--models MyNet:width=32``).
+        description: one line for ``elf models`` (default: the builder's first docstring line).
+        split_point: the default ELF cut: a point name, or a function of the image size ``(H, W)`` returning one.
+        leaf_modules, autowrap_functions: how torch.fx traces this model, everywhere it is traced.
+        override: replace an existing registration (a built-in included); without it that is an error.
+
+    Returns:
+        The builder (so the decorator leaves the function usable), or the decorator when ``builder`` is omitted.
     """
-    _REGISTRY[name] = ModelInfo(name, builder, description)
+    if not isinstance(name, str) or not name.strip():
+        raise ELFError(f"register_model needs a non-empty name, got {name!r}")
+    if name.startswith(RESERVED_PREFIXES):
+        raise ELFError(f"model names starting with {', '.join(RESERVED_PREFIXES)} are reserved for torchvision and timm; "
+                       f"register {name!r} under another name")
+    options = SplitOptions(None, tuple(leaf_modules), tuple(autowrap_functions))
+    if split_point is not None and not (isinstance(split_point, str) or callable(split_point)):
+        raise ELFError(f"split_point must be a point name or a function of (H, W), got {split_point!r}")
+
+    def register(fn: Builder) -> Builder:
+        if not callable(fn):
+            raise ELFError(f"register_model({name!r}): the builder must be callable, got {type(fn).__name__}")
+        key = _flat(name)
+        clash = next((k for k in _REGISTRY if _flat(k) == key), None)
+        if clash is None and _CONVNET_RE.match(_canonical(name)):
+            clash = name
+        if clash is not None and not override:
+            raise ELFError(f"a model named {clash!r} is already registered; pass override=True to replace it, or choose "
+                           "another name")
+        if clash is not None:
+            _REGISTRY.pop(clash, None)
+        doc = (inspect.getdoc(fn) or "").strip().splitlines()
+        _REGISTRY[name] = ModelInfo(name, fn, description or (doc[0] if doc else ""), split_point, options)
+        return fn
+
+    return register if builder is None else register(builder)
 
 
-def _convnet_from_name(name: str, overrides: dict[str, object]) -> Callable[[int, int, tuple[int, int]], nn.Module] | None:
+def _convnet_from_name(name: str, overrides: dict[str, object]) -> Callable[..., nn.Module] | None:
+    from .convnet import ConvNet
+
     m = _CONVNET_RE.match(name)
     if not m:
         return None
@@ -67,26 +189,6 @@ def _convnet_from_name(name: str, overrides: dict[str, object]) -> Callable[[int
     kw.update(overrides)
     return lambda channel, num_classes, im_size: ConvNet(channel, num_classes, im_size=im_size, **kw)  # type: ignore[arg-type]
 
-
-def _vgg_with_point(norm: str) -> Callable[[int, int, tuple[int, int]], nn.Module]:
-    def build(channel: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-        model = vgg11(channel, num_classes, norm, im_size)
-        # paper: after the 5th conv block at 32x32 (512x4x4); at 64x64 after the pool that follows the 6th
-        model.elf_split_point = "features.17" if im_size[0] < 64 else "features.21"  # type: ignore[assignment]
-        return model
-
-    return build
-
-
-for _name, _norm in (("ResNet18", "instancenorm"), ("ResNet18BN", "batchnorm")):
-    register_model(
-        _name,
-        lambda c, k, s, _n=_norm: resnet18(c, k, _n, s),
-        f"ResNet-18, CIFAR stem, {_norm}; default cut layer4.0 (paper's conv5_2), 512x4x4",
-    )
-for _name, _norm in (("VGG11", "instancenorm"), ("VGG11BN", "batchnorm")):
-    register_model(_name, _vgg_with_point(_norm), f"VGG-11, {_norm}; default cut after the 5th conv (features.17), 512x4x4")
-register_model("AlexNet", lambda c, k, s: AlexNet(c, k, s), "AlexNet of the DC code; default cut features, 192x4x4")
 
 _CONVNET_EXAMPLES = {
     "ConvNet": "width 128, depth 3, instance norm, ReLU, avg pool; default cut features, 128x4x4",
@@ -107,23 +209,41 @@ _CONVNET_EXAMPLES = {
 
 
 def list_models() -> dict[str, str]:
-    """Built-in names -> one-line description. ConvNet names combine tokens: ``ConvNetW512BN``, ``ConvNetD4W512``."""
+    """Model names -> one-line description: built-ins, registered models and plugins (``elf_dd.models`` entry
+    points). ConvNet names combine tokens: ``ConvNetW512BN``, ``ConvNetD4W512``."""
+    from ..plugins import load_entry_points
+
+    load_entry_points()
     out = dict(_CONVNET_EXAMPLES)
-    out.update({k: v.description for k, v in _REGISTRY.items()})
+    for k, v in _REGISTRY.items():
+        cut = v.split_point if isinstance(v.split_point, str) else ("by image size" if v.split_point else None)
+        out[k] = v.description + (f" [default cut {cut}]" if cut and cut not in v.description else "")
     out["torchvision.<name>"] = "any torchvision classification model, e.g. torchvision.resnet18 (no default cut)"
     out["timm.<name>"] = "any timm model when timm is installed, e.g. timm.resnet18 (no default cut)"
     return out
 
 
+def model_info(name: str) -> ModelInfo | None:
+    """The registration behind ``name`` (case, '-' and '_' ignored), or None for ConvNet names, torchvision and timm."""
+    from ..plugins import load_entry_points
+
+    load_entry_points()
+    return _REGISTRY.get(_canonical(parse_model_spec(name)[0]))
+
+
 def create_model(name: str, channel: int = 3, num_classes: int = 10, im_size: tuple[int, int] = (32, 32), **kwargs: object) -> nn.Module:
-    """Build a model by its literature name (case and '-'/'_' are ignored for built-ins).
+    """Build a model by name: a literature name, a registered or plugin model, ``torchvision.*`` or ``timm.*``.
 
     Args:
         name: e.g. "ConvNet", "ConvNet-BN", "ConvNetW512", "ResNet18BN", "VGG11", "AlexNet",
-            "torchvision.resnet18", "timm.resnet18".
+            "torchvision.resnet18", "timm.resnet18", a registered "MyNet"; ``"NAME:key=value,..."`` adds keyword
+            arguments (see :func:`parse_model_spec`).
         channel: input channels. num_classes: classes. im_size: input (H, W).
-        kwargs: ConvNet arguments (``width=64``) for ConvNet names, or passed to torchvision/timm constructors.
+        kwargs: ConvNet arguments (``width=64``) for ConvNet names, a registered builder's own keyword arguments,
+            or torchvision/timm constructor arguments.
     """
+    from ..plugins import load_entry_points
+
     name, spec_kwargs = parse_model_spec(name)
     kwargs = {**spec_kwargs, **kwargs}
     if name.startswith(("torchvision.", "tv.")):
@@ -150,25 +270,56 @@ def create_model(name: str, channel: int = 3, num_classes: int = 10, im_size: tu
             except TypeError:
                 pass
         return timm.create_model(timm_name, **common, **kwargs)
+    load_entry_points()
     canonical = _canonical(name)
     im = (int(im_size[0]), int(im_size[1]))
     if canonical in _REGISTRY:
-        if kwargs:
-            raise ELFError(f"{name} takes no extra arguments (got {sorted(kwargs)}); register a variant with register_model")
-        model = _REGISTRY[canonical].builder(channel, num_classes, im)
+        model = _REGISTRY[canonical].build(channel, num_classes, im, **kwargs)
     else:
         builder = _convnet_from_name(canonical, dict(kwargs))
         if builder is None:
             known = list(list_models())
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ELFError(f"unknown model {name!r}.{hint} Known: {', '.join(known)} (see `elf models`).")
+            raise ELFError(f"unknown model {name!r}.{hint} Known: {', '.join(known)} (see `elf models`; models of "
+                           "your own: elf.register_model, or --import MODULE on the command line).")
         try:
             model = builder(channel, num_classes, im)
         except TypeError as e:
             raise ELFError(f"{name}: bad ConvNet argument ({e}); ConvNet takes width, depth, activation, norm, pooling") from e
     model.elf_model_name = canonical  # type: ignore[assignment]
     return model
+
+
+def build_model(spec: str | nn.Module | Callable[[], nn.Module], image_shape: tuple[int, int, int], num_classes: int,
+                *, fresh: bool = True) -> nn.Module:
+    """The one way the trainer and the evaluation helpers turn a model spec into a module.
+
+    Args:
+        spec: a name for :func:`create_model`, a module (a re-initialized deep copy is returned when ``fresh``, via
+            each submodule's ``reset_parameters``; the module itself when not), or a zero-argument factory.
+        image_shape: ``(C, H, W)`` of the images. num_classes: classes of the labels.
+    """
+    import copy
+
+    c, h, w = (int(v) for v in image_shape)
+    if isinstance(spec, str):
+        return create_model(spec, channel=c, num_classes=num_classes, im_size=(h, w))
+    if isinstance(spec, nn.Module):
+        if not fresh:
+            return spec
+        model = copy.deepcopy(spec)
+        for m in model.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        return model
+    if callable(spec):
+        model = spec()
+        if not isinstance(model, nn.Module):
+            raise ELFError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+        return model
+    raise ELFError(f"model must be a name, an nn.Module, a factory or (front, rear); got {type(spec).__name__}")
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict[str, object]]:
@@ -194,10 +345,14 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, object]]:
     return name, kwargs
 
 
+def _flat(name: str) -> str:
+    return name.replace("-", "").replace("_", "").lower()
+
+
 def _canonical(name: str) -> str:
     flat = name.replace("-", "").replace("_", "")
     for key in list(_REGISTRY) + ["ConvNet"]:
-        if flat.lower() == key.lower():
+        if flat.lower() == _flat(key):
             return key
     if flat.lower().startswith("convnet"):
         return "ConvNet" + flat[len("convnet") :].upper()

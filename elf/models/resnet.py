@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ELFError
 from .base import FeaturesHeadNet
+from .registry import register_model
 
 __all__ = ["BasicBlock", "ResNet", "resnet18"]
 
@@ -48,6 +51,8 @@ class ResNet(FeaturesHeadNet):
     ``(N, 512, 4, 4)``. ``stem_stride=2`` (used for 64x64 inputs) halves every stage so the same cut is 4x4 again.
     """
 
+    elf_split_point = "layer4.0"  # the default ELF cut: the paper's conv5_2
+
     def __init__(
         self,
         num_blocks: tuple[int, int, int, int] = (2, 2, 2, 2),
@@ -87,3 +92,8 @@ class ResNet(FeaturesHeadNet):
 def resnet18(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size: tuple[int, int] = (32, 32)) -> ResNet:
     """ResNet-18; inputs of 64 pixels or more use a stride-2 stem (Tiny-ImageNet setting)."""
     return ResNet((2, 2, 2, 2), channel, num_classes, norm, stem_stride=2 if im_size[0] >= 64 else 1)
+
+
+for _model_name, _norm_kind in (("ResNet18", "instancenorm"), ("ResNet18BN", "batchnorm")):
+    register_model(_model_name, functools.partial(resnet18, norm=_norm_kind),
+                   f"ResNet-18, CIFAR stem, {_norm_kind}; default cut layer4.0 (paper's conv5_2), 512x4x4")

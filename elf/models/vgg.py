@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from ..errors import ELFError
 from .base import FeaturesHeadNet
+from .registry import register_model
 
 __all__ = ["VGG", "VGG_CONFIGS", "vgg11"]
 
@@ -17,8 +20,12 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
 class VGG(FeaturesHeadNet):
     """VGG feature stack of conv3x3 -> norm -> ReLU and 2x2 max-pools, then ``Linear(512 * (H/32)**2, classes)``.
 
-    ``self.features`` is one ``nn.Sequential``; ``features.<i>`` names the point after layer ``i``.
+    ``self.features`` is one ``nn.Sequential``; ``features.<i>`` names the point after layer ``i``. The default ELF
+    cut (``elf_split_point``) is the paper's: after the 5th conv block at 32x32 (``features.17``, 512x4x4); at 64x64
+    and above after the pool that follows the 6th (``features.21``).
     """
+
+    elf_split_point: str
 
     def __init__(
         self,
@@ -47,10 +54,17 @@ class VGG(FeaturesHeadNet):
         self.features = nn.Sequential(*layers)
         side = max(1, im_size[0] // 32) * max(1, im_size[1] // 32)
         self.classifier = nn.Linear(512 * side, num_classes)
+        self.elf_split_point = "features.17" if im_size[0] < 64 else "features.21"
 
 
 
 
 
 def vgg11(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size: tuple[int, int] = (32, 32)) -> VGG:
+    """VGG-11 for ``channel``-channel ``im_size`` images."""
     return VGG("VGG11", channel, num_classes, norm, im_size)
+
+
+for _model_name, _norm_kind in (("VGG11", "instancenorm"), ("VGG11BN", "batchnorm")):
+    register_model(_model_name, functools.partial(vgg11, norm=_norm_kind),
+                   f"VGG-11, {_norm_kind}; default cut after the 5th conv (features.17), 512x4x4")

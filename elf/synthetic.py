@@ -1,0 +1,125 @@
+"""The synthetic-set type: :class:`SyntheticSet`, a distilled image set with its labels and pixel space.
+
+Reading and writing synthetic sets (our safetensors format and the formats the dataset-distillation code bases
+publish) is :mod:`elf.io`'s job; this module holds only the type and its validation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import ELFError
+from .losses import infer_label_kind, is_distribution
+from .pixel_space import Normalization
+
+__all__ = ["SyntheticSet", "LABEL_KINDS"]
+
+#: The kinds of labels a synthetic set can carry: class indices, probabilities (rows sum to 1) or logits.
+LABEL_KINDS = ("index", "prob", "logits")
+
+
+@dataclass
+class SyntheticSet:
+    """A distilled image set.
+
+    ``images``: float (N, C, H, W), in the space the set was distilled in (normalized, and ZCA-whitened when
+    ``zca``); ``labels``: int64 (N,) for ``label_kind`` "index", float (N, K) for "prob" (rows sum to 1) or
+    "logits" ("auto" infers the kind); ``ipc``: images per class, inferred when the (argmax) labels are class-major
+    and balanced; ``lr``: the learned learning rate (MTT/DATM), if any; ``metadata``: free-form strings
+    (method, source, ...).
+    """
+
+    images: Tensor
+    labels: Tensor
+    label_kind: str = "auto"
+    normalization: Normalization | None = None
+    zca: bool = False
+    classes: list[str] | None = None
+    ipc: int | None = None
+    lr: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, Tensor):
+            raise ELFError(f"SyntheticSet.images must be a tensor, got {type(self.images).__name__}")
+        if not isinstance(self.labels, Tensor):
+            self.labels = torch.as_tensor(self.labels)
+        self.images = self.images.detach()
+        self.labels = self.labels.detach()
+        x = self.images
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ELFError(f"synthetic images must be float (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ELFError("synthetic images contain NaN or inf values; the file is corrupt or the distillation diverged")
+        n = x.shape[0]
+        if self.labels.shape[:1] != (n,):
+            raise ELFError(f"labels have shape {tuple(self.labels.shape)} but there are {n} images; need one label per image")
+        if self.label_kind == "auto":
+            self.label_kind = infer_label_kind(self.labels)
+        if self.label_kind not in LABEL_KINDS:
+            raise ELFError(f"label_kind must be one of {', '.join(LABEL_KINDS)} or 'auto', got {self.label_kind!r}")
+        if self.label_kind == "index":
+            if self.labels.dim() != 1 or self.labels.is_floating_point() or self.labels.dtype == torch.bool:
+                raise ELFError(f"index labels must be integer (N,), got {self.labels.dtype} {tuple(self.labels.shape)}")
+            self.labels = self.labels.long()
+            if n and int(self.labels.min()) < 0:
+                raise ELFError("index labels must be non-negative class indices")
+        else:
+            if self.labels.dim() != 2 or not self.labels.is_floating_point():
+                raise ELFError(f"{self.label_kind} labels must be float (N, K), got {self.labels.dtype} {tuple(self.labels.shape)}")
+            if not bool(torch.isfinite(self.labels).all()):
+                raise ELFError("soft labels contain NaN or inf values")
+            if self.label_kind == "prob" and not is_distribution(self.labels):
+                raise ELFError("label_kind 'prob' needs non-negative rows that sum to 1; use 'logits' for unnormalized scores")
+        if isinstance(self.normalization, dict):
+            self.normalization = Normalization.from_dict(self.normalization)
+        if self.normalization is not None and self.normalization.channels != x.shape[1]:
+            raise ELFError(f"normalization {self.normalization.name!r} has {self.normalization.channels} channels but images have {x.shape[1]}")
+        self.zca = bool(self.zca)
+        if self.classes is not None:
+            self.classes = [str(c) for c in self.classes]
+            if self.label_kind != "index" and len(self.classes) != self.labels.shape[1]:
+                raise ELFError(f"{len(self.classes)} class names given but soft labels have {self.labels.shape[1]} columns")
+            if self.label_kind == "index" and n and int(self.labels.max()) >= len(self.classes):
+                raise ELFError(f"label {int(self.labels.max())} has no class name ({len(self.classes)} names given)")
+        if self.lr is not None:
+            self.lr = float(self.lr.detach().reshape(-1)[0]) if isinstance(self.lr, Tensor) else float(self.lr)
+            if not math.isfinite(self.lr):
+                raise ELFError(f"learned lr is {self.lr}; expected a finite number")
+        if self.ipc is None:
+            self.ipc = self._infer_ipc()
+        elif int(self.ipc) <= 0:
+            raise ELFError(f"ipc must be positive, got {self.ipc}")
+        else:
+            self.ipc = int(self.ipc)
+        self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """K: the soft-label width, else the number of class names, else max label + 1."""
+        if self.label_kind != "index":
+            return int(self.labels.shape[1])
+        if self.classes is not None:
+            return len(self.classes)
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+    def hard_labels(self) -> Tensor:
+        """int64 (N,) class indices (argmax of soft labels)."""
+        return self.labels if self.label_kind == "index" else self.labels.argmax(1)
+
+    def _infer_ipc(self) -> int | None:
+        if not len(self):
+            return None
+        y = self.hard_labels().cpu()
+        counts = torch.bincount(y, minlength=self.num_classes)
+        sorted_ = bool((y[1:] >= y[:-1]).all())
+        if sorted_ and bool((counts == counts[0]).all()) and int(counts[0]) > 0:
+            return int(counts[0])
+        return None
