@@ -5,6 +5,8 @@ ELF setting and the cross-architecture tables of issue #9, all against one wall-
     python benchmarks/gpu_check.py --device cpu --tiny --data toy_folder --work /tmp/w   # the CPU path CI tests
 
 Stages (each writes what it finished; a stage cut short by the budget keeps its finished runs):
+  0. ``speed.py``'s batched-seeds section alone on the device (ConvNet-BN, k = 1, 5, 10 seeds batched vs one by one,
+     eager and compiled; issue #12), time-boxed by ``--speed-seconds``; ``speed-<device>-batched.json``.
   1. CUDA-only tests (in the background) and one decode of the real data into the cache.
   2. In parallel: train the width-512 ConvNet teacher (``elf train-teacher``, time-boxed, last finished epoch used),
      distill a DSA set (``elf distill``, time-boxed, last snapshot used) and run ``gpu_val_study.toml`` (validation).
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=300, help="the protocol's Epoch for every study run")
     ap.add_argument("--teacher-seconds", type=float, default=170, help="time box of the width-512 teacher")
     ap.add_argument("--distill-seconds", type=float, default=170, help="time box of the DSA distillation")
+    ap.add_argument("--speed-seconds", type=float, default=75, help="time box of the batched-seeds speed stage")
     ap.add_argument("--procs", type=int, default=8, help="processes for the DM table (the DSA table gets half)")
     ap.add_argument("--work", default=str(HERE / "work" / "gpu"))
     ap.add_argument("--results", default=str(HERE / "results"))
@@ -151,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
 
     report["environment"] = environment(args.device)
     stage = Stage(logs)
+
+    # 0. issue #12's speed section alone on the device (batched vs sequential seeds, eager and compiled), time-boxed
+    speed_out = results / f"speed-{'tiny' if args.tiny else args.device.split(':')[0]}-batched.json"
+    speed_args = (["--seeds", "1", "2", "--batched-epochs", "2", "--images", "20"] if args.tiny
+                  else ["--seeds", "1", "5", "10", "--batched-epochs", "20", "--compile"])
+    stage.start("speed", [py, str(HERE / "speed.py"), "--device", args.device, "--batched-only", "--batched-models",
+                          "ConvNetBN", *speed_args, "--out", str(speed_out),
+                          "--note", "benchmarks/gpu_check.py stage 0, alone on the device"],
+                min(end, time.time() + args.speed_seconds))
+    report["stages"].update(stage.wait(["speed"]))
 
     # 1. CUDA-only tests, data decode
     if args.device.startswith("cuda"):

@@ -4,9 +4,21 @@
 2. Images per second of the training loop (plain and ELF).
 3. FeatureBank: building (teacher forward over every image) vs reusing the content-hash cache.
 4. ELFTrainer's loop vs a plain PyTorch loop with a DataLoader over the same tensors (same model, DSA, SGD).
+5. Batched seeds: ``run(seeds=k)`` as k sequential fits vs one vectorized run (``batched=True``), eager and with
+   ``compile=True``, and as k compiled runs of one seed each (``batched=1, compile=True``), for k in ``--seeds``
+   (1 5 10), per model in ``--batched-models``, ``--repeats`` times each (modes in turn; the fastest repeat counts);
+   plus channels-last vs contiguous memory format for a plain training step of those models, and k separate
+   convolutions vs one grouped convolution (what vmap runs).
 
     python benchmarks/speed.py                      # CPU-sized defaults
     python benchmarks/speed.py --device cuda --images 500 --epochs 20 --out benchmarks/results/speed-h100.json
+    python benchmarks/speed.py --batched-only --compile --repeats 3 --images 100 --batch 256 --batched-epochs 5 \
+        --seeds 5 --batched-models ConvNetBN --out benchmarks/results/speed-cpu-batched-k5.json   # only section 5
+
+In section 5 each mode runs ``run(seeds=k)`` once per repeat; "loop" times are the training loop's seconds per epoch for all k
+seeds after its first epoch (from the histories' ``time_s``, so model building, compilation and testing are out),
+"total" times are the whole ``run`` (compilation included). Accuracies of the modes are recorded next to each other:
+batched runs must equal sequential ones up to float rounding.
 
 Timings are wall-clock seconds after one warm-up epoch; on CUDA, the device is synchronized before reading clocks.
 The three loops of a model are timed in turn, ``--repeats`` times, and each keeps its fastest repeat (the least
@@ -20,7 +32,9 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +50,17 @@ TEACHER_FOR = {"ConvNet": "ConvNet", "ConvNetBN": "ConvNet", "ResNet18": "ConvNe
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _seconds_per_call(fn: Callable[[], None], calls: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` after one warm-up call, the device synchronized around the timed calls."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / calls
 
 
 def time_fit(model: str, images: torch.Tensor, labels: torch.Tensor, bank: elf.FeatureBank | None, epochs: int,
@@ -73,16 +98,122 @@ def time_dataloader_loop(model_name: str, images: torch.Tensor, labels: torch.Te
             opt.step()
             loss.item()  # what such scripts do to accumulate the epoch loss
 
-    epoch()
+    return _seconds_per_call(epoch, epochs, device)
+
+
+#: Section 5's ways of running k seeds: ``run``'s ``batched`` and ``compile`` arguments.
+MODES: dict[str, tuple[bool | int, bool]] = {"sequential": (False, False), "batched": (True, False),
+                                             "batched+compile": (True, True), "one-per-group+compile": (1, True)}
+
+
+def time_seeds(model: str, images: torch.Tensor, labels: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
+               k: int, epochs: int, batch: int, device: torch.device, mode: str) -> dict[str, Any]:
+    """One ``run(seeds=k)`` of the plain protocol in ``mode`` (a key of :data:`MODES`): total seconds, loop seconds
+    per epoch for all k seeds (epochs after the first), accuracies, and what the batched run recorded."""
+    trainer = elf.ELFTrainer(model, images, labels, epochs=epochs, extra_epoch=False, batch_size=batch, progress=False,
+                             device=device, log_every=1, lambda_front=0.0, lambda_rear=0.0)
+    batched, compile = MODES[mode]
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(epochs):
-        epoch()
+    result = trainer.run(*test, k, batched=batched, compile=compile)
     _sync(device)
-    return (time.perf_counter() - t0) / epochs
+    total = time.perf_counter() - t0
+
+    def loop(history: list[dict[str, float]]) -> float:
+        return (history[-1]["time_s"] - history[0]["time_s"]) / (len(history) - 1)
+
+    group = result.data.get("batched", {}).get("group", 1)  # each group has its own loop and clock
+    per_epoch = sum(loop(h) for h in result.histories[::group])
+    return {"total_s": total, "loop_s_per_epoch": per_epoch, "accuracies": result.accuracies,
+            "batched": result.data.get("batched")}
 
 
-def main() -> None:
+def time_channels_last(model_name: str, images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int,
+                       device: torch.device) -> dict[str, float]:
+    """Seconds per training step (forward, backward, SGD; no DSA) with model and images contiguous vs channels-last."""
+    out = {}
+    for fmt, name in ((torch.contiguous_format, "contiguous"), (torch.channels_last, "channels_last")):
+        torch.manual_seed(0)
+        c, h, w = images.shape[1:]
+        model = elf.create_model(model_name, channel=c, num_classes=10, im_size=(h, w)).to(device, memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = images[:batch].to(device).contiguous(memory_format=fmt)
+        y = labels[:batch].to(device)
+
+        def step() -> None:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        out[f"{name}_s_per_step"] = _seconds_per_call(step, steps, device)
+    out["channels_last_over_contiguous"] = out["channels_last_s_per_step"] / out["contiguous_s_per_step"]
+    return out
+
+
+def time_grouped_conv(k: int, batch: int, device: torch.device, steps: int = 3) -> dict[str, float]:
+    """Seconds for forward + backward of k separate 3x3 convolutions (128 -> 128 channels, 16x16, ConvNet's second
+    block) vs one grouped convolution over the k stacked inputs (``groups=k``), the primitive vmap turns them into."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, 128, 16, 16, generator=g).to(device).requires_grad_() for _ in range(k)]
+    ws = [torch.randn(128, 128, 3, 3, generator=g).to(device).requires_grad_() for _ in range(k)]
+    xg = torch.cat([x.detach() for x in xs], 1).requires_grad_()
+    wg = torch.cat([w.detach() for w in ws], 0).requires_grad_()
+
+    def separate() -> None:
+        for x, w in zip(xs, ws):
+            F.conv2d(x, w, padding=1).sum().backward()
+
+    def grouped() -> None:
+        F.conv2d(xg, wg, padding=1, groups=k).sum().backward()
+
+    out = {f"{name}_s": _seconds_per_call(fn, steps, device) for name, fn in (("separate", separate), ("grouped", grouped))}
+    out["grouped_over_separate"] = out["grouped_s"] / out["separate_s"]
+    return out
+
+
+def batched_section(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor,
+                    device: torch.device) -> dict[str, Any]:
+    """Section 5: k sequential fits vs one batched run (eager, compiled) per model and k; channels-last per model."""
+    test = (torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(100) % 10)
+    modes = ["sequential", *(m for m in args.modes if m != "sequential" and (args.compile or not MODES[m][1]))]
+    rows = []
+    for m in args.batched_models:
+        for k in args.seeds:
+            row: dict[str, Any] = {"model": m, "k": k}
+            tries: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+            for _ in range(args.repeats):  # modes in turn, so a busy spell of the machine hits them alike
+                for mode in modes:
+                    t = time_seeds(m, images, labels, test, k, args.batched_epochs, args.batch, device, mode)
+                    tries[mode].append(t)
+                    print(f"{m} k={k} {mode}: loop {t['loop_s_per_epoch']:.2f} s/epoch, total {t['total_s']:.1f} s",
+                          flush=True)
+            for mode in modes:  # the fastest repeat counts, as in the other sections
+                row[mode] = min(tries[mode], key=lambda t: t["loop_s_per_epoch"])
+                row[mode]["all_repeats_loop_s_per_epoch"] = [t["loop_s_per_epoch"] for t in tries[mode]]
+            seq = row["sequential"]
+            for mode in modes[1:]:
+                row[f"{mode}_over_sequential_loop"] = row[mode]["loop_s_per_epoch"] / seq["loop_s_per_epoch"]
+                row[f"{mode}_over_sequential_total"] = row[mode]["total_s"] / seq["total_s"]
+                row[f"{mode}_same_accuracies"] = row[mode]["accuracies"] == seq["accuracies"]
+            rows.append(row)
+    layouts = {m: time_channels_last(m, images, labels, args.batched_epochs, args.batch, device)
+               for m in args.batched_models}
+    grouped = {k: time_grouped_conv(k, min(args.batch, args.images), device) for k in args.seeds if k > 1}
+    print("\n| model | k | sequential loop s/epoch | " + " | ".join(f"{mode} / sequential" for mode in modes[1:])
+          + " | same accuracies |\n|---|---|---|" + "---|" * len(modes))
+    for r in rows:
+        ratios = " | ".join(f"{r[f'{mode}_over_sequential_loop']:.2f}" for mode in modes[1:])
+        same = all(r[f"{mode}_same_accuracies"] for mode in modes[1:])
+        print(f"| {r['model']} | {r['k']} | {r['sequential']['loop_s_per_epoch']:.2f} | {ratios} | {same} |")
+    for m, t in layouts.items():
+        print(f"{m}: channels-last step / contiguous step = {t['channels_last_over_contiguous']:.2f}")
+    for k, t in grouped.items():
+        print(f"k={k}: one grouped conv / {k} separate convs (forward + backward) = {t['grouped_over_separate']:.2f}")
+    return {"rows": rows, "channels_last": layouts, "grouped_conv": grouped}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["ConvNet", "ConvNetBN", "ResNet18BN", "VGG11BN", "AlexNet"])
     ap.add_argument("--images", type=int, default=100, help="synthetic images (10 classes)")
@@ -91,12 +222,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per loop; the fastest counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/speed-<device>.json)")
-    args = ap.parse_args()
+    ap.add_argument("--batched-models", nargs="+", default=["ConvNetBN", "ConvNet"], help="models of section 5")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 5, 10], help="k values of section 5")
+    ap.add_argument("--batched-epochs", type=int, default=4, help="epochs per run in section 5 (>= 2)")
+    ap.add_argument("--compile", action="store_true", help="section 5 also times the modes with compile=True")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                    help="section 5's ways of running the seeds (sequential always runs: the reference)")
+    ap.add_argument("--batched-only", action="store_true", help="run section 5 only")
+    ap.add_argument("--note", default="", help="free text stored with the results (e.g. what else ran on the machine)")
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     images = torch.randn(args.images, 3, 32, 32)
     labels = torch.arange(10).repeat_interleave(args.images // 10)
     rows, results = [], {"settings": vars(args), "environment": environment(device)}
+    if args.batched_only:
+        results["batched_seeds"] = batched_section(args, images, labels, device)
+        _write(results, args.out, device)
+        return
 
     teachers: dict[str, torch.nn.Module] = {}
     banks: dict[str, elf.FeatureBank] = {}
@@ -139,7 +282,12 @@ def main() -> None:
     print("\n| teacher | bank build (s) | cache reuse (s) | build / reuse |\n|---|---|---|---|")
     for name, t in cache_times.items():
         print(f"| {name} | {t['build_s']:.3f} | {t['reuse_s']:.4f} | {t['ratio']:.0f} |")
-    out = Path(args.out or Path(__file__).parent / "results" / f"speed-{device.type}.json")
+    results["batched_seeds"] = batched_section(args, images, labels, device)
+    _write(results, args.out, device)
+
+
+def _write(results: dict[str, Any], path: str | None, device: torch.device) -> None:
+    out = Path(path or Path(__file__).parent / "results" / f"speed-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")

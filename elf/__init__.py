@@ -7,7 +7,7 @@ Public API::
 
 from .augment import DSA, DSAParams
 from .checkpoint import load_checkpoint, save_checkpoint
-from .errors import ELFError
+from .errors import DivergedError, ELFError
 from .feature_bank import FeatureBank
 from .losses import DISTANCES, feature_distance
 from .models import AlexNet, ConvNet, ResNet, VGG, create_model, default_split_point, list_models, register_model
@@ -24,6 +24,7 @@ __all__ = [
     "DSA",
     "DSAParams",
     "ELFError",
+    "DivergedError",
     "ELFTrainer",
     "EvalResult",
     "FeatureBank",

@@ -45,8 +45,15 @@ def _add_test_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--cache-dir", default=None, help="decoded-data and feature cache (default: $ELF_CACHE or ~/.cache/elf-dd)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other `elf` error (exit status 2)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elf", description="ELF: evaluate distilled datasets on any architecture with distillation features.")
+    parser = _Parser(prog="elf", description="ELF: evaluate distilled datasets on any architecture with distillation features.")
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"elf-dd {__version__}")
@@ -117,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-augment", action="store_true", help="train without DSA")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     g.add_argument("--no-elf", action="store_true", help="skip the ELF runs")
-    g.add_argument("--out", default=None, help="write the full result as JSON here")
+    g.add_argument("--batched", nargs="?", const=True, default=False, type=int, metavar="M",
+                   help="train the runs of each model and method at once as one vectorized model (same accuracies as "
+                        "one by one; M: at most M seeds at a time); see docs/trainer.md, Batched seeds")
+    g.add_argument("--compile", action="store_true", help="with --batched: torch.compile the batched step")
+    g.add_argument("--out", default=None, help="write the full result as JSON here (rewritten after every finished run, "
+                                               "so an interrupted eval keeps its finished runs)")
+    g.add_argument("--resume", action="store_true", help="continue the eval whose --out file exists: its finished runs "
+                   "are kept, the rest run (the settings must be the same)")
     _add_test_data(p, required=False)
     _add_device(p)
     _add_import(p)
@@ -126,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="baseline vs ELF on the bundled CIFAR-10 assets (no download)",
                        description="Evaluate the bundled 10-images-per-class CIFAR-10 set with the bundled ConvNet teacher on the "
                                    "bundled 1,000-image test subset, with and without ELF. CPU default: ConvNet-BN, 200 epochs, "
-                                   "2 runs (a few minutes on two cores); --full: the official protocol (1000 epochs, 5 runs; for a GPU).")
+                                   "2 runs (about 4 minutes on an idle 2-core CPU); --full: the official protocol (1000 epochs, 5 runs; for a GPU).")
     p.add_argument("--models", nargs="+", default=None, help="evaluation models (ConvNet family: the bundled teacher is width 128)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--runs", type=int, default=None)
@@ -214,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--perturb", action="store_true", help="Acc-DD parameter perturbation of every drawn network")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from here (exact on CPU)")
+    g.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from here (exact on CPU; default: "
+                   "OUT.ckpt/ beside --out, removed once the set is written)")
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     g.add_argument("--log-every", type=int, default=10, help="steps between loss read-backs")
@@ -316,20 +331,40 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .pixel_space import get_normalization
-    from .evaluation import compare_models, environment, format_table
+    from .evaluation import compare_models, environment, format_table, git_revision
     from .feature_bank import FeatureBank
-    from .fileio import atomic_write
+    from .fileio import atomic_write, check_writable
     from .io import load_any, load_mtt
 
+    if args.compile and not args.batched:
+        raise ELFError("--compile compiles the batched step: add --batched")
+    if args.batched is not True and args.batched is not False and args.batched < 1:
+        raise ELFError(f"--batched M takes M >= 1 seeds at a time, got {args.batched}")
+
     log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr))
-    sset = load_mtt(args.images, args.labels) if args.labels else (
-        load_any(args.images, experiment=args.experiment) if Path(args.images).name.startswith("res_") else load_any(args.images))
+    if args.resume and not args.out:
+        raise ELFError("--resume continues the eval saved in --out: pass --out FILE")
+    if args.runs < 1:
+        raise ELFError(f"--runs must be >= 1, got {args.runs}")
+    if args.out:
+        check_writable(args.out, "--out")
+    previous = _previous_eval(args.out) if args.resume else None
+    given = get_normalization(args.normalization)
+    name = Path(args.images).name.lower()
+    if args.labels:
+        sset = load_mtt(args.images, args.labels, normalization=given)
+    elif name.startswith("res_"):  # the DC code's statistics follow from the file name
+        sset = load_any(args.images, experiment=args.experiment)
+    elif name.endswith(".safetensors"):  # elf-dd sets record their own normalization
+        sset = load_any(args.images)
+    else:  # MTT files, .npz, image folders: in the given normalization (uint8 images converted with it)
+        sset = load_any(args.images, normalization=given)
     if sset.normalization is None:
-        sset.normalization = get_normalization(args.normalization)
+        sset.normalization = given
     norm = sset.normalization
     if args.zca:
         sset.zca = True
-    test = _load_split(args, "test", args.test_per_class)
+    test = _match_classes(_load_split(args, "test", args.test_per_class), sset, log)
     test_x, test_y = test.as_float(norm), test.labels
     if sset.zca:
         log("the set is in ZCA space: fitting ZCA (eps 0.1) on the full real training set (cached)")
@@ -358,25 +393,116 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             banks.append(bank)
     split_at = _split_points(args.split_at, args.models)
     seeds = list(range(args.seed, args.seed + args.runs))
+    settings = _eval_settings(args, sset, banks, test_x, norm)
+    rows_before: list[Any] = []
+    if previous is not None:
+        rows_before = _resumable_rows(args.out, previous, settings)
+        log(f"resuming {args.out}: {_finished_runs(rows_before)} finished run(s) kept")
     t0 = time.perf_counter()
-    rows = compare_models(args.models, sset, None, test_x, test_y, banks=banks, protocol=args.protocol,
-                          seeds=seeds, baseline=not args.no_baseline, elf=not args.no_elf, split_at=split_at,
-                          device=device, progress=not args.no_progress, log=log, **_protocol_overrides(args))
+    result = {
+        "command": "elf eval",
+        "complete": False,
+        "settings": settings,
+        "synthetic": {"path": str(args.images), "n": len(sset), "label_kind": sset.label_kind, "ipc": sset.ipc,
+                      "normalization": norm.to_dict(), **sset.metadata},
+        "teachers": [b.metadata for b in banks],
+        "test": {"source": _data_spec(args), "n": int(test_x.shape[0])},
+        "results": [],
+        "environment": environment(device),
+        "git_revision": git_revision(),
+        "wall_time_s": 0.0,
+    }
+    saved = {"runs": _finished_runs(rows_before)}
+
+    def save(rows: list[Any]) -> None:
+        if not args.out:
+            return
+        result["results"] = [r.to_dict() for r in rows]
+        result["wall_time_s"] = time.perf_counter() - t0 + float(previous.get("wall_time_s", 0.0) if previous else 0.0)
+        saved["runs"] = _finished_runs(rows)
+        try:
+            atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(result, indent=1, default=str)))
+        except OSError as e:
+            raise ELFError(f"cannot write --out {args.out}: {e.strerror or e}") from e
+
+    try:
+        rows = compare_models(args.models, sset, None, test_x, test_y, banks=banks, protocol=args.protocol,
+                              seeds=seeds, baseline=not args.no_baseline, elf=not args.no_elf, split_at=split_at,
+                              device=device, progress=not args.no_progress, log=log, previous=rows_before,
+                              on_update=save, batched=args.batched, compile=args.compile,
+                              **_protocol_overrides(args))
+    except KeyboardInterrupt:
+        where = (f"{saved['runs']} finished run(s) saved in {args.out}; continue with the same command and --resume"
+                 if args.out and saved["runs"] else "nothing finished was saved (pass --out FILE to keep finished runs)")
+        print(f"elf eval: interrupted: {where}", file=sys.stderr)
+        return 130
     print(format_table(rows))
     if args.out:
-        result = {
-            "command": "elf eval",
-            "synthetic": {"path": str(args.images), "n": len(sset), "label_kind": sset.label_kind, "ipc": sset.ipc,
-                          "normalization": norm.to_dict(), **sset.metadata},
-            "teachers": [b.metadata for b in banks],
-            "test": {"source": _data_spec(args), "n": int(test_x.shape[0])},
-            "results": [r.to_dict() for r in rows],
-            "environment": environment(device),
-            "wall_time_s": time.perf_counter() - t0,
-        }
-        atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(result, indent=1, default=str)))
+        result["complete"] = True
+        save(rows)
         print(f"wrote {args.out}")
     return 0
+
+
+def _finished_runs(rows: Sequence[Any]) -> int:
+    return sum(len(r.baseline.seeds if r.baseline else []) + len(r.elf.seeds if r.elf else []) for r in rows)
+
+
+def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], test_x: torch.Tensor, norm: Any) -> dict[str, Any]:
+    """Everything that decides the numbers of an `elf eval`: a resumed eval must have the same."""
+    keys = ("images", "labels", "experiment", "zca", "models", "split_at", "protocol", "epochs", "seed", "lr",
+            "batch_size", "lambda_front", "lambda_rear", "lambda_task", "distance", "rear_bn_stats", "adapter",
+            "align_targets", "no_augment", "no_baseline", "no_elf", "test_per_class", "feature_dtype")
+    out: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    out["images_n"] = len(sset)
+    out["normalization"] = norm.to_dict()
+    out["teachers"] = [b.metadata.get("teacher_sha256", "") for b in banks]
+    out["test_n"] = int(test_x.shape[0])
+    return json.loads(json.dumps(out, default=str))
+
+
+def _previous_eval(out: str) -> dict[str, Any] | None:
+    """The JSON of an earlier `elf eval --out` run, for --resume; None when there is none yet."""
+    path = Path(out)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ELFError(f"--resume: cannot read {out} ({e}); delete it to start over") from e
+    if not isinstance(data, dict) or data.get("command") != "elf eval" or "settings" not in data:
+        raise ELFError(f"--resume: {out} is not a resumable `elf eval` result (no recorded settings); delete it or "
+                       "choose another --out")
+    return data
+
+
+def _resumable_rows(out: str, previous: dict[str, Any], settings: dict[str, Any]) -> list[Any]:
+    from .evaluation import ModelComparison
+
+    before = previous["settings"]
+    differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in differ[:4])
+        raise ELFError(f"--resume: {out} was computed with other settings ({shown}); use the same command, or "
+                       "another --out to start over")
+    return [ModelComparison.from_dict(r) for r in previous.get("results", [])]
+
+
+def _match_classes(test: Any, sset: Any, log: Any) -> Any:
+    """The test split labelled with the synthetic set's classes, by name; without names, its class count must
+    cover every label of the set (a stray label 12 in a 10-class set is an error, not a 13-class model)."""
+    if sset.classes is not None:
+        matched = test.with_classes(sset.classes, "the test split", "the synthetic set's classes")
+        if matched is not test:
+            log(f"test classes matched to the set's by name: {', '.join(sset.classes)}")
+        return matched
+    k = sset.num_classes
+    if k > test.num_classes or (sset.label_kind != "index" and k != test.num_classes):
+        raise ELFError(f"the synthetic set has {k} classes (labels up to {k - 1}) but the test data has "
+                       f"{test.num_classes} ({', '.join(test.classes)}); check the labels file and --data")
+    if sset.label_kind == "index":
+        sset.classes = list(test.classes)  # the set records no names: the test data's classes name its labels
+    return test
 
 
 def _split_points(items: Sequence[str], models: Sequence[str]) -> dict[str, str]:
@@ -451,7 +577,7 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
 
     norm = get_normalization(args.normalization)
     train = _load_split(args, "train", args.train_per_class, args.seed)
-    test = _load_split(args, "test", args.test_per_class)
+    test = _load_split(args, "test", args.test_per_class).with_classes(train.classes, "the test split")
     train_x, test_x = train.as_float(norm), test.as_float(norm)
     if args.zca:
         zca = _zca(args, norm)
@@ -472,8 +598,10 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     import dataclasses
+    import shutil
 
     from .distill import DistillRecipe, RealSampler, build_distillation, distill
+    from .fileio import check_writable, portable_path
     from .io import save_synthetic
     from .pixel_space import get_normalization
 
@@ -482,6 +610,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     recipe.check()
     if args.snapshot_every is not None and args.snapshot_every < 1:
         raise ELFError(f"--snapshot-every must be >= 1, got {args.snapshot_every}")
+    check_writable(args.out, "--out")
+    default_ckpt = args.checkpoint_dir is None
+    ckpt_dir = Path(args.out).expanduser().with_name(Path(args.out).name + ".ckpt") if default_ckpt else Path(args.checkpoint_dir)
+    if default_ckpt and ckpt_dir.exists() and not args.no_resume:
+        log(f"resuming from {ckpt_dir} (pass --no-resume to start over)")
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     norm = get_normalization(args.normalization)
     train = _load_split(args, "train", args.train_per_class, args.seed)
@@ -492,7 +625,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     run = build_distillation(recipe, sampler, norm, device=device, cache_dir=cache, source_hash=train.source_hash,
                              progress=not args.no_progress, log=log)
     log(f"distilling {args.method} ({args.param}), {args.ipc} image(s)/class, {run.iterations} iterations on {device}")
-    meta = {"command": "elf distill", "data": str(train.origin), "data_source_hash": train.source_hash, **run.metadata}
+    meta = {"command": "elf distill", "data": portable_path(train.origin), "data_source_hash": train.source_hash,
+            **run.metadata}
     out = Path(args.out)
     t_start = time.perf_counter()
 
@@ -502,16 +636,32 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                                 metadata={**s.metadata, "snapshot_step": str(step),
                                           "distill_wall_time_s": f"{time.perf_counter() - t_start:.1f}"})
         save_synthetic(path, s)
-        return str(path)
+        return portable_path(path)
 
     sset = distill(run.param, run.objective, run.iterations, seed=args.seed, device=device, progress=not args.no_progress,
-                   log_every=args.log_every, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                   log_every=args.log_every, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
                    resume=not args.no_resume, metadata=meta,
                    eval_fn=snapshot if args.snapshot_every else None, eval_every=args.snapshot_every)
     sset = dataclasses.replace(sset, classes=list(train.classes))
     save_synthetic(args.out, sset)
+    if default_ckpt:  # the set is written: the default checkpoint folder has done its job
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"wrote {args.out}: {len(sset)} images ({sset.ipc} per class), final loss {sset.metadata.get('final_loss', '?')}")
     return 0
+
+
+def _check_device(name: str) -> None:
+    """--device must name a device torch has here (before any data is loaded)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ELFError(f"--device {name!r} is not a torch device ({e}); use cpu, cuda, cuda:1, mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ELFError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ELFError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ELFError(f"--device {name}: MPS is not available on this machine; use --device cpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -526,10 +676,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .plugins import import_plugins
 
             import_plugins(args.imports)
+        if getattr(args, "device", None):
+            _check_device(args.device)
         return int(args.func(args))
     except ELFError as e:
         print(f"elf {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"elf {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -131,6 +131,26 @@ class ImageSet:
         h = hashlib.sha256(f"{self.source_hash}|subset|{tensor_sha256(idx)}".encode()).hexdigest()
         return ImageSet(self.images[idx].clone(), self.labels[idx].clone(), list(self.classes), h, self.origin)
 
+    def with_classes(self, classes: Sequence[str], what: str = "this split", reference: str = "the training classes") -> "ImageSet":
+        """The same images labelled by position in ``classes`` (matched by name, not by folder count).
+
+        Used to line a test split up with the training split or a synthetic set: a class folder missing or empty
+        in one split cannot shift the labels of the others. Images of a class not in ``classes`` raise
+        :class:`ELFError` naming the classes; classes of ``classes`` without images here are fine.
+        """
+        classes = [str(c) for c in classes]
+        if classes == self.classes:
+            return self
+        index = {c: i for i, c in enumerate(classes)}
+        present = [self.classes[int(k)] for k in torch.unique(self.labels)]
+        unknown = [c for c in present if c not in index]
+        if unknown:
+            raise ELFError(f"{what} has images of class(es) {unknown} that are not among {reference} {classes}; "
+                           "class folders must carry the same names in every split")
+        lookup = torch.tensor([index.get(c, -1) for c in self.classes], dtype=torch.int64)
+        h = hashlib.sha256(f"{self.source_hash}|classes|{json.dumps(classes)}".encode()).hexdigest()
+        return ImageSet(self.images, lookup[self.labels], classes, h, self.origin)
+
     def _per_class_indices(self, k: int, generator: torch.Generator | None, what: str) -> Tensor:
         if k <= 0:
             raise ELFError(f"{what}: k must be positive, got {k}")
@@ -196,6 +216,27 @@ def _classify(rel: str, split: str | None) -> tuple[tuple[str, ...], str] | None
     return parts[:-2], parts[-2]
 
 
+def _classify_folder(rel: str, split: str | None) -> tuple[tuple[str, ...], str] | None:
+    """Map a relative folder path to (prefix folders, class name) when it may be a class folder, else None."""
+    parts = tuple(p for p in rel.replace("\\", "/").split("/") if p not in ("", "."))
+    if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return None
+    if split is not None:
+        return (parts[:-2], parts[-1]) if len(parts) >= 2 and parts[-2] == split else None
+    return parts[:-1], parts[-1]
+
+
+def _list_class_folders(root: Path, split: str | None) -> set[tuple[tuple[str, ...], str]]:
+    """(prefix, class) of every folder under ``root`` that may be a class folder (with images or without)."""
+    out = set()
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+        for d in dirnames:
+            key = _classify_folder(os.path.relpath(os.path.join(dirpath, d), root).replace(os.sep, "/"), split)
+            if key is not None:
+                out.add(key)
+    return out
+
+
 def _decode_bytes(data: bytes, name: str, mode: str) -> Tensor:
     """Encoded image bytes -> uint8 (C, H, W); ``mode`` "RGB" (C=3) or "L" (C=1).
 
@@ -221,11 +262,17 @@ def _decode_bytes(data: bytes, name: str, mode: str) -> Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def _iter_archive(path: Path, split: str | None) -> Iterator[tuple[str, tuple[str, ...], str, bytes]]:
-    """Stream (name, prefix, class, bytes) for the image members of a tar archive, without extracting to disk."""
+def _iter_archive(path: Path, split: str | None,
+                  folders: set[tuple[tuple[str, ...], str]] | None = None) -> Iterator[tuple[str, tuple[str, ...], str, bytes]]:
+    """Stream (name, prefix, class, bytes) for the image members of a tar archive, without extracting to disk;
+    folder members that may be class folders are added to ``folders``."""
     try:
         with tarfile.open(path, "r|*") as tf:
             for member in tf:
+                if member.isdir() and folders is not None:
+                    key = _classify_folder(member.name, split)
+                    if key is not None:
+                        folders.add(key)
                 if not member.isfile():
                     continue
                 key = _classify(member.name, split)
@@ -300,8 +347,12 @@ def _assemble(
     mode: str,
     progress: bool,
     total: int | None,
+    folders: set[tuple[tuple[str, ...], str]] | None = None,
 ) -> tuple[Tensor, Tensor, list[str]]:
-    """Decode items into class-major uint8 images (N, C, H, W), labels (N,) and sorted class names."""
+    """Decode items into class-major uint8 images (N, C, H, W), labels (N,) and sorted class names.
+
+    Class names are the class folders' names, empty folders included (read from ``folders`` once the items are
+    consumed), so a class with no images in one split does not shift the labels of the classes after it."""
     from tqdm.auto import tqdm
 
     prefixes: set[tuple[str, ...]] = set()
@@ -326,7 +377,13 @@ def _assemble(
             f"{path}: images sit under several parent folders ({', '.join(shown[:6])}); "
             "pass split= to pick one of them (e.g. 'train' or 'test') or point at a single <class>/<image> tree"
         )
-    classes = sorted({r[0] for r in records})
+    (prefix,) = prefixes
+    empty = sorted({c for pre, c in (folders or ()) if pre == prefix} - {r[0] for r in records})
+    if empty:
+        warnings.warn(f"{path}: class folder(s) {', '.join(map(repr, empty))}" + (f" under {split!r}" if split else "")
+                      + " hold no images; they keep their place among the classes (labels follow sorted folder names)",
+                      stacklevel=3)
+    classes = sorted({r[0] for r in records} | set(empty))
     index = {c: i for i, c in enumerate(classes)}
     records.sort(key=lambda r: (index[r[0]], r[1]))
     images = torch.stack([r[2] for r in records])
@@ -337,19 +394,30 @@ def _assemble(
 def decode_image_tree(path: PathLike, split: str | None = None, *, mode: str = "RGB", progress: bool = False) -> ImageSet:
     """Decode an ImageFolder directory or tar archive without any caching (for small trees); see :func:`load_image_folder`."""
     path = Path(path)
+    folders: set[tuple[tuple[str, ...], str]] = set()
     if _is_archive(path):
         content = file_sha256(path)
-        items: Iterable[tuple[str, tuple[str, ...], str, bytes]] = _iter_archive(path, split)
+        items: Iterable[tuple[str, tuple[str, ...], str, bytes]] = _iter_archive(path, split, folders)
         total = None
     elif path.is_dir():
         files = _list_directory(path, split)
-        content = _directory_hash(path, (f[0] for f in files))
+        folders = _list_class_folders(path, split)
+        content = _with_empty_folders(_directory_hash(path, (f[0] for f in files)), files, folders)
         items = ((rel, pre, cls, (path / rel).read_bytes()) for rel, pre, cls in files)
         total = len(files)
     else:
         raise ELFError(f"{path}: not an image folder or a tar archive ({', '.join(ARCHIVE_SUFFIXES)})")
-    images, labels, classes = _assemble(path, items, split, mode, progress, total)
+    images, labels, classes = _assemble(path, items, split, mode, progress, total, folders)
     return ImageSet(images, labels, classes, _source_key(content, split, mode), str(path))
+
+
+def _with_empty_folders(content_hash: str, files: list[tuple[str, tuple[str, ...], str]],
+                        folders: set[tuple[tuple[str, ...], str]]) -> str:
+    """The directory's content hash, extended by its image-less class folders (they are classes too) when it has any."""
+    empty = sorted(folders - {(pre, cls) for _, pre, cls in files})
+    if not empty:
+        return content_hash  # unchanged for trees without empty class folders (existing caches stay valid)
+    return hashlib.sha256(f"{content_hash}|empty-class-folders|{json.dumps(empty)}".encode()).hexdigest()
 
 
 def _source_key(content_hash: str, split: str | None, mode: str) -> str:
@@ -375,12 +443,14 @@ def load_image_folder(
     path = Path(path).expanduser()
     if mode not in ("RGB", "L"):
         raise ELFError(f"mode must be 'RGB' or 'L', got {mode!r}")
+    folders: set[tuple[tuple[str, ...], str]] = set()
     if _is_archive(path):
         content = file_sha256(path)
         files = None
     elif path.is_dir():
         files = _list_directory(path, split)
-        content = _directory_hash(path, (f[0] for f in files))
+        folders = _list_class_folders(path, split)
+        content = _with_empty_folders(_directory_hash(path, (f[0] for f in files)), files, folders)
     elif path.exists():
         raise ELFError(f"{path}: not a directory or a tar archive ({', '.join(ARCHIVE_SUFFIXES)}); give an ImageFolder tree")
     else:
@@ -395,12 +465,12 @@ def load_image_folder(
             return ImageSet(images, labels, classes, key, str(path))
 
     if files is None:
-        items: Iterable[tuple[str, tuple[str, ...], str, bytes]] = _iter_archive(path, split)
+        items: Iterable[tuple[str, tuple[str, ...], str, bytes]] = _iter_archive(path, split, folders)
         total = None
     else:
         items = ((rel, pre, cls, (path / rel).read_bytes()) for rel, pre, cls in files)
         total = len(files)
-    images, labels, classes = _assemble(path, items, split, mode, progress, total)
+    images, labels, classes = _assemble(path, items, split, mode, progress, total, folders)
     meta = {
         "format": "elf-dd/imageset",
         "version": _CACHE_VERSION,

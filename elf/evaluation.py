@@ -15,14 +15,15 @@ import torch
 
 from .errors import ELFError
 from .feature_bank import FeatureBank
-from .losses import prepare_targets
+from .losses import check_test_labels, prepare_targets
 from .models import build_model, default_split_point, has_default_split_point
-from .protocol import Protocol, get_protocol
+from .protocol import Protocol, get_protocol, seed_list
 from .split import SplitOptions, list_split_points, split_model
 from .synthetic import SyntheticSet
 from .trainer import ELFTrainer, EvalResult
 
-__all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "choose_bank", "format_table", "environment"]
+__all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "choose_bank", "format_table", "environment",
+           "git_revision"]
 
 
 @dataclass
@@ -41,6 +42,21 @@ class ModelComparison:
         if self.baseline is None or self.elf is None:
             return None
         return self.elf.mean - self.baseline.mean
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelComparison:
+        """The row :meth:`to_dict` wrote (e.g. read back from an ``elf eval --out`` file to resume it)."""
+        def result(r: dict[str, Any] | None) -> EvalResult | None:
+            if r is None:
+                return None
+            return EvalResult(r["model"], list(r["accuracies"]), list(r["seeds"]), dict(r["protocol"]),
+                              list(r.get("wall_time_s", [])), list(r.get("histories", [])), dict(r.get("data", {})))
+
+        try:
+            return cls(d["model"], d.get("split_at"), result(d.get("baseline")), result(d.get("elf")),
+                       dict(d.get("feature_bank") or {}))
+        except (KeyError, TypeError) as e:
+            raise ELFError(f"not a result row written by compare_models (missing or bad {e})") from e
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +143,10 @@ def compare_models(
     progress: bool = True,
     log: Callable[[str], None] = print,
     split_options: SplitOptions | None = None,
+    previous: Sequence[ModelComparison] = (),
+    on_update: Callable[[list[ModelComparison]], None] | None = None,
+    batched: bool | int = False,
+    compile: bool = False,
     **overrides: Any,
 ) -> list[ModelComparison]:
     """Evaluate each model with the plain baseline and with ELF under the same protocol and seeds.
@@ -142,8 +162,20 @@ def compare_models(
         split_at: per-model split point (default: each model's ``elf_split_point``; ``"auto"``: chosen for the bank).
             A model without a bank of its front shape uses the first bank when the protocol has ``adapter="auto"``.
         split_options: leaf modules and autowrap functions for every trace (see :class:`~elf.SplitOptions`).
+        previous: rows of an earlier, interrupted call with the same settings: runs (model, method, seed) found there
+            are kept as they are, not trained again (``elf eval --resume``).
+        on_update: called with every row so far (the current one included, partly done) after each finished run;
+            ``elf eval --out`` writes its JSON there so an interruption loses at most the run in progress.
+        batched: train the seeds of each (model, method) at once as one vectorized model, or in groups of that
+            many (``ELFTrainer.run(batched=...)``, :mod:`elf.batched`); they then finish, and are reported, together.
+            ``compile``: with ``batched``, also wrap the vectorized step in ``torch.compile``.
+
+    Everything that can be checked without training is checked before the first run: the protocol's numbers, the
+    seeds, the test labels against the set's classes and, for every model, that it builds and that a feature bank
+    fits its cut (so a later model's mismatch does not surface after the earlier ones trained).
     """
     proto = get_protocol(protocol, **overrides)
+    seeds = seed_list(seeds, "seeds")
     split_at = dict(split_at or {})
     synthetic = images if isinstance(images, SyntheticSet) else None
     if synthetic is not None:
@@ -151,6 +183,13 @@ def compare_models(
     if labels is None:
         raise ELFError("labels are required unless images is a SyntheticSet")
     _, _, num_classes = prepare_targets(labels)
+    if synthetic is not None:
+        num_classes = synthetic.num_classes
+    check_test_labels(test_labels, num_classes)
+    if not baseline and not elf:
+        raise ELFError("nothing to run: baseline and elf are both off")
+    if compile and not batched:
+        raise ELFError("compile=True compiles the batched step: pass batched=True as well")
 
     def trainer(name: str, p: Protocol, **kw: Any) -> ELFTrainer:
         if synthetic is not None:
@@ -159,25 +198,76 @@ def compare_models(
         return ELFTrainer(name, images, labels, protocol=p, device=device, progress=progress, split_options=split_options,
                           **kw)
 
-    out = []
+    # pre-flight: every model builds and, for ELF, has a bank for its cut, before anything trains
+    image_shape = tuple(images.shape[1:])
+    elf_proto = proto.with_elf()
+    chosen: dict[str, FeatureBank] = {}
+    for name in models:
+        if elf:
+            chosen[name] = choose_bank(name, image_shape, num_classes, banks, split_at.get(name), elf_proto.adapter,
+                                       split_options)
+        else:
+            build_model(name, image_shape, num_classes)  # type: ignore[arg-type]
+    before = {r.model: r for r in previous}
+
+    out: list[ModelComparison] = []
+
+    def evaluate(row: ModelComparison, method: str, p: Protocol, make: Callable[[], ELFTrainer]) -> EvalResult:
+        """Run the seeds of one (model, method) not found in ``previous``, reporting after each one."""
+        old = getattr(before.get(row.model), method, None)
+        if old is not None and old.protocol != p.to_dict():
+            raise ELFError(f"the earlier {method} results of {row.model} were computed with another protocol; "
+                           "start over instead of resuming")
+        done = {s: i for i, s in enumerate(old.seeds)} if old is not None else {}
+        result = EvalResult(row.model, [], [], p.to_dict(), data=dict(old.data) if old is not None else {})
+        setattr(row, method, result)
+        made: ELFTrainer | None = None
+        todo = [s for s in seeds if s not in done]
+        together = None
+        if batched and todo:
+            together = make().run(test_images, test_labels, todo, batched=batched, compile=compile)
+        for seed in seeds:
+            if seed in done and old is not None:
+                one = _seed_result(old, done[seed])
+            elif together is not None:
+                one = _seed_result(together, todo.index(seed))
+            else:
+                if made is None:
+                    made = make()
+                one = made.run(test_images, test_labels, [seed])
+            result.accuracies += one.accuracies
+            result.seeds += one.seeds
+            result.wall_time_s += one.wall_time_s
+            result.histories += one.histories
+            result.data.update(one.data)
+            if on_update is not None and seed not in done:
+                on_update([*out, row])
+        return result
+
     for name in models:
         point = split_at.get(name)
         row = ModelComparison(name, point)
         if baseline:
-            log(f"[{name}] baseline ({proto.total_epochs} epochs x {seeds if isinstance(seeds, int) else len(seeds)} runs)")
-            row.baseline = trainer(name, proto.baseline()).run(test_images, test_labels, seeds)
+            log(f"[{name}] baseline ({proto.total_epochs} epochs x {len(seeds)} runs)")
+            evaluate(row, "baseline", proto.baseline(), lambda: trainer(name, proto.baseline()))
             log(f"[{name}] baseline: {row.baseline}")
         if elf:
-            elf_proto = proto.with_elf()
-            bank = choose_bank(name, tuple(images.shape[1:]), num_classes, banks, point, elf_proto.adapter, split_options)
+            bank = chosen[name]
             row.bank = {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
             log(f"[{name}] ELF with {row.bank['teacher_model']} features {bank.shape}"
                 + (" (adapters where shapes differ)" if elf_proto.adapter else ""))
-            row.elf = trainer(name, elf_proto, feature_bank=bank, split_at=point).run(test_images, test_labels, seeds)
+            evaluate(row, "elf", elf_proto, lambda: trainer(name, elf_proto, feature_bank=bank, split_at=point))
+            assert row.elf is not None
             row.split_at = row.elf.data.get("split_at")
             log(f"[{name}] ELF: {row.elf}")
         out.append(row)
     return out
+
+
+def _seed_result(result: EvalResult, i: int) -> EvalResult:
+    """The ``i``-th seed of ``result`` as a result of its own."""
+    return EvalResult(result.model, [result.accuracies[i]], [result.seeds[i]], result.protocol,
+                      result.wall_time_s[i:i + 1], result.histories[i:i + 1], result.data)
 
 
 def format_table(rows: Sequence[ModelComparison]) -> str:
@@ -189,6 +279,24 @@ def format_table(rows: Sequence[ModelComparison]) -> str:
         gain = f"{r.gain:+.2f}" if r.gain is not None else "-"
         lines.append(f"| {r.model} | {base} | {elf} | {gain} |")
     return "\n".join(lines)
+
+
+def git_revision() -> str | None:
+    """The elf-dd source's git commit, ``"<sha>+dirty"`` when tracked files have uncommitted changes; None outside a
+    git checkout (an installed wheel). Read it when work starts: that is the code that ran."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        if rev.returncode != 0 or not rev.stdout.strip():
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=10, cwd=here)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
 
 
 def environment(device: torch.device | str | None = None) -> dict[str, str]:

@@ -237,10 +237,13 @@ class FeatureBank:
         check_same_space(ckpt_meta, space or {}, f"teacher checkpoint {checkpoint}", "the synthetic images")
         load_checkpoint(teacher, checkpoint)
         build_kwargs["space"] = space
+        accuracy = {f"teacher_{k}": ckpt_meta[k] for k in ("test_accuracy", "test_n") if k in ckpt_meta}
         device = build_kwargs.get("device")
         if device is not None:
             teacher.to(device)
-        return cls.build(teacher, images, point, **build_kwargs)
+        bank = cls.build(teacher, images, point, **build_kwargs)
+        bank.metadata.update(accuracy)  # the teacher's own test accuracy, when its checkpoint records it
+        return bank
 
     # ---- files ----------------------------------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:

@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 from .errors import ELFError
 
 __all__ = [
+    "portable_path",
     "atomic_write",
+    "check_writable",
     "file_sha256",
     "tensor_sha256",
     "state_dict_sha256",
@@ -34,6 +36,15 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
+
+
+def portable_path(path: PathLike, root: PathLike | None = None) -> str:
+    """``path`` as recorded in results: relative to ``root`` (default: the current directory), never a machine's
+    absolute path. Symlinks keep their names (no resolving)."""
+    import os
+
+    base = os.path.abspath(os.fspath(root)) if root is not None else os.getcwd()
+    return os.path.relpath(os.path.abspath(os.fspath(path)), base).replace(os.sep, "/")
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
@@ -52,6 +63,33 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def check_writable(path: PathLike, what: str = "output") -> Path:
+    """Fail fast, before any compute: raise :class:`ELFError` unless a file can be written at ``path``.
+
+    Creates and removes a one-byte temporary file beside ``path`` (in its nearest existing folder, so no folder is
+    created). A directory, a parent that is a file, a read-only folder or a full disk give a one-line error.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ELFError(f"{what} {path} is a directory; give a file name inside it")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ELFError(f"cannot write {what} {path}: {folder} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=folder)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise ELFError(f"cannot write {what} {path}: {e.strerror or e}; choose a writable place") from e
     return path
 
 

@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ __all__ = [
     "load_npz",
     "load_image_dir",
     "load_any",
+    "float_images",
     "load_expert_buffer",
     "load_parameters_into",
     "recompute_bn_stats",
@@ -110,6 +112,23 @@ def load_synthetic(path: PathLike) -> SyntheticSet:
 # Published formats
 
 
+def float_images(images: Tensor, normalization: Normalization | None, source: Any) -> Tensor:
+    """The one uint8 policy of every loader: float images pass through (as float32); uint8 images (0-255) are
+    converted with ``x / 255`` then ``normalization`` (the file's recorded one, else the given one) with a one-line
+    notice, or refused with the fix when no normalization is known. Other integer types are refused."""
+    if images.dtype == torch.uint8:
+        if normalization is None:
+            raise ELFError(f"{source}: the images are uint8 (0-255) and no normalization is recorded or given: pass "
+                           "normalization= (elf eval: --normalization) to convert them with x/255 then normalize, or save "
+                           "float images normalized like the test data")
+        warnings.warn(f"{source}: uint8 images converted to float with x/255, then normalized with "
+                      f"{normalization.name!r}", stacklevel=3)
+        return normalization.normalize(images.float() / 255.0)
+    if not images.is_floating_point():
+        raise ELFError(f"{source}: images must be float (normalized) or uint8 (0-255), got {images.dtype}")
+    return images.float()
+
+
 def _load_tensor(path: Path, what: str) -> Tensor:
     obj = safe_torch_load(path)
     if not isinstance(obj, Tensor):
@@ -151,9 +170,10 @@ def load_mtt(
 
     A directory finds those names inside it; ``images_<x>.pt`` finds ``labels_<x>.pt`` / ``lr_<x>.pt`` beside it.
     The files do not record the normalization or whether ZCA was used: pass ``normalization`` and ``zca``.
+    uint8 images (0-255) are converted with ``normalization`` (x/255, then normalized), or refused without one.
     """
     ip, lp, rp = _mtt_paths(Path(images_path).expanduser(), labels_path, lr_path)
-    images = _load_tensor(ip, "images (N, C, H, W)").float()
+    images = float_images(_load_tensor(ip, "images (N, C, H, W)"), normalization, ip)
     labels = _load_tensor(lp, "labels")
     lr = _load_tensor(rp, "the learned lr") if rp is not None else None
     if lr is not None and lr.numel() != 1:
@@ -206,7 +226,7 @@ def load_dc_result(
     entry = data[experiment]
     if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not all(isinstance(t, Tensor) for t in entry):
         raise ELFError(f"{path}: data[{experiment}] should be [images, labels] tensors")
-    images, labels = entry[0].detach().float(), entry[1].detach()
+    images, labels = entry[0].detach(), entry[1].detach()
     meta: dict[str, str] = {"format": "dc", "path": str(path), "experiment": str(experiment), "num_experiments": str(len(data))}
     m = _DC_NAME.fullmatch(path.name)
     ipc = None
@@ -219,6 +239,7 @@ def load_dc_result(
     dataset = (m["dataset"].lower() if m else "")
     if normalization == "auto":
         normalization = _DC_NORMALIZATION.get(dataset)
+    images = float_images(images, normalization, path)  # type: ignore[arg-type]
     if classes is None and dataset == "cifar10" and labels.dim() == 1 and (not labels.numel() or int(labels.max()) < 10):
         classes = list(CIFAR10_CLASSES)
     return SyntheticSet(images, labels, "auto", normalization, False, classes, ipc, None, meta)  # type: ignore[arg-type]
@@ -272,7 +293,8 @@ def load_npz(
         x = x.transpose(0, 3, 1, 2)
     elif x.shape[1] not in (1, 3, 4):
         raise ELFError(f"{path}: cannot tell the channel axis of images with shape {x.shape}; expected (N, H, W, C) with C in 1, 3, 4")
-    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    images = float_images(torch.from_numpy(np.ascontiguousarray(x if x.dtype == np.uint8 else x.astype(np.float32))),
+                          normalization, path)
     if y.ndim == 2 and np.issubdtype(y.dtype, np.number):
         idx = _one_hot_index(y)
         labels = torch.from_numpy(idx.astype(np.int64)) if idx is not None else torch.from_numpy(y.astype(np.float32))
@@ -337,21 +359,34 @@ def load_any(path: PathLike, **kw: Any) -> SyntheticSet:
     return loader(p, **kw)
 
 
-def load_tensor_pair(path: PathLike) -> tuple[Tensor, Tensor]:
+def load_tensor_pair(path: PathLike, normalization: Normalization | None = None) -> tuple[Tensor, Tensor]:
     """``(images, labels)`` from the files people pass around: a ``.pt`` holding ``{"images", "labels"}`` or an
     ``(images, labels)`` pair, a ``.safetensors`` file with those two tensors (elf-dd sets included), or any format
-    :func:`load_any` reads. Images come back as float ``(N, C, H, W)``; ``.pt`` files are read with ``weights_only``."""
+    :func:`load_any` reads. Images come back as float ``(N, C, H, W)``; ``.pt`` files are read with ``weights_only``.
+    uint8 images are converted with the file's recorded normalization, else ``normalization``, else refused."""
     p = Path(path).expanduser()
     if p.suffix == ".safetensors":
-        tensors, _ = load_tensors(p)
+        tensors, meta = load_tensors(p)
         if {"images", "labels"} <= set(tensors):
-            return tensors["images"].float(), tensors["labels"]
+            try:
+                recorded = json.loads(meta.get("normalization") or "null")
+            except ValueError:
+                recorded = None
+            norm = Normalization.from_dict(recorded) if isinstance(recorded, dict) else normalization
+            return float_images(tensors["images"], norm, p), tensors["labels"]
     elif p.suffix == ".pt" and not p.name.startswith(("images", "res_", "replay_buffer")):
         obj = safe_torch_load(p)
-        if isinstance(obj, dict) and "images" in obj and "labels" in obj:
-            return obj["images"].float(), obj["labels"]
+        if isinstance(obj, dict) and "images" in obj and "labels" in obj and isinstance(obj["images"], Tensor):
+            return float_images(obj["images"], normalization, p), obj["labels"]
         if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj):
-            return obj[0].float(), obj[1]
+            return float_images(obj[0], normalization, p), obj[1]
         raise ELFError(f"{p}: expected {{'images': ..., 'labels': ...}} or an (images, labels) pair of tensors")
-    sset = load_any(p)
+    sset = load_any(p, normalization=normalization) if _takes_normalization(p) else load_any(p)
     return sset.images, sset.labels
+
+
+def _takes_normalization(p: Path) -> bool:
+    """True when :func:`load_any` would read ``p`` with a loader that takes ``normalization=`` (not an elf-dd
+    set, which records its own, nor a DC result, which infers it from the file name)."""
+    name = p.name.lower()
+    return not (name.endswith(".safetensors") or (name.startswith("res_") and name.endswith(".pt")))

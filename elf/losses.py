@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .errors import ELFError
 
-__all__ = ["FeatureDistance", "DISTANCES", "feature_distance", "soft_target_ce", "mse", "mae", "cosine", "prepare_targets", "infer_label_kind", "is_distribution"]
+__all__ = ["FeatureDistance", "DISTANCES", "feature_distance", "soft_target_ce", "mse", "mae", "cosine", "prepare_targets", "check_test_labels", "infer_label_kind", "is_distribution"]
 
 FeatureDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -98,3 +98,13 @@ def prepare_targets(labels: torch.Tensor, kind: str = "auto", num_classes: int |
         raise ELFError("soft labels contain NaN or inf")
     probs = labels.float() if kind == "prob" else labels.float().softmax(dim=1)
     return probs, probs.argmax(dim=1), labels.shape[1]
+
+
+def check_test_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Test labels must be class indices of the model's ``num_classes`` classes: labels outside them would score
+    0 % silently. Raises :class:`ELFError` naming the range found."""
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ELFError(f"test labels must be integer class indices, got {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ELFError(f"test labels lie in [{int(labels.min())}, {int(labels.max())}] but the synthetic set has "
+                       f"{num_classes} classes (0..{num_classes - 1}); the test data must use the set's classes")

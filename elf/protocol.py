@@ -10,13 +10,15 @@ accuracy once at the end.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ELFError
 
-__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "ADAPTER_MODES"]
+__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "seed_list", "ADAPTER_MODES"]
 
 #: ``Protocol.adapter`` values: None (shapes must match, as in the paper), "auto" (adapters where they differ) or
 #: "always" (learned projections even where the shapes are equal).
@@ -83,11 +85,23 @@ class Protocol:
             raise ELFError(f"protocol adapter must be one of {ADAPTER_MODES}, got {self.adapter!r}")
         if self.align_targets and self.features_on_augmented:
             raise ELFError("align_targets and features_on_augmented both make targets match the augmented view: choose one")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ELFError(f"protocol needs epochs >= 0, batch_size >= 1 and lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
-        for lam in ("lambda_task", "lambda_front", "lambda_rear"):
-            if getattr(self, lam) < 0:
-                raise ELFError(f"{lam} must be >= 0, got {getattr(self, lam)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "lr_decay_epoch"):
+            value = getattr(self, name)
+            if value is None and name == "lr_decay_epoch":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ELFError(f"protocol {name} must be a whole number, got {value!r}")
+            low = 0 if name in ("epochs", "lr_decay_epoch") else 1
+            if value < low:
+                raise ELFError(f"protocol {name} must be >= {low}, got {value}")
+        for name in ("lr", "momentum", "weight_decay", "lr_decay", "lambda_task", "lambda_front", "lambda_rear"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ELFError(f"protocol {name} must be a finite number, got {value!r}")
+            if name in ("lr", "lr_decay") and value <= 0:
+                raise ELFError(f"protocol {name} must be > 0, got {value}")
+            if value < 0:
+                raise ELFError(f"protocol {name} must be >= 0, got {value}")
 
     @property
     def total_epochs(self) -> int:
@@ -169,3 +183,23 @@ def get_protocol(protocol: Protocol | str | None, **overrides: Any) -> Protocol:
             raise ELFError(f"unknown protocol {protocol!r}; presets: {sorted(PROTOCOLS)}")
         protocol = PROTOCOLS[protocol]
     return protocol.replace(**overrides) if overrides else protocol
+
+
+def seed_list(seeds: Any, what: str = "seeds") -> list[int]:
+    """The seeds of an evaluation: an int ``k`` means ``0..k-1`` (``k >= 1``), else a non-empty sequence of whole
+    numbers without repeats. Anything else (0 runs, a negative count, floats, an empty list) raises :class:`ELFError`,
+    so a run count of 0 cannot report "nan ± nan"."""
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ELFError(f"{what}: the number of runs must be >= 1, got {seeds}")
+        return list(range(int(seeds)))
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise ELFError(f"{what} must be a number of runs (>= 1) or a list of integer seeds, got {seeds!r}")
+    out = list(seeds)
+    if not out:
+        raise ELFError(f"{what}: the list of seeds is empty; give at least one seed")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in out):
+        raise ELFError(f"{what} must be whole numbers, got {out!r}")
+    if len(set(out)) != len(out):
+        raise ELFError(f"{what} repeat a seed: {out!r}")
+    return [int(s) for s in out]

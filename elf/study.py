@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,12 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ELFError
+from .errors import DivergedError, ELFError
 from .fileio import PathLike, atomic_write
 
 __all__ = ["StudyConfig", "RunSpec", "load_config", "plan_runs", "run_study", "summarize", "distributed_shard"]
 
 RANDOM_REAL = "random-real"
+TEACHER_KEYS = {"checkpoint", "model", "point", "accuracy"}  # accuracy: the teacher's test accuracy (%), recorded in runs
 FULL_DATA = "full-data"
 
 
@@ -85,9 +85,46 @@ class StudyConfig:
             if key not in d:
                 raise ELFError(f"a study needs '{key}'")
         d = dict(d)
-        if isinstance(d.get("seeds"), int):
-            d["seeds"] = list(range(d["seeds"]))
-        return cls(**d)
+        if "seeds" in d:
+            from .protocol import seed_list
+
+            d["seeds"] = seed_list(d["seeds"], "study seeds")
+        cfg = cls(**d)
+        cfg.check()
+        return cfg
+
+    def check(self, running: bool = False) -> None:
+        """Refuse, before anything runs, what would fail or mislead later: no seeds or models, a variant whose
+        protocol numbers are out of range, a variant naming an unknown teacher; with ``running`` (as
+        :func:`run_study` calls it) also an ELF variant in a study without teachers."""
+        from .protocol import get_protocol, seed_list
+
+        self.seeds = seed_list(self.seeds, "study seeds")
+        if not self.models:
+            raise ELFError("a study needs at least one model in 'models'")
+        if not self.sets:
+            raise ELFError("a study needs at least one synthetic set in 'sets'")
+        for name, t in self.teachers.items():
+            if not isinstance(t, dict) or "checkpoint" not in t:
+                raise ELFError(f"teacher {name!r} needs a 'checkpoint' (and usually a 'model')")
+            unknown = sorted(set(t) - TEACHER_KEYS)
+            if unknown:
+                raise ELFError(f"teacher {name!r}: unknown key(s) {unknown}; a teacher takes {sorted(TEACHER_KEYS)}")
+            if "accuracy" in t and not isinstance(t["accuracy"], (int, float)):
+                raise ELFError(f"teacher {name!r}: accuracy must be a number (its test accuracy in %), got {t['accuracy']!r}")
+        for variant, changes in self.variants.items():
+            changes = {**self.overrides, **changes}
+            teacher = changes.pop("teacher", None)
+            changes.pop("split_at", None)
+            if teacher is not None and teacher not in self.teachers:
+                raise ELFError(f"variant {variant!r} names teacher {teacher!r}, not one of {sorted(self.teachers)}")
+            try:
+                proto = get_protocol(self.protocol, **changes)
+            except ELFError as e:
+                raise ELFError(f"variant {variant!r}: {e}") from None
+            if running and proto.uses_features and not self.teachers:
+                raise ELFError(f"variant {variant!r} uses the ELF terms but the study has no [teachers]; add one "
+                               "(checkpoint, model) or set lambda_front = lambda_rear = 0")
 
 
 def load_config(path: PathLike) -> StudyConfig:
@@ -104,15 +141,23 @@ def load_config(path: PathLike) -> StudyConfig:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ImportError as e:
                 raise ELFError("reading TOML on Python 3.10 needs tomli: pip install tomli (or use YAML)") from e
-        raw = tomllib.loads(text)
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ELFError(f"{p}: not valid TOML ({e})") from None
     elif p.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as e:
             raise ELFError("reading YAML needs pyyaml: pip install 'elf-dd[yaml]' (or use TOML)") from e
-        raw = yaml.safe_load(text)
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ELFError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
     else:
         raise ELFError(f"{p}: a study file must end in .toml, .yaml or .yml")
+    if not isinstance(raw or {}, dict):
+        raise ELFError(f"{p}: a study file must hold settings (key = value), got {type(raw).__name__}")
     cfg = StudyConfig.from_dict(raw or {})
     base = p.parent
 
@@ -193,20 +238,15 @@ def distributed_shard() -> tuple[int, int]:
     return 0, 1
 
 
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 class _Resources:
     """Data, sets and feature banks, loaded once per process and only when a run needs them."""
 
     def __init__(self, cfg: StudyConfig, device: torch.device | None, log: Callable[[str], None]) -> None:
+        from .evaluation import git_revision
+
         self.cfg, self.device, self.log = cfg, device, log
         self._cache: dict[str, Any] = {}
+        self.git_revision = git_revision()  # the code that runs, read when the study starts ("+dirty": uncommitted changes)
 
     def _get(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -241,6 +281,8 @@ class _Resources:
     def test(self) -> tuple[torch.Tensor, torch.Tensor]:
         def make() -> tuple[torch.Tensor, torch.Tensor]:
             t = self.real("test")
+            if not self.cfg.validation_per_class:  # labels by class name, as the training split has them
+                t = t.with_classes(self.real("train").classes, "the test split")
             if self.cfg.test_per_class and not self.cfg.validation_per_class:
                 t = t.per_class(self.cfg.test_per_class, torch.Generator().manual_seed(0))
             return t.as_float(self.norm()), t.labels
@@ -279,6 +321,9 @@ class _Resources:
             for label, t in self.cfg.teachers.items():
                 out[label] = FeatureBank.from_checkpoint(t["checkpoint"], t.get("model", "ConvNet"), sset, t.get("point"),
                                                          num_classes=sset.num_classes, device=self.device)
+                if "accuracy" in t and "teacher_test_accuracy" not in out[label].metadata:
+                    out[label].metadata.update(teacher_test_accuracy=str(t["accuracy"]),
+                                               teacher_test_accuracy_source="study file")
                 self.log(f"teacher {label}: features {out[label].shape} for {set_name}")
             return out
 
@@ -317,14 +362,20 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
     trainer = ELFTrainer.from_synthetic(run.model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress)
     t0 = time.perf_counter()
-    history = trainer.fit(run.seed)
+    try:
+        history = trainer.fit(run.seed)
+    except DivergedError as e:  # a diverged run is a result (recorded as failed), never given an accuracy
+        return {"run": asdict(run), "run_id": run.run_id, "accuracy": None, "failed": str(e),
+                "wall_time_s": time.perf_counter() - t0, "protocol": proto.to_dict(), "study": cfg.name,
+                "environment": environment(res.device), "git_revision": res.git_revision,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     acc = trainer.evaluate(*res.test())
     return {
         "run": asdict(run), "run_id": run.run_id, "accuracy": acc, "wall_time_s": time.perf_counter() - t0,
         "protocol": proto.to_dict(), "split_at": trainer.split_point or split_at,
         "adapters": repr(trainer.adapters) if trainer.adapters is not None else None,
         "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": history,
-        "environment": environment(res.device), "git_revision": _git_revision(), "study": cfg.name,
+        "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
         "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
                        if cfg.validation_per_class else "test", "test_n": int(res.test()[1].shape[0]),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -348,6 +399,7 @@ def run_study(
     instead of stopping this process.
     """
     distributed = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cfg.check(running=True)
     rank, world = shard if shard is not None else distributed_shard()
     if not 0 <= rank < world:
         raise ELFError(f"shard {rank}/{world} does not exist: use i/n with 0 <= i < n")
@@ -373,7 +425,9 @@ def run_study(
             log(f"[{k}/{len(runs)}] {run.run_id}: FAILED: {type(e).__name__}: {e}")
             continue
         atomic_write(path, lambda p: Path(p).write_text(json.dumps(record, indent=1, default=str)))
-        if record["accuracy"] is None:
+        if record.get("failed"):
+            log(f"[{k}/{len(runs)}] {run.run_id}: FAILED ({record['failed']})")
+        elif record["accuracy"] is None:
             log(f"[{k}/{len(runs)}] {run.run_id}: not applicable ({record['not_applicable']})")
         else:
             log(f"[{k}/{len(runs)}] {run.run_id}: {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
@@ -394,7 +448,13 @@ def summarize(cfg: StudyConfig) -> Path:
     """Collect every run JSON of the study into ``summary.csv``, ``summary.md`` and (with matplotlib) ``summary.png``."""
     out = Path(cfg.out)
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    not_applicable = {(r["run"]["set"], r["run"]["model"], r["run"]["variant"]) for r in records if r.get("accuracy") is None}
+    not_applicable = {(r["run"]["set"], r["run"]["model"], r["run"]["variant"]) for r in records
+                      if r.get("accuracy") is None and not r.get("failed")}
+    failed: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        if r.get("failed"):
+            key = (r["run"]["set"], r["run"]["model"], r["run"]["variant"])
+            failed[key] = failed.get(key, 0) + 1
     records = [r for r in records if r.get("accuracy") is not None]
     acc: dict[tuple[str, str, str], list[float]] = {}
     buf = io.StringIO()
@@ -421,6 +481,7 @@ def summarize(cfg: StudyConfig) -> Path:
     for s in set_names:
         for m in cfg.models:
             cells = ["n/a" if (s, m, v) in not_applicable and (s, m, v) not in acc else _mean_std(acc.get((s, m, v), []))
+                     + (f" ({failed[(s, m, v)]} failed)" if (s, m, v) in failed else "")
                      for v in variants]
             if not any(c not in ("-", "n/a") for c in cells):
                 continue

@@ -52,7 +52,9 @@ class SyntheticSet:
         self.labels = self.labels.detach()
         x = self.images
         if x.dim() != 4 or not x.is_floating_point():
-            raise ELFError(f"synthetic images must be float (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+            fix = (": convert uint8 images with x.float() / 255 and normalize (elf.io.float_images does it)"
+                   if x.dtype == torch.uint8 else "")
+            raise ELFError(f"synthetic images must be float (N, C, H, W), got {x.dtype} {tuple(x.shape)}{fix}")
         if not bool(torch.isfinite(x).all()):
             raise ELFError("synthetic images contain NaN or inf values; the file is corrupt or the distillation diverged")
         n = x.shape[0]

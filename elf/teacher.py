@@ -88,11 +88,13 @@ class _EpochCheckpoints(Callback):
         assert trainer.model is not None
         done = epoch + 1
         line = f"epoch {done}: train loss {float(logs['loss']):.4f}, train acc {float(logs['train_acc']):.2f}%"
+        meta = {**self.meta, "epoch": str(done)}
         if self.test is not None:
             acc = trainer.evaluate(*self.test)
             self.run.test_accuracy[done] = acc
             line += f", test acc {acc:.2f}%"
-        save_checkpoint(trainer.model, checkpoint_path(self.run.out_dir, done), {**self.meta, "epoch": str(done)})
+            meta.update(test_accuracy=f"{acc:.4f}", test_n=str(int(self.test[1].shape[0])))  # travels into banks and runs
+        save_checkpoint(trainer.model, checkpoint_path(self.run.out_dir, done), meta)
         trainer.save_state(self.run.out_dir / "resume.safetensors")
         history = {"model": self.run.model, "test_accuracy": self.run.test_accuracy, "meta": self.meta}
         atomic_write(self.run.out_dir / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))

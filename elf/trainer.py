@@ -27,12 +27,13 @@ from torch import nn
 from .adapters import ELFAdapters, build_adapters
 from .augment import DSA
 from .batchnorm import frozen_bn_stats
-from .errors import ELFError
+from .errors import DivergedError, ELFError
 from .feature_bank import FeatureBank
 from .fileio import PathLike
-from .losses import feature_distance, prepare_targets
+from .losses import check_test_labels, feature_distance, prepare_targets
 from .models import build_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol
+from .protocol import seed_list as resolve_seeds
 from .resume import SavedState, read_state, write_state
 from .split import SplitOptions, auto_split_point, list_split_points, split_model
 
@@ -249,6 +250,7 @@ class ELFTrainer:
         if proto.learned_lr and synthetic.lr is not None and "lr" not in kwargs:
             kwargs["lr"] = float(synthetic.lr)
         kwargs.setdefault("label_kind", synthetic.label_kind)
+        kwargs.setdefault("num_classes", synthetic.num_classes)  # class names count even when a class has no image
         trainer = cls(model, synthetic.images, synthetic.labels, protocol=proto, **kwargs)
         trainer.data_info = {
             "n": len(synthetic), "ipc": synthetic.ipc, "label_kind": synthetic.label_kind, "zca": synthetic.zca,
@@ -404,6 +406,16 @@ class ELFTrainer:
             epochs = bar
         step = 0
         start_time = time.perf_counter()
+        bad_epoch = torch.full((), -1, dtype=torch.long, device=self.device)  # first epoch whose loss is not finite
+        bad_loss = torch.zeros((), device=self.device)
+
+        def check_diverged() -> None:
+            if int(bad_epoch) >= 0:
+                if bar is not None:
+                    bar.close()
+                raise DivergedError(f"diverged: loss is {float(bad_loss)} at epoch {int(bad_epoch) + 1} of "
+                                    f"{self.model_name} seed {seed}; lower lr or lambda")
+
         for epoch in epochs:
             for cb in self.callbacks:
                 cb.on_epoch_start(self, epoch)
@@ -429,16 +441,28 @@ class ELFTrainer:
                     for group in opt.param_groups:
                         group["lr"] = lr
             self._loop = _LoopState(seed, opt, gen, dsa, lr, epoch)
+            # divergence: the first non-finite epoch is kept on the device (no host sync per epoch) and read at the
+            # logged epochs (the last one always), so a NaN/inf run stops there and never reports an accuracy
+            newly = (bad_epoch < 0) & ~torch.isfinite(sums[0])
+            bad_epoch, bad_loss = torch.where(newly, epoch, bad_epoch), torch.where(newly, sums[0] / n, bad_loss)
+            logged = epoch % log_every == 0 or epoch == total - 1 or self.stop_training
+            if logged:
+                check_diverged()
             epoch_logs = {"loss": sums[0] / n, "task": sums[1] / n, "front": sums[2] / n, "rear": sums[3] / n,
                           "train_acc": sums[4] / n * 100, "lr": torch.tensor(epoch_lr, dtype=torch.float64)}
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, epoch_logs)
-            if epoch % log_every == 0 or epoch == total - 1 or self.stop_training:
+            if self.stop_training and not logged:  # stopped by on_epoch_end: this epoch is logged (and checked) too
+                logged = True
+                check_diverged()
+            if logged:
                 record = {"epoch": float(epoch), **{k: float(v) for k, v in epoch_logs.items()}}
                 record["time_s"] = time.perf_counter() - start_time
                 self.history.append(record)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3g}", acc=f"{record['train_acc']:.1f}")
+                    # the task CE and train accuracy read as usual; the total (soft-target CE of the front term,
+                    # order 1e2-1e3 by construction) is in the history, not here, where it would look like divergence
+                    bar.set_postfix(task_loss=f"{record['task']:.3g}", train_acc=f"{record['train_acc']:.1f}%")
             if self.stop_training:
                 break
         if bar is not None:
@@ -576,6 +600,7 @@ class ELFTrainer:
             raise ELFError(f"test labels must be (M,) with M = {images.shape[0]} images, got {tuple(labels.shape)}")
         if tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
             raise ELFError(f"test images are {tuple(images.shape[1:])} per image but the synthetic images are {tuple(self.images.shape[1:])}")
+        check_test_labels(labels, self.num_classes)
         bs = batch_size or self.protocol.eval_batch_size
         was_training = self.model.training
         self.model.eval()
@@ -588,21 +613,24 @@ class ELFTrainer:
         return float(correct) / images.shape[0] * 100.0
 
     def run(self, test_images: torch.Tensor, test_labels: torch.Tensor, seeds: int | Sequence[int] = 5, *,
-            batched: bool = False, compile: bool = False) -> EvalResult:
+            batched: bool | int = False, compile: bool = False) -> EvalResult:
         """``fit`` then ``evaluate`` once per seed (an int ``k`` means seeds ``0..k-1``); accuracy at the final epoch.
 
         ``batched=True`` trains the seeds at once as one vectorized model (:mod:`elf.batched`; same accuracies up to
-        float rounding), or runs them one by one with a printed reason when it cannot; ``compile=True`` also wraps
-        that batched step in ``torch.compile``.
+        float rounding), an int ``m`` in groups of at most ``m`` seeds, or runs them one by one with a printed reason
+        when it cannot; ``compile=True`` also wraps that batched step in ``torch.compile``.
         """
-        seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+        seed_list = resolve_seeds(seeds, "run() seeds")
         result = EvalResult(self.model_name, [], seed_list, self.protocol.to_dict(), data=dict(self.data_info))
         if compile and not batched:
             raise ELFError("compile=True compiles the batched step: pass batched=True as well (it works for one seed too)")
+        if not isinstance(batched, int) or (not isinstance(batched, bool) and batched < 1):
+            raise ELFError(f"batched must be True, False or a number of seeds per group >= 1, got {batched!r}")
         if batched:
             from .batched import run_batched
 
-            batched = run_batched(self, test_images, test_labels, result, compile=compile)
+            group = None if batched is True else int(batched)
+            batched = run_batched(self, test_images, test_labels, result, compile=compile, group=group)
         for seed in [] if batched else seed_list:
             t0 = time.perf_counter()
             history = self.fit(seed)

@@ -56,3 +56,21 @@ def write_image_folder(root: Path, side: int, train: int, test: int, classes: st
 def make_image_folder():
     """:func:`write_image_folder` for tests (any fixture scope can use it)."""
     return write_image_folder
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts reads of tensor values back to the host (``.item()``, ``float(t)``, ``.tolist()``, ``.cpu()``, ...) in
+    ``counts["n"]``: the tests that training never synchronizes per step use it."""
+    import torch
+
+    counts = {"n": 0}
+    for name in ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _orig=original, **k):  # type: ignore[no-untyped-def]
+            counts["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counts

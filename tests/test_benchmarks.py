@@ -83,6 +83,9 @@ def test_gpu_check_cpu_path_tiny(tmp_path: Path, torch_single_thread: None) -> N
     report = json.loads((tmp_path / "results" / "gpu-check.json").read_text())
     assert report["teacher_w512"]["checkpoint"] == "epoch_001.safetensors" and report["dsa_set"]["metadata"]["method"] == "dsa"
     assert all(stage["rc"] == 0 for name, stage in report["stages"].items() if isinstance(stage, dict))
+    speed = json.loads((tmp_path / "results" / "speed-tiny-batched.json").read_text())  # stage 0, issue #12
+    assert [row["k"] for row in speed["batched_seeds"]["rows"]] == [1, 2]
+    assert all(row["batched_same_accuracies"] for row in speed["batched_seeds"]["rows"])
     dm = (tmp_path / "results" / "gpu-cross-arch-dm" / "summary.md").read_text()
     assert "| dm200 | AlexNet |" in dm and "n/a" in dm  # the paper's ELF cannot serve AlexNet's 192x4x4 cut
     assert (tmp_path / "results" / "gpu-cross-arch-dsa" / "dsa_ipc10.safetensors").exists()

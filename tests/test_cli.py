@@ -242,3 +242,25 @@ def test_eval_bundled_teacher_serves_resnet_and_vit_through_adapters(tmp_path: P
     assert rows["ResNet18BN"]["split_at"] == "layer4.0" and rows[vit]["split_at"] == "norm"
     assert "(65, 192)" in rows[vit]["elf"]["data"]["adapters"]
     assert rows[vit]["elf"]["protocol"]["adapter"] == "auto" and rows[vit]["elf"]["protocol"]["align_targets"]
+
+
+def test_eval_batched_equals_sequential(tmp_path: Path, image_folder: Path, synthetic_file: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`elf eval --batched` trains the seeds of a model at once and reports the accuracies of one-by-one runs."""
+    teacher = elf.create_model("ConvNetW8D2", num_classes=3, im_size=(16, 16))
+    ckpt = tmp_path / "t.safetensors"
+    elf.save_checkpoint(teacher, ckpt)
+    common = ["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
+              "--models", "ConvNetW8D2BN", "--epochs", "2", "--runs", "3", "--batch-size", "3", "--data", str(image_folder),
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+    rows = {}
+    for name, extra in (("seq", []), ("batched", ["--batched"]), ("groups", ["--batched", "2"])):
+        assert main([*common, *extra, "--out", str(tmp_path / f"{name}.json")]) == 0
+        (rows[name],) = json.loads((tmp_path / f"{name}.json").read_text())["results"]
+    for name in ("batched", "groups"):
+        for method in ("baseline", "elf"):
+            assert rows[name][method]["accuracies"] == pytest.approx(rows["seq"][method]["accuracies"], abs=1e-6)
+    assert rows["batched"]["elf"]["data"]["batched"]["seeds"] == 3
+    capsys.readouterr()
+    assert main([*common, "--compile"]) == 2
+    assert "add --batched" in capsys.readouterr().err

@@ -64,3 +64,17 @@ def test_make_demo_assets_records_relative_paths() -> None:
                                  "teacher_dir": "runs/t", "seed": 0})
     assert got["data"] == "../shared/x.tar.gz" and got["out"] == "elf/assets" and got["seed"] == 0
     assert not Path(got["teacher_dir"]).is_absolute()
+
+
+def test_load_demo_assets_from_python() -> None:
+    from elf import FeatureBank
+    from elf.demo import load_demo_assets
+
+    demo = load_demo_assets()
+    assert demo.synthetic.images.shape == (100, 3, 32, 32) and demo.test_images.dtype == torch.float32
+    assert demo.test_images.shape == (1000, 3, 32, 32) and torch.bincount(demo.test_labels).tolist() == [100] * 10
+    assert abs(float(demo.test_images.mean())) < 1.0  # normalized, not 0-255 or 0-1
+    bank = FeatureBank.build(demo.teacher, demo.synthetic)
+    same = FeatureBank.from_checkpoint(asset_path("demo_teacher.safetensors"), "ConvNet", demo.synthetic, num_classes=10)
+    assert bank.shape == (128, 4, 4) and torch.equal(bank.features, same.features)
+    assert demo.info["synthetic_set"]["method"] == "DM"

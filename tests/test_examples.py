@@ -86,3 +86,17 @@ def test_timm_model_without_timm(tmp_path: Path) -> None:
     out = run_example("timm_model.py", "--tiny", extra_path=tmp_path)
     assert "timm is not installed" in out
     assert "ELF" not in out.replace("elf-dd", "")
+
+
+def test_my_models_plugin_module_on_the_command_line() -> None:
+    """examples/my_models.py registers a custom CNN and a torchvision model with default cuts of the shapes its
+    docs promise (128x4x4 and 512x4x4 at 32x32), for `elf ... --import examples/my_models.py`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = {}
+    for model, shape in (("SmallCNN", "128x4x4"), ("CifarResNet18", "512x4x4")):
+        proc = subprocess.run([sys.executable, "-m", "elf", "split-points", model, "--import", "examples/my_models.py",
+                               "--shape", shape], capture_output=True, text=True, timeout=300, env=env, cwd=EXAMPLES.parent)
+        assert proc.returncode == 0, proc.stderr
+        out[model] = proc.stdout
+    assert re.search(r"^\s+stage3\s+128x4x4  <- default ELF point$", out["SmallCNN"], re.M), out["SmallCNN"]
+    assert re.search(r"^\s+layer4\.0\s+512x4x4  <- default ELF point$", out["CifarResNet18"], re.M), out["CifarResNet18"]

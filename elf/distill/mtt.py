@@ -38,7 +38,7 @@ from ..augment import DSA, OFFICIAL_STRATEGY
 from ..batchnorm import has_batchnorm
 from ..checkpoint import load_state_dict
 from ..errors import ELFError
-from ..fileio import PathLike, safe_torch_load
+from ..fileio import PathLike, portable_path, safe_torch_load
 from ..models import create_model
 from .base import Objective
 
@@ -197,7 +197,7 @@ class ExpertTrajectories:
                 ):
                     raise ELFError(f"{f}: trajectory {i} is not a list of snapshots (lists of parameter tensors)")
                 trajs.append(list(traj))
-        return cls.from_snapshots(trajs, 0, ", ".join(str(f) for f in files))
+        return cls.from_snapshots(trajs, 0, ", ".join(portable_path(f) for f in files))
 
     @classmethod
     def from_teacher_dirs(cls, directories: PathLike | Sequence[PathLike], model: nn.Module) -> ExpertTrajectories:
@@ -217,7 +217,7 @@ class ExpertTrajectories:
                 dirs += subs
         trajs = [expert_trajectory_from_dir(d, model) for d in dirs]
         first = [_epoch_files(d)[0][0] for d in dirs]
-        out = cls.from_snapshots(trajs, 1, ", ".join(str(d) for d in dirs))
+        out = cls.from_snapshots(trajs, 1, ", ".join(portable_path(d) for d in dirs))
         out.first_epoch = first
         return out
 

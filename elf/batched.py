@@ -1,0 +1,314 @@
+"""Batched seeds: the k seeds of one evaluation model trained at once as one vectorized model (torch.func).
+
+``ELFTrainer.run(..., batched=True)`` lands here. Each seed's model, front/rear and adapters are built exactly as
+``fit(seed)`` builds them (``torch.manual_seed(seed)``, then the model, then the adapters); their parameters and
+buffers are stacked along a new leading dimension of size k (:func:`torch.func.stack_module_state`) and one training
+step runs all k with :func:`torch.func.vmap` over :func:`torch.func.functional_call` of the trainer's own loss
+(``ELFTrainer._loss_terms``, the code ``fit`` runs). What stays per seed, outside vmap:
+
+* the batch order: each seed has its own ``torch.Generator`` seeded with the seed and draws ``torch.randperm`` from it
+  once per epoch, as ``fit`` does;
+* the DSA draws: each seed has its own ``DSA(..., seed=seed)`` and samples and applies its op with its own generator
+  (``ELFTrainer._batch``, as ``fit`` does); the k augmented batches are then stacked to ``(k, B, C, H, W)``.
+
+BatchNorm running statistics are stacked buffers ``(k, C)`` updated in place inside vmap, so they come out per seed.
+The optimizer is ``torch.optim.SGD`` itself over the stacked parameters: its update is elementwise, so on a
+``(k, ...)`` tensor it is k independent SGD updates; the loss that is differentiated is the sum of the k per-seed
+losses, whose gradient with respect to seed i's slice is seed i's own gradient. The lr decay (and the optimizer
+reset) follow the protocol as in ``fit``. The k accuracies therefore equal those of k sequential runs up to float
+rounding (vmapped convolutions sum in another order).
+
+Random operations inside the model (dropout, drop-path) draw from torch's global RNG, whose per-seed streams vmap
+cannot reproduce: such models, and runs with callbacks, ``features_on_augmented`` or a (front, rear) pair, fall back
+to sequential runs with a one-line reason (printed to stderr and kept in ``EvalResult.data["batched"]``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .adapters import ELFAdapters
+from .augment import DSA
+from .errors import DivergedError
+from .losses import FeatureDistance, feature_distance
+
+if TYPE_CHECKING:
+    from .trainer import ELFTrainer, EvalResult
+
+__all__ = ["run_batched", "batched_unsupported"]
+
+#: What ``EvalResult.data["batched"]["wall_time_s"]`` says about the per-seed wall times of a batched run.
+WALL_TIME_NOTE = "each group's wall time (build, train, test), split evenly over its seeds"
+
+Tensors = dict[str, Tensor]
+StepFn = Callable[[Tensors, Tensors, Tensor, Tensor, "Tensor | None"], tuple[Tensor, ...]]
+
+
+class _Bundle(nn.Module):
+    """One seed's trained modules (model, its front and rear, adapters); ``forward`` is that seed's loss.
+
+    Front and rear share their parameters with the model, so ``named_parameters()`` lists each tensor once (under
+    ``model.``, the names :func:`stack_module_state` stacks under); see :func:`_slots` for how they are swapped in.
+    """
+
+    def __init__(self, trainer: ELFTrainer, model: nn.Module, front: nn.Module | None, rear: nn.Module | None,
+                 adapters: ELFAdapters | None, distance: FeatureDistance) -> None:
+        super().__init__()
+        self.model = model
+        self.front = front
+        self.rear = rear
+        self.adapters = adapters
+        object.__setattr__(self, "_trainer", trainer)  # not a submodule: its tensors are not this seed's state
+        object.__setattr__(self, "_distance", distance)
+
+    def forward(self, x: Tensor, y: Tensor, feats: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x ``(B, C, H, W)``, y ``(B,)`` or ``(B, K)``, feats ``(B, *F)`` or None -> loss, task, front and rear
+        terms (scalars) and logits ``(B, K)``, exactly as ``fit``'s step computes them."""
+        return self._trainer._loss_terms(self.model, self.front, self.rear, self.adapters, x, y, feats,
+                                         self._distance, None)
+
+
+def batched_unsupported(trainer: ELFTrainer) -> str | None:
+    """Why ``trainer``'s seeds cannot be batched before anything is built, or None when they may be."""
+    if trainer.callbacks:
+        return "callbacks observe one model per fit()"
+    if trainer.protocol.features_on_augmented:
+        return "features_on_augmented runs the teacher inside every step"
+    if isinstance(trainer.model_spec, tuple):
+        return "a model given as a (front, rear) pair is not batched"
+    return None
+
+
+def _slots(module: nn.Module) -> dict[str, str]:
+    """For each place a parameter or buffer of ``module`` is stored, reached by one of its names, the name it is
+    listed under (its first name): ``{"rear.features.5.weight": "model.features.5.weight", ...}``.
+
+    The halves made by :func:`~elf.split_model` hold the model's own submodules, so one module object is reachable by
+    several names; :func:`functional_call` swapping it in under each of them would restore it in the wrong order
+    (leaving vmap's batched tensors in the model). Each (module object, attribute) pair is named once here.
+    """
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    seen: set[tuple[int, str]] = set()
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        owner, _, attr = name.rpartition(".")
+        slot = (id(module.get_submodule(owner)), attr)
+        first.setdefault(id(t), name)
+        if slot not in seen:
+            seen.add(slot)
+            out[name] = first[id(t)]
+    return out
+
+
+def _vectorized_step(template: _Bundle, with_feats: bool) -> StepFn:
+    """``(params, buffers, x (k, B, C, H, W), y (k, B[, K]), feats (k, B, *F) | None)`` -> the five outputs of
+    :meth:`_Bundle.forward`, each with a leading k. Random ops inside raise (``randomness="error"``)."""
+    slots = _slots(template)
+
+    def one_seed(params: Tensors, buffers: Tensors, x: Tensor, y: Tensor, feats: Tensor | None) -> tuple[Tensor, ...]:
+        state = {**params, **buffers}
+        swapped = {name: state[listed] for name, listed in slots.items()}
+        return functional_call(template, swapped, (x, y, feats), tie_weights=False)
+
+    in_dims = (0, 0, 0, 0, 0 if with_feats else None)
+    return vmap(one_seed, in_dims=in_dims, randomness="error")  # type: ignore[return-value]
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines)[:200]}"
+
+
+def _probe(step: StepFn, params: Tensors, buffers: Tensors, x: Tensor, y: Tensor,
+           feats: Tensor | None) -> BaseException | None:
+    """Run one forward and backward on the first images (scratch copies of the buffers, no update); returns what
+    it raised, or None when it works."""
+    try:
+        scratch = {name: b.clone() for name, b in buffers.items()}
+        step(params, scratch, x, y, feats)[0].sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure of the probe means: run the seeds one by one
+        return e
+    finally:
+        for p in params.values():
+            p.grad = None
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """Why the seeds cannot be batched, in one line, from what the eager probe step raised."""
+    if "randomness" in str(error):
+        return ("the model draws random numbers in training (dropout, drop-path) from torch's global RNG, whose "
+                "per-seed streams vmap cannot reproduce")
+    return f"vmap cannot run a training step of this model ({_one_line(error)})"
+
+
+def _stack(parts: list[Tensor | None]) -> Tensor | None:
+    return None if parts[0] is None else torch.stack(parts)  # type: ignore[arg-type]
+
+
+def _prepare(trainer: ELFTrainer, template: _Bundle, params: Tensors, buffers: Tensors,
+             compile: bool) -> tuple[StepFn, dict[str, Any], str | None]:
+    """The vectorized step for ``template``'s structure (compiled when asked and possible), what to record about
+    it, and why the seeds must run one by one instead (None when the probe step works)."""
+    p = trainer.protocol
+    step = _vectorized_step(template, trainer.feature_bank is not None and p.uses_features)
+    k = next(iter(params.values())).shape[0]
+    first = torch.arange(min(p.batch_size, trainer.images.shape[0]), device=trainer.device)
+    x, y, feats = trainer._batch(first, None, None)  # type: ignore[arg-type]
+    probe = (x.expand(k, *x.shape), y.expand(k, *y.shape), None if feats is None else feats.expand(k, *feats.shape))
+    info: dict[str, Any] = {"compile": False}
+    if compile:
+        # every run compiles the same code (vmap's wrapper) for other modules: without a reset, torch.compile
+        # would stop compiling it, silently, after a few runs in one process (dynamo's recompile limit)
+        torch.compiler.reset()
+        compiled: StepFn = torch.compile(step)  # type: ignore[assignment]
+        failed = _probe(compiled, params, buffers, *probe)
+        if failed is None:
+            return compiled, {"compile": True}, None
+        info["compile"] = f"failed, ran eagerly ({_one_line(failed)})"
+    error = _probe(step, params, buffers, *probe)
+    return step, info, None if error is None else _reason(error)
+
+
+def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, result: EvalResult, *,
+                compile: bool = False, group: int | None = None) -> bool:
+    """Train and test ``result.seeds`` as vectorized models of ``group`` seeds each (default: all at once) and fill
+    ``result``; False (after printing the reason to stderr and recording it in ``result.data["batched"]``) when
+    they must run one by one instead.
+
+    ``compile`` wraps the vectorized step in :func:`torch.compile` after ``torch.compiler.reset()`` (which also
+    drops other compiled code of the process); compilation happens in the probe step, and if it fails the step runs
+    eagerly and ``data["batched"]["compile"]`` says why. The step is built once and serves every group (the first
+    group's first model is the structure the others' weights are swapped into), so groups after the first do not
+    compile again, except once for a smaller last group.
+    """
+    seeds = list(result.seeds)
+    size = len(seeds) if group is None else group
+    why = batched_unsupported(trainer)
+    if why is not None:
+        return _fall_back(trainer, result, why)
+    distance = feature_distance(trainer.protocol.distance)
+    step: StepFn | None = None
+    template: _Bundle | None = None
+    info: dict[str, Any] = {}
+    total = 0.0
+    for chunk in [seeds[i : i + size] for i in range(0, len(seeds), size)]:
+        t0 = time.perf_counter()
+        bundles = [_Bundle(trainer, *trainer._init_model(seed), distance) for seed in chunk]
+        params, buffers = stack_module_state(bundles)  # type: ignore[arg-type]
+        if step is None:
+            template = bundles[0]
+            step, info, why = _prepare(trainer, template, params, buffers, compile)
+            if why is not None:
+                return _fall_back(trainer, result, why)
+        assert template is not None
+        histories = _train(trainer, template, bundles, params, buffers, step, chunk)
+        for bundle in bundles:
+            trainer.model, trainer.front, trainer.rear, trainer.adapters = (bundle.model, bundle.front, bundle.rear,
+                                                                             bundle.adapters)
+            result.accuracies.append(trainer.evaluate(test_images, test_labels))
+        seconds = time.perf_counter() - t0
+        total += seconds
+        result.histories.extend(histories)
+        result.wall_time_s.extend([seconds / len(chunk)] * len(chunk))
+        trainer.history = histories[-1]
+    trainer._loop = None  # the stacked optimizer is no one seed's: save_state() needs a fit()
+    result.data["batched"] = {"seeds": len(seeds), "group": size, **info, "total_s": total,
+                              "wall_time_s": WALL_TIME_NOTE}
+    return True
+
+
+def _fall_back(trainer: ELFTrainer, result: EvalResult, why: str) -> bool:
+    print(f"{trainer.model_name}: batched seeds fall back to sequential runs: {why}", file=sys.stderr)
+    result.data["batched"] = {"fallback": why}
+    return False
+
+
+def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], params: Tensors, buffers: Tensors,
+           step: StepFn, seeds: list[int]) -> list[list[dict[str, float]]]:
+    """The epoch loop of ``fit`` for k stacked seeds (``step`` swaps them into ``template``); writes the trained
+    weights back into ``bundles`` and returns the k logged histories (same epochs and keys as ``fit``'s; ``time_s``
+    is the batched loop's)."""
+    p, device = trainer.protocol, trainer.device
+    k, n, bs = len(seeds), trainer.images.shape[0], p.batch_size
+    gens = [torch.Generator(device=device) for _ in seeds]
+    for gen, seed in zip(gens, seeds):
+        gen.manual_seed(seed)
+    dsas = [DSA(p.augment, mode=p.dsa_mode, seed=seed) if p.augment else None for seed in seeds]
+
+    def sgd(lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(list(params.values()), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
+
+    lr = p.lr
+    opt = sgd(lr)
+    total = p.total_epochs
+    log_every = trainer.log_every or max(1, total // 20)
+    histories: list[list[dict[str, float]]] = [[] for _ in seeds]
+    epochs: Any = range(total)
+    bar = None
+    if trainer.progress:
+        from tqdm.auto import tqdm
+
+        bar = epochs = tqdm(epochs, desc=f"{trainer.model_name} seeds {seeds[0]}..{seeds[-1]} (batched)", unit="ep",
+                            leave=False)
+    bad_epoch = torch.full((k,), -1, dtype=torch.long, device=device)  # per seed: first epoch whose loss is not finite
+    bad_loss = torch.zeros(k, device=device)
+    start_time = time.perf_counter()
+    for epoch in epochs:
+        template.train()
+        sums = torch.zeros(k, 5, device=device)  # per seed: loss, task, front, rear, correct
+        perms = [torch.randperm(n, generator=gen, device=device) for gen in gens]
+        for start in range(0, n, bs):
+            idx = torch.stack([perm[start : start + bs] for perm in perms])  # (k, B)
+            batch = [trainer._batch(i, dsa, gen) for i, dsa, gen in zip(idx, dsas, gens)]
+            x, y, feats = (_stack([b[j] for b in batch]) for j in range(3))
+            loss, task, front, rear, out = step(params, buffers, x, y, feats)  # type: ignore[arg-type]
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            correct = (out.detach().argmax(-1) == trainer.hard_labels[idx]).sum(1).float()
+            m = idx.shape[1]
+            terms = [t.detach().expand(k) * m for t in (loss, task, front, rear)]
+            sums += torch.stack([*terms, correct], dim=1)
+        epoch_lr = lr
+        if epoch == p.decay_epoch:
+            lr *= p.lr_decay
+            if p.reset_optimizer_at_decay:
+                opt = sgd(lr)
+            else:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+        # as in fit: each seed's first non-finite epoch stays on the device and is read at the logged epochs (the
+        # last one always), so a diverged seed stops the run there and never reports an accuracy
+        newly = (bad_epoch < 0) & ~torch.isfinite(sums[:, 0])
+        bad_epoch, bad_loss = torch.where(newly, epoch, bad_epoch), torch.where(newly, sums[:, 0] / n, bad_loss)
+        if epoch % log_every == 0 or epoch == total - 1:
+            bad = bad_epoch.tolist()
+            i = next((i for i, e in enumerate(bad) if e >= 0), None)
+            if i is not None:
+                if bar is not None:
+                    bar.close()
+                raise DivergedError(f"diverged: loss is {float(bad_loss[i])} at epoch {bad[i] + 1} of "
+                                    f"{trainer.model_name} seed {seeds[i]} (batched with seeds {seeds}); lower lr or "
+                                    "lambda")
+            elapsed = time.perf_counter() - start_time
+            means = (sums / n).tolist()
+            for history, row in zip(histories, means):
+                history.append({"epoch": float(epoch), "loss": row[0], "task": row[1], "front": row[2], "rear": row[3],
+                                 "train_acc": row[4] * 100, "lr": float(epoch_lr), "time_s": elapsed})
+            if bar is not None:
+                bar.set_postfix(task_loss=f"{means[-1][1]:.3g}", train_acc=f"{means[-1][4] * 100:.1f}%")
+    if bar is not None:
+        bar.close()
+    with torch.no_grad():
+        for i, bundle in enumerate(bundles):
+            for name, t in [*bundle.named_parameters(), *bundle.named_buffers()]:
+                t.copy_((params[name] if name in params else buffers[name])[i])
+    return histories

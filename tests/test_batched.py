@@ -1,0 +1,340 @@
+"""Batched seeds (elf/batched.py): k seeds trained as one vectorized model equal k sequential fits; fallbacks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import elf.batched as batched_mod
+from elf import Callback, ELFError, ELFTrainer, FeatureBank, create_model
+from elf.augment import DSA
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+K = 3  # classes
+SIZE = 16
+SEEDS = [0, 1, 2]
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class lifts one channel (learnable in a few steps, not trivially), labels ``(n,)``."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    x = torch.randn(n, 3, SIZE, SIZE, generator=g)
+    x[torch.arange(n), y] += 0.6
+    return x, y
+
+
+TRAIN = _data(12, 0)
+TEST = _data(60, 1)
+
+
+def _teacher() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(100)
+        return create_model("ConvNetW16", num_classes=K, im_size=(SIZE, SIZE))
+
+
+def _bank(point: str) -> FeatureBank:
+    return FeatureBank.build(_teacher(), TRAIN[0], point)
+
+
+def _trainer(model: object = "ConvNetW16", labels: torch.Tensor | None = None, **kw: object) -> ELFTrainer:
+    kw = {"device": "cpu", "progress": False, "epochs": 4, "batch_size": 5, "lr_decay_epoch": 1, "log_every": 1,
+          "lambda_front": 0.0, "lambda_rear": 0.0, **kw}
+    return ELFTrainer(model, TRAIN[0], TRAIN[1] if labels is None else labels, **kw)  # type: ignore[arg-type]
+
+
+def _run(trainer: ELFTrainer, monkeypatch: pytest.MonkeyPatch, **run_kw: object):
+    """``trainer.run`` on the test set, returning the result and each seed's trained state (model and adapters) as
+    ``evaluate`` sees it (both paths evaluate once per seed, in seed order)."""
+    states: list[dict[str, torch.Tensor]] = []
+    evaluate = ELFTrainer.evaluate
+
+    def capture(self: ELFTrainer, *args: object, **kwargs: object) -> float:
+        state = {f"model.{k}": v.clone() for k, v in self.model.state_dict().items()}  # type: ignore[union-attr]
+        if self.adapters is not None:
+            state.update({f"adapter.{k}": v.clone() for k, v in self.adapters.state_dict().items()})
+        states.append(state)
+        return evaluate(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ELFTrainer, "evaluate", capture)
+    result = trainer.run(*TEST, SEEDS, **run_kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(ELFTrainer, "evaluate", evaluate)
+    return result, states
+
+
+def _assert_same(seq, bat, seq_states, bat_states, atol: float = 1e-5) -> None:
+    assert bat.data["batched"]["seeds"] == len(SEEDS), bat.data["batched"]
+    assert bat.accuracies == seq.accuracies
+    assert bat.seeds == seq.seeds
+    assert len(seq_states) == len(bat_states) == len(SEEDS)
+    for s, b in zip(seq_states, bat_states):
+        assert s.keys() == b.keys()
+        for name in s:
+            assert torch.allclose(s[name].float(), b[name].float(), atol=atol, rtol=1e-4), name
+    for hs, hb in zip(seq.histories, bat.histories):
+        assert [r.keys() for r in hs] == [r.keys() for r in hb]
+        assert [r["epoch"] for r in hs] == [r["epoch"] for r in hb]
+        assert [r["lr"] for r in hs] == [r["lr"] for r in hb]
+        for rs, rb in zip(hs, hb):
+            for key in ("loss", "task", "front", "rear", "train_acc"):
+                assert rb[key] == pytest.approx(rs[key], rel=1e-4, abs=1e-4), key
+
+
+def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.allclose(a[k].float(), b[k].float()) for k in a if a[k].is_floating_point())
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_convnet_batched_equals_sequential(monkeypatch, reset):
+    """Instance-norm ConvNet, DSA on, lr decay (with and without an optimizer reset), a short last batch."""
+    seq, seq_states = _run(_trainer(reset_optimizer_at_decay=reset), monkeypatch)
+    bat, bat_states = _run(_trainer(reset_optimizer_at_decay=reset), monkeypatch, batched=True)
+    _assert_same(seq, bat, seq_states, bat_states)
+    assert len(set(map(tuple, (s["model.classifier.bias"].tolist() for s in bat_states)))) == len(SEEDS)
+    assert 0 < min(seq.accuracies) and max(seq.accuracies) < 100  # the comparison means something
+
+
+def test_batchnorm_running_statistics_come_out_per_seed(monkeypatch):
+    seq, seq_states = _run(_trainer("ConvNetW16BN"), monkeypatch)
+    bat, bat_states = _run(_trainer("ConvNetW16BN"), monkeypatch, batched=True)
+    _assert_same(seq, bat, seq_states, bat_states)
+    means = [s["model.features.1.running_mean"] for s in bat_states]
+    assert not torch.allclose(means[0], means[1]) and not torch.allclose(means[1], means[2])
+    assert all(int(s["model.features.1.num_batches_tracked"]) == 5 * 3 for s in bat_states)  # 5 epochs x 3 batches
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # ELF: front and rear terms, rear BatchNorm statistics frozen in the rear term
+    {"rear_bn_stats_from_features": True},
+    {"adapter": "always", "align_targets": True, "distance": "mse", "lambda_task": 0.5},
+])
+def test_elf_with_bank_split_and_adapters(monkeypatch, extra):
+    """ConvNet-BN cut after its first block, so the rear holds BatchNorm layers (frozen_bn_stats matters)."""
+    kw = {"feature_bank": _bank("features.3"), "split_at": "features.3", "lambda_front": 1.0, "lambda_rear": 1.0,
+          **extra}
+    seq, seq_states = _run(_trainer("ConvNetW16BN", **kw), monkeypatch)
+    bat, bat_states = _run(_trainer("ConvNetW16BN", **kw), monkeypatch, batched=True)
+    _assert_same(seq, bat, seq_states, bat_states)
+    assert all(r["front"] > 0 and r["rear"] > 0 for h in bat.histories for r in h)
+    tracked = 15 * (2 if extra.get("rear_bn_stats_from_features") else 1)
+    assert int(bat_states[0]["model.features.5.num_batches_tracked"]) == tracked
+    assert bat.data["split_at"] == "features.3"
+    if extra.get("adapter"):
+        assert any(k.startswith("adapter.") for k in bat_states[0]) and "adapters" in bat.data
+
+
+def test_soft_labels(monkeypatch):
+    logits = torch.randn(TRAIN[0].shape[0], K, generator=torch.Generator().manual_seed(3))
+    seq, seq_states = _run(_trainer(labels=logits, label_kind="logits"), monkeypatch)
+    bat, bat_states = _run(_trainer(labels=logits, label_kind="logits"), monkeypatch, batched=True)
+    _assert_same(seq, bat, seq_states, bat_states)
+
+
+def test_a_parameter_used_directly_in_the_rear_is_trained_per_seed(monkeypatch):
+    """torch.fx reads a parameter used in ``forward`` itself (not through a submodule) with ``get_attr``: the halves
+    then hold it on modules of their own, which the batched step must swap as well."""
+
+    class Gained(nn.Module):
+        elf_split_point = "body"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(2))
+            self.gain = nn.Parameter(torch.ones(1, 4, 1, 1))
+            self.head = nn.Linear(16, K)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head((self.body(x) * self.gain).flatten(1))
+
+    bank = FeatureBank(torch.randn(TRAIN[0].shape[0], 4, 2, 2, generator=torch.Generator().manual_seed(4)))
+    kw = {"feature_bank": bank, "lambda_front": 1.0, "lambda_rear": 1.0}
+    seq, seq_states = _run(_trainer(Gained, **kw), monkeypatch)
+    bat, bat_states = _run(_trainer(Gained, **kw), monkeypatch, batched=True)
+    _assert_same(seq, bat, seq_states, bat_states)
+    assert not torch.allclose(bat_states[0]["model.gain"], torch.ones(1, 4, 1, 1))
+
+
+def test_each_seed_draws_its_own_batches_and_augmentation(monkeypatch):
+    """The batches (order and DSA draw) a batched run feeds seed i are bit-identical to those of fit(i)."""
+    seen: list[torch.Tensor] = []
+    batch = ELFTrainer._batch
+
+    def record(self, idx, dsa, gen):
+        x, y, feats = batch(self, idx, dsa, gen)
+        seen.append(x.clone())
+        return x, y, feats
+
+    monkeypatch.setattr(ELFTrainer, "_batch", record)
+    trainer = _trainer()
+    sequential = []
+    for seed in SEEDS:
+        seen.clear()
+        trainer.fit(seed)
+        sequential.append(list(seen))
+    seen.clear()
+    _trainer().run(*TEST, SEEDS, batched=True)
+    together = seen[1:]  # the first call makes the probe batch (un-augmented, nothing drawn)
+    steps = len(sequential[0])
+    assert len(together) == steps * len(SEEDS)
+    for i in range(len(SEEDS)):
+        mine = together[i :: len(SEEDS)]
+        assert all(torch.equal(a, b) for a, b in zip(mine, sequential[i]))
+    assert not any(torch.equal(a, b) for a, b in zip(sequential[0], sequential[1]))
+
+
+def test_shared_augmentation_draws_would_be_caught(monkeypatch):
+    """With every seed drawing from seed 0's DSA, the batched run no longer equals the sequential one: the equality
+    tests above detect seeds that share augmentation draws."""
+    seq, _ = _run(_trainer(), monkeypatch)
+    monkeypatch.setattr(batched_mod, "DSA", lambda *a, seed=None, **kw: DSA(*a, seed=0, **kw))
+    shared, _ = _run(_trainer(), monkeypatch, batched=True)
+    assert shared.data["batched"]["seeds"] == len(SEEDS)
+    assert [h[-1]["loss"] for h in shared.histories] != pytest.approx([h[-1]["loss"] for h in seq.histories], rel=1e-4)
+
+
+def test_result_fields_and_trainer_state(monkeypatch):
+    trainer = _trainer()
+    result = trainer.run(*TEST, SEEDS, batched=True)
+    info = result.data["batched"]
+    assert info["seeds"] == 3 and info["compile"] is False and info["wall_time_s"] == batched_mod.WALL_TIME_NOTE
+    assert len(result.wall_time_s) == 3 and len(set(result.wall_time_s)) == 1
+    assert sum(result.wall_time_s) == pytest.approx(info["total_s"])
+    assert len(result.histories) == 3 and trainer.history == result.histories[-1]
+    assert len(result.histories[0]) == 5  # log_every=1, 5 epochs
+    assert trainer.evaluate(*TEST) == result.accuracies[-1]  # the trainer holds the last seed's model
+    with pytest.raises(ELFError, match="save_state"):
+        trainer.save_state("unused.safetensors")
+
+
+class _Noop(Callback):
+    pass
+
+
+class _Dropped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(3 * SIZE * SIZE, K))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: _trainer(callbacks=[_Noop()]), "callbacks"),
+    (lambda: _trainer(_Dropped), "random numbers"),
+    (lambda: _trainer(teacher=_teacher(), lambda_front=1.0, features_on_augmented=True), "features_on_augmented"),
+])
+def test_fallback_runs_sequentially_with_a_reason(make, reason, capsys):
+    expected = make().run(*TEST, SEEDS)
+    result = make().run(*TEST, SEEDS, batched=True)
+    assert reason in result.data["batched"]["fallback"]
+    err = capsys.readouterr().err
+    assert "fall back to sequential runs" in err and reason in err
+    assert result.accuracies == expected.accuracies and len(result.histories) == len(SEEDS)
+
+
+def test_front_rear_pair_falls_back():
+    model = create_model("ConvNetW16", num_classes=K, im_size=(SIZE, SIZE))
+    pair = (copy.deepcopy(model.features), nn.Sequential(nn.Flatten(), copy.deepcopy(model.classifier)))
+    result = _trainer(pair).run(*TEST, [0], batched=True)
+    assert "(front, rear) pair" in result.data["batched"]["fallback"]
+
+
+def test_compile_failure_runs_eagerly(monkeypatch):
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    resets = []
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    seq = _trainer().run(*TEST, SEEDS)
+    result = _trainer().run(*TEST, SEEDS, batched=True, compile=True)
+    assert resets == [1]  # each compiled run starts from empty caches (dynamo's recompile limit)
+    note = result.data["batched"]["compile"]
+    assert note.startswith("failed, ran eagerly") and "no compiler" in note
+    assert result.accuracies == seq.accuracies
+
+
+def test_compile_needs_batched():
+    from elf.evaluation import compare_models
+
+    with pytest.raises(ELFError, match="batched=True"):
+        _trainer().run(*TEST, SEEDS, compile=True)
+    with pytest.raises(ELFError, match="batched=True"):
+        compare_models(["ConvNetW16"], *TRAIN, *TEST, elf=False, compile=True, device="cpu", progress=False)
+
+
+def test_compare_models_batched(monkeypatch):
+    from elf.evaluation import compare_models
+
+    kw = {"device": "cpu", "progress": False, "epochs": 2, "batch_size": 5, "seeds": [0, 1], "elf": False,
+          "log": lambda _: None}
+    seq = compare_models(["ConvNetW16"], *TRAIN, *TEST, **kw)[0].baseline
+    bat = compare_models(["ConvNetW16"], *TRAIN, *TEST, batched=True, **kw)[0].baseline
+    assert bat is not None and seq is not None
+    assert bat.accuracies == seq.accuracies and bat.seeds == [0, 1] and bat.data["batched"]["seeds"] == 2
+
+
+def test_a_diverging_seed_raises_as_in_fit():
+    from elf import DivergedError
+
+    with pytest.raises(DivergedError, match="diverged"):
+        _trainer(lr=1e12).run(*TEST, SEEDS)
+    with pytest.raises(DivergedError, match="batched"):
+        _trainer(lr=1e12).run(*TEST, SEEDS, batched=True)
+
+
+def test_speed_benchmark_batched_section(tmp_path):
+    """benchmarks/speed.py's section 5 runs end to end on a toy setting and records equal accuracies."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed", path)
+    assert spec is not None and spec.loader is not None
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    out = tmp_path / "speed.json"
+    speed.main(["--batched-only", "--images", "10", "--batch", "4", "--batched-epochs", "2", "--seeds", "1", "2",
+                "--repeats", "1", "--batched-models", "ConvNetW16", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["batched_seeds"]["rows"]
+    assert [(r["model"], r["k"]) for r in rows] == [("ConvNetW16", 1), ("ConvNetW16", 2)]
+    assert all(r["batched_same_accuracies"] and r["batched"]["batched"]["seeds"] == r["k"] for r in rows)
+    assert rows[1]["sequential"]["loop_s_per_epoch"] > 0
+
+
+def test_groups_of_seeds(monkeypatch):
+    """``batched=2`` trains seeds (0, 1) then (2,) with one step built for the first group; results as sequential."""
+    built = []
+    vectorized = batched_mod._vectorized_step
+    monkeypatch.setattr(batched_mod, "_vectorized_step", lambda *a: built.append(1) or vectorized(*a))
+    seq, seq_states = _run(_trainer("ConvNetW16BN"), monkeypatch)
+    bat, bat_states = _run(_trainer("ConvNetW16BN"), monkeypatch, batched=2)
+    _assert_same(seq, bat, seq_states, bat_states)
+    assert built == [1] and bat.data["batched"]["group"] == 2
+    assert bat.wall_time_s[0] == bat.wall_time_s[1] != bat.wall_time_s[2]
+    with pytest.raises(ELFError, match="seeds per group"):
+        _trainer().run(*TEST, SEEDS, batched=0)
+
+
+def test_no_host_sync_per_step_or_epoch(host_reads, monkeypatch):
+    """Values are read back from the device only at the logged epochs, however many steps and epochs run."""
+    counts = host_reads
+
+    def syncs(epochs: int) -> int:
+        trainer = _trainer(epochs=epochs, batch_size=2, log_every=100, augment=None)
+        monkeypatch.setattr(trainer, "evaluate", lambda *a: 0.0)
+        counts["n"] = 0
+        trainer.run(*TEST, SEEDS, batched=True)
+        return counts["n"]
+
+    assert syncs(1) == syncs(5) > 0
