@@ -330,25 +330,59 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .pixel_space import get_normalization
-    from .evaluation import compare_models, environment, format_table, git_revision
-    from .feature_bank import FeatureBank
-    from .fileio import atomic_write, check_writable
-    from .io import load_any, load_mtt
+    from .evaluation import compare_models, format_table
+
+    _check_eval_args(args)
+    log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr))
+    previous = _previous_eval(args.out) if args.resume else None
+    sset, test_x, test_y = _eval_data(args, log)
+    device = torch.device(args.device) if args.device else None
+    banks = [] if args.no_elf else _eval_banks(args, sset, device, log)
+    settings = _eval_settings(args, sset, banks, test_x, sset.normalization)
+    rows_before: list[Any] = []
+    if previous is not None:
+        rows_before = _resumable_rows(args.out, previous, settings)
+        log(f"resuming {args.out}: {_finished_runs(rows_before)} finished run(s) kept")
+    record = _EvalRecord(args, sset, banks, test_x, settings, device, previous, _finished_runs(rows_before))
+    try:
+        rows = compare_models(args.models, sset, None, test_x, test_y, banks=banks, protocol=args.protocol,
+                              seeds=list(range(args.seed, args.seed + args.runs)), baseline=not args.no_baseline,
+                              elf=not args.no_elf, split_at=_split_points(args.split_at, args.models), device=device,
+                              progress=not args.no_progress, log=log, previous=rows_before, on_update=record.save,
+                              batched=args.batched, compile=args.compile, **_protocol_overrides(args))
+    except KeyboardInterrupt:
+        where = (f"{record.runs} finished run(s) saved in {args.out}; continue with the same command and --resume"
+                 if args.out and record.runs else "nothing finished was saved (pass --out FILE to keep finished runs)")
+        print(f"elf eval: interrupted: {where}", file=sys.stderr)
+        return 130
+    print(format_table(rows))
+    if args.out:
+        record.save(rows, complete=True)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Option errors of ``elf eval`` that need no data, and a writable ``--out``, before anything is loaded."""
+    from .fileio import check_writable
 
     if args.compile and not args.batched:
         raise ELFError("--compile compiles the batched step: add --batched")
     if args.batched is not True and args.batched is not False and args.batched < 1:
         raise ELFError(f"--batched M takes M >= 1 seeds at a time, got {args.batched}")
-
-    log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr))
     if args.resume and not args.out:
         raise ELFError("--resume continues the eval saved in --out: pass --out FILE")
     if args.runs < 1:
         raise ELFError(f"--runs must be >= 1, got {args.runs}")
     if args.out:
         check_writable(args.out, "--out")
-    previous = _previous_eval(args.out) if args.resume else None
+
+
+def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The synthetic set (in its pixel space) and the real test images ``(M, C, H, W)`` and labels, matched to it."""
+    from .io import load_any, load_mtt
+    from .pixel_space import get_normalization
+
     given = get_normalization(args.normalization)
     name = Path(args.images).name.lower()
     if args.labels:
@@ -361,87 +395,78 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         sset = load_any(args.images, normalization=given)
     if sset.normalization is None:
         sset.normalization = given
-    norm = sset.normalization
     if args.zca:
         sset.zca = True
     test = _match_classes(_load_split(args, "test", args.test_per_class), sset, log)
-    test_x, test_y = test.as_float(norm), test.labels
+    test_x, test_y = test.as_float(sset.normalization), test.labels
     if sset.zca:
         log("the set is in ZCA space: fitting ZCA (eps 0.1) on the full real training set (cached)")
-        test_x = _zca(args, norm).transform(test_x)
-    c, h, w = sset.images.shape[1:]
-    num_classes = sset.num_classes
-    if tuple(test_x.shape[1:]) != (c, h, w):
-        raise ELFError(f"test images are {tuple(test_x.shape[1:])} but the synthetic images are {(c, h, w)}")
-    device = torch.device(args.device) if args.device else None
+        test_x = _zca(args, sset.normalization).transform(test_x)
+    if tuple(test_x.shape[1:]) != tuple(sset.images.shape[1:]):
+        raise ELFError(f"test images are {tuple(test_x.shape[1:])} but the synthetic images are {tuple(sset.images.shape[1:])}")
+    return sset, test_x, test_y
+
+
+def _eval_banks(args: argparse.Namespace, sset: Any, device: torch.device | None, log: Any) -> list[Any]:
+    """One feature bank per ``--teacher`` (a checkpoint, or an MTT expert buffer)."""
+    from .feature_bank import FeatureBank
+
+    if not args.teacher:
+        raise ELFError("ELF needs a teacher: pass --teacher CKPT --teacher-model NAME (or --no-elf for the baseline only)")
     banks = []
-    if not args.no_elf:
-        if not args.teacher:
-            raise ELFError("ELF needs a teacher: pass --teacher CKPT --teacher-model NAME (or --no-elf for the baseline only)")
-        for i, ckpt in enumerate(args.teacher):
-            name = args.teacher_model[i] if i < len(args.teacher_model) else "ConvNet"
-            point = args.teacher_point[i] if i < len(args.teacher_point) else None
-            if not Path(ckpt).exists():
-                raise ELFError(f"teacher checkpoint {ckpt} does not exist (train one with `elf train-teacher`)")
-            bank_kw = dict(dtype=args.feature_dtype, cache_dir=_feature_cache(args), device=device, progress=not args.no_progress)
-            if Path(ckpt).name.startswith("replay_buffer"):
-                teacher = _teacher_from_buffer(args, ckpt, name, sset, num_classes, log)
-                bank = FeatureBank.build(teacher.to(device or "cpu"), sset, point, **bank_kw)
-            else:
-                bank = FeatureBank.from_checkpoint(ckpt, name, sset, point, num_classes=num_classes, **bank_kw)
-            log(f"teacher {name} ({ckpt}): features {bank.shape} at {bank.point}")
-            banks.append(bank)
-    split_at = _split_points(args.split_at, args.models)
-    seeds = list(range(args.seed, args.seed + args.runs))
-    settings = _eval_settings(args, sset, banks, test_x, norm)
-    rows_before: list[Any] = []
-    if previous is not None:
-        rows_before = _resumable_rows(args.out, previous, settings)
-        log(f"resuming {args.out}: {_finished_runs(rows_before)} finished run(s) kept")
-    t0 = time.perf_counter()
-    result = {
-        "command": "elf eval",
-        "complete": False,
-        "settings": settings,
-        "synthetic": {"path": str(args.images), "n": len(sset), "label_kind": sset.label_kind, "ipc": sset.ipc,
-                      "normalization": norm.to_dict(), **sset.metadata},
-        "teachers": [b.metadata for b in banks],
-        "test": {"source": _data_spec(args), "n": int(test_x.shape[0])},
-        "results": [],
-        "environment": environment(device),
-        "git_revision": git_revision(),
-        "wall_time_s": 0.0,
-    }
-    saved = {"runs": _finished_runs(rows_before)}
+    for i, ckpt in enumerate(args.teacher):
+        name = args.teacher_model[i] if i < len(args.teacher_model) else "ConvNet"
+        point = args.teacher_point[i] if i < len(args.teacher_point) else None
+        if not Path(ckpt).exists():
+            raise ELFError(f"teacher checkpoint {ckpt} does not exist (train one with `elf train-teacher`)")
+        bank_kw = dict(dtype=args.feature_dtype, cache_dir=_feature_cache(args), device=device, progress=not args.no_progress)
+        if Path(ckpt).name.startswith("replay_buffer"):
+            teacher = _teacher_from_buffer(args, ckpt, name, sset, sset.num_classes, log)
+            bank = FeatureBank.build(teacher.to(device or "cpu"), sset, point, **bank_kw)
+        else:
+            bank = FeatureBank.from_checkpoint(ckpt, name, sset, point, num_classes=sset.num_classes, **bank_kw)
+        log(f"teacher {name} ({ckpt}): features {bank.shape} at {bank.point}")
+        banks.append(bank)
+    return banks
 
-    def save(rows: list[Any]) -> None:
-        if not args.out:
+
+class _EvalRecord:
+    """The ``--out`` JSON of ``elf eval``, rewritten (atomically) after every finished run."""
+
+    def __init__(self, args: argparse.Namespace, sset: Any, banks: list[Any], test_x: torch.Tensor,
+                 settings: dict[str, Any], device: torch.device | None, previous: dict[str, Any] | None, runs: int) -> None:
+        from .evaluation import environment, git_revision
+
+        self.out, self.runs = args.out, runs
+        self.t0 = time.perf_counter()
+        self.earlier_s = float(previous.get("wall_time_s", 0.0)) if previous else 0.0
+        self.result: dict[str, Any] = {
+            "command": "elf eval",
+            "complete": False,
+            "settings": settings,
+            "synthetic": {"path": str(args.images), "n": len(sset), "label_kind": sset.label_kind, "ipc": sset.ipc,
+                          "normalization": sset.normalization.to_dict(), **sset.metadata},
+            "teachers": [b.metadata for b in banks],
+            "test": {"source": _data_spec(args), "n": int(test_x.shape[0])},
+            "results": [],
+            "environment": environment(device),
+            "git_revision": git_revision(),
+            "wall_time_s": 0.0,
+        }
+
+    def save(self, rows: list[Any], complete: bool = False) -> None:
+        """Write ``rows`` (every finished run so far) to ``--out``; nothing without ``--out``."""
+        from .fileio import atomic_write
+
+        if not self.out:
             return
-        result["results"] = [r.to_dict() for r in rows]
-        result["wall_time_s"] = time.perf_counter() - t0 + float(previous.get("wall_time_s", 0.0) if previous else 0.0)
-        saved["runs"] = _finished_runs(rows)
+        self.result.update(results=[r.to_dict() for r in rows], complete=complete,
+                           wall_time_s=time.perf_counter() - self.t0 + self.earlier_s)
+        self.runs = _finished_runs(rows)
         try:
-            atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(result, indent=1, default=str)))
+            atomic_write(self.out, lambda p: Path(p).write_text(json.dumps(self.result, indent=1, default=str)))
         except OSError as e:
-            raise ELFError(f"cannot write --out {args.out}: {e.strerror or e}") from e
-
-    try:
-        rows = compare_models(args.models, sset, None, test_x, test_y, banks=banks, protocol=args.protocol,
-                              seeds=seeds, baseline=not args.no_baseline, elf=not args.no_elf, split_at=split_at,
-                              device=device, progress=not args.no_progress, log=log, previous=rows_before,
-                              on_update=save, batched=args.batched, compile=args.compile,
-                              **_protocol_overrides(args))
-    except KeyboardInterrupt:
-        where = (f"{saved['runs']} finished run(s) saved in {args.out}; continue with the same command and --resume"
-                 if args.out and saved["runs"] else "nothing finished was saved (pass --out FILE to keep finished runs)")
-        print(f"elf eval: interrupted: {where}", file=sys.stderr)
-        return 130
-    print(format_table(rows))
-    if args.out:
-        result["complete"] = True
-        save(rows)
-        print(f"wrote {args.out}")
-    return 0
+            raise ELFError(f"cannot write --out {self.out}: {e.strerror or e}") from e
 
 
 def _finished_runs(rows: Sequence[Any]) -> int:

@@ -123,7 +123,14 @@ class NaNNet(nn.Module):
         return self.fc(x.flatten(1)) * float("nan")
 
 
-register_model("NaNNetBadInputs", lambda channel, num_classes: NaNNet(channel, num_classes), override=True)
+@pytest.fixture(autouse=True)
+def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test registers into a copy of the model registry (with NaNNetBadInputs), so no registration made here
+    leaks into other test files (their parametrizations list the registered models)."""
+    from elf.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register_model("NaNNetBadInputs", lambda channel, num_classes: NaNNet(channel, num_classes))
 
 
 # ---- 1. numbers finite and in range (Protocol / get_protocol: API and CLI share them) -----------------------------
