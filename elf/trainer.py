@@ -10,7 +10,6 @@ no DataLoader and no host synchronization per step (values are read back only wh
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import sys
 import time
