@@ -67,6 +67,8 @@ class StudyConfig:
     name: str = "study"
     order: str = "cells"
     imports: list[str] = field(default_factory=list)
+    batched: bool | int = False
+    compile: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
@@ -100,6 +102,10 @@ class StudyConfig:
         from .protocol import get_protocol, seed_list
 
         self.seeds = seed_list(self.seeds, "study seeds")
+        if self.compile and not self.batched:
+            raise ELFError("compile = true compiles the batched step: set batched = true as well")
+        if not isinstance(self.batched, bool) and (not isinstance(self.batched, int) or self.batched < 1):
+            raise ELFError(f"batched takes true/false or a number of seeds >= 1, got {self.batched!r}")
         if not self.models:
             raise ELFError("a study needs at least one model in 'models'")
         if not self.sets:
@@ -330,10 +336,10 @@ class _Resources:
         return self._get(f"banks:{set_name}", make)
 
 
-def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) -> dict[str, Any]:
-    from .evaluation import choose_bank, environment
+def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any, Any, Any] | dict[str, Any]:
+    """``(protocol, set, bank, split_at)`` of a run, or its record when the paper's ELF cannot fill its cell."""
+    from .evaluation import choose_bank
     from .protocol import get_protocol
-    from .trainer import ELFTrainer
 
     overrides = {**cfg.overrides, **cfg.variants.get(run.variant, {})}
     teacher_label = overrides.pop("teacher", None)
@@ -359,6 +365,17 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
                 # the paper's ELF needs equal shapes: a cell it cannot fill is recorded as such, not as an error
                 return {"run": asdict(run), "run_id": run.run_id, "accuracy": None, "not_applicable": str(e),
                         "protocol": proto.to_dict(), "study": cfg.name}
+    return proto, sset, bank, split_at
+
+
+def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) -> dict[str, Any]:
+    from .evaluation import environment
+    from .trainer import ELFTrainer
+
+    prepared = _prepare(run, cfg, res)
+    if isinstance(prepared, dict):
+        return prepared
+    proto, sset, bank, split_at = prepared
     trainer = ELFTrainer.from_synthetic(run.model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress)
     t0 = time.perf_counter()
@@ -380,6 +397,34 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
                        if cfg.validation_per_class else "test", "test_n": int(res.test()[1].shape[0]),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progress: bool) -> list[dict[str, Any]]:
+    """The seeds of one cell (same set, model, variant) trained at once (``batched``); records as :func:`_execute`
+    writes them. A cell whose batched run diverges is rerun seed by seed, so only the diverged seed is recorded failed."""
+    from .evaluation import environment
+    from .trainer import ELFTrainer
+
+    prepared = _prepare(runs[0], cfg, res)
+    if isinstance(prepared, dict):
+        return [{**prepared, "run": asdict(r), "run_id": r.run_id} for r in runs]
+    proto, sset, bank, split_at = prepared
+    trainer = ELFTrainer.from_synthetic(runs[0].model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
+                                        device=res.device, progress=progress)
+    try:
+        result = trainer.run(*res.test(), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile)
+    except DivergedError:
+        return [_execute(r, cfg, res, progress) for r in runs]
+    return [{
+        "run": asdict(r), "run_id": r.run_id, "accuracy": result.accuracies[i], "wall_time_s": result.wall_time_s[i],
+        "protocol": proto.to_dict(), "split_at": result.data.get("split_at") or split_at,
+        "adapters": result.data.get("adapters"), "batched": result.data.get("batched"),
+        "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": result.histories[i],
+        "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
+        "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
+                       if cfg.validation_per_class else "test", "test_n": int(res.test()[1].shape[0]),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    } for i, r in enumerate(runs)]
 
 
 def run_study(
@@ -408,9 +453,33 @@ def run_study(
     dev = torch.device(device) if device is not None else None
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(cfg)[rank::world]
     res = _Resources(cfg, dev, log)
-    files = []
+    if cfg.batched:  # whole cells per shard: a cell's seeds train together
+        cells: dict[tuple[str, str, str], list[RunSpec]] = {}
+        for r in plan_runs(cfg):
+            cells.setdefault((r.set, r.model, r.variant), []).append(r)
+        groups = list(cells.values())[rank::world]
+        files = [out / "runs" / f"{r.run_id}.json" for group in groups for r in group]
+        for n, group in enumerate(groups, 1):
+            pending = [r for r in group if not (out / "runs" / f"{r.run_id}.json").exists()]
+            if not pending:
+                continue
+            try:
+                records = _execute_cell(pending, cfg, res, progress)
+            except Exception as e:
+                if not keep_going:
+                    raise
+                log(f"[cell {n}/{len(groups)}] {pending[0].run_id}..: FAILED: {type(e).__name__}: {e}")
+                continue
+            for record in records:
+                path = out / "runs" / f"{record['run_id']}.json"
+                atomic_write(path, lambda p, rec=record: Path(p).write_text(json.dumps(rec, indent=1, default=str)))
+            log(f"[cell {n}/{len(groups)}] {pending[0].set} {pending[0].model} {pending[0].variant}: "
+                + ", ".join("-" if rec["accuracy"] is None else f"{rec['accuracy']:.2f}%" for rec in records))
+        runs: list[RunSpec] = []
+    else:
+        runs = plan_runs(cfg)[rank::world]
+        files = []
     for k, run in enumerate(runs, 1):
         path = out / "runs" / f"{run.run_id}.json"
         files.append(path)

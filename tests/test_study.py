@@ -152,3 +152,23 @@ def test_torchrun_ranks_split_the_study(workspace: Path) -> None:
     assert len(runs) == 2 * 2 * 2  # models x variants (baseline, elf) x seeds
     assert proc.stderr.count("/4] ") == 8  # each of the two ranks ran its own 4 runs, not all 8
     assert "| noise | ConvNetW4D2BN |" in (workspace / "out-dist" / "summary.md").read_text()
+
+
+def test_batched_study_equals_sequential(workspace: Path) -> None:
+    """`batched = true`: a cell's seeds train at once; the run files hold the accuracies of one-by-one runs."""
+    seq = _config(workspace, "seq-b", random_real=False, seeds=[0, 1, 2])
+    bat = _config(workspace, "bat-b", random_real=False, seeds=[0, 1, 2], batched=True)
+    run_study(seq, device="cpu", progress=False, log=lambda _: None)
+    files = run_study(bat, device="cpu", progress=False, log=lambda _: None)
+    assert len(files) == 2 * 3 * 3 and all(f.exists() for f in files)
+    for f in files:
+        b = json.loads(f.read_text())
+        s = json.loads((Path(seq.out) / "runs" / f.name).read_text())
+        assert b["accuracy"] == pytest.approx(s["accuracy"], abs=1e-6), f.name
+        assert b["batched"]["seeds"] == 3 and b["run"] == s["run"]
+    lost = files[4]
+    lost.unlink()  # a lost run: its cell's other seeds are kept, only it runs again
+    run_study(bat, device="cpu", progress=False, log=lambda _: None)
+    assert json.loads(lost.read_text())["batched"]["seeds"] == 1
+    with pytest.raises(elf.ELFError, match="batched"):
+        run_study(_config(workspace, "x", compile=True), device="cpu", progress=False, log=lambda _: None)
