@@ -38,6 +38,7 @@ from .adapters import ELFAdapters
 from .augment import DSA
 from .errors import DivergedError
 from .losses import FeatureDistance, feature_distance
+from .trainer import DivergenceWatch
 
 if TYPE_CHECKING:
     from .trainer import ELFTrainer, EvalResult
@@ -258,8 +259,7 @@ def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], param
 
         bar = epochs = tqdm(epochs, desc=f"{trainer.model_name} seeds {seeds[0]}..{seeds[-1]} (batched)", unit="ep",
                             leave=False)
-    bad_epoch = torch.full((k,), -1, dtype=torch.long, device=device)  # per seed: first epoch whose loss is not finite
-    bad_loss = torch.zeros(k, device=device)
+    watch = DivergenceWatch((k,), n, device)  # as in fit: read at the logged epochs only
     start_time = time.perf_counter()
     for epoch in epochs:
         template.train()
@@ -285,19 +285,14 @@ def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], param
             else:
                 for group in opt.param_groups:
                     group["lr"] = lr
-        # as in fit: each seed's first non-finite epoch stays on the device and is read at the logged epochs (the
-        # last one always), so a diverged seed stops the run there and never reports an accuracy
-        newly = (bad_epoch < 0) & ~torch.isfinite(sums[:, 0])
-        bad_epoch, bad_loss = torch.where(newly, epoch, bad_epoch), torch.where(newly, sums[:, 0] / n, bad_loss)
+        watch.update(epoch, sums[:, 0])
         if epoch % log_every == 0 or epoch == total - 1:
-            bad = bad_epoch.tolist()
-            i = next((i for i, e in enumerate(bad) if e >= 0), None)
-            if i is not None:
+            found = watch.first()
+            if found is not None:
                 if bar is not None:
                     bar.close()
-                raise DivergedError(f"diverged: loss is {float(bad_loss[i])} at epoch {bad[i] + 1} of "
-                                    f"{trainer.model_name} seed {seeds[i]} (batched with seeds {seeds}); lower lr or "
-                                    "lambda")
+                raise DivergedError(f"diverged: loss is {found[2]} at epoch {found[1] + 1} of {trainer.model_name} "
+                                    f"seed {seeds[found[0]]} (batched with seeds {seeds}); lower lr or lambda")
             elapsed = time.perf_counter() - start_time
             means = (sums / n).tolist()
             for history, row in zip(histories, means):

@@ -459,47 +459,32 @@ def run_study(
         for r in plan_runs(cfg):
             cells.setdefault((r.set, r.model, r.variant), []).append(r)
         groups = list(cells.values())[rank::world]
-        files = [out / "runs" / f"{r.run_id}.json" for group in groups for r in group]
-        for n, group in enumerate(groups, 1):
-            pending = [r for r in group if not (out / "runs" / f"{r.run_id}.json").exists()]
-            if not pending:
-                continue
-            try:
-                records = _execute_cell(pending, cfg, res, progress)
-            except Exception as e:
-                if not keep_going:
-                    raise
-                log(f"[cell {n}/{len(groups)}] {pending[0].run_id}..: FAILED: {type(e).__name__}: {e}")
-                continue
-            for record in records:
-                path = out / "runs" / f"{record['run_id']}.json"
-                atomic_write(path, lambda p, rec=record: Path(p).write_text(json.dumps(rec, indent=1, default=str)))
-            log(f"[cell {n}/{len(groups)}] {pending[0].set} {pending[0].model} {pending[0].variant}: "
-                + ", ".join("-" if rec["accuracy"] is None else f"{rec['accuracy']:.2f}%" for rec in records))
-        runs: list[RunSpec] = []
     else:
-        runs = plan_runs(cfg)[rank::world]
-        files = []
-    for k, run in enumerate(runs, 1):
-        path = out / "runs" / f"{run.run_id}.json"
-        files.append(path)
-        if path.exists():
-            log(f"[{k}/{len(runs)}] {run.run_id}: done, skipped")
+        groups = [[r] for r in plan_runs(cfg)[rank::world]]
+    files = [out / "runs" / f"{r.run_id}.json" for group in groups for r in group]
+    for k, group in enumerate(groups, 1):
+        pending = [r for r in group if not (out / "runs" / f"{r.run_id}.json").exists()]
+        where = f"[{k}/{len(groups)}] {group[0].run_id}" + (f" (+{len(group) - 1} seeds)" if len(group) > 1 else "")
+        if not pending:
+            log(f"{where}: done, skipped")
             continue
         try:
-            record = _execute(run, cfg, res, progress)
+            records = (_execute_cell(pending, cfg, res, progress) if cfg.batched
+                       else [_execute(pending[0], cfg, res, progress)])
         except Exception as e:
             if not keep_going:
                 raise
-            log(f"[{k}/{len(runs)}] {run.run_id}: FAILED: {type(e).__name__}: {e}")
+            log(f"{where}: FAILED: {type(e).__name__}: {e}")
             continue
-        atomic_write(path, lambda p: Path(p).write_text(json.dumps(record, indent=1, default=str)))
-        if record.get("failed"):
-            log(f"[{k}/{len(runs)}] {run.run_id}: FAILED ({record['failed']})")
-        elif record["accuracy"] is None:
-            log(f"[{k}/{len(runs)}] {run.run_id}: not applicable ({record['not_applicable']})")
-        else:
-            log(f"[{k}/{len(runs)}] {run.run_id}: {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
+        for record in records:
+            path = out / "runs" / f"{record['run_id']}.json"
+            atomic_write(path, lambda p, rec=record: Path(p).write_text(json.dumps(rec, indent=1, default=str)))
+            if record.get("failed"):
+                log(f"{where}: {record['run_id']} FAILED ({record['failed']})")
+            elif record["accuracy"] is None:
+                log(f"{where}: {record['run_id']} not applicable ({record['not_applicable']})")
+            else:
+                log(f"{where}: {record['run_id']} {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
     if distributed:
         import torch.distributed as dist
 

@@ -36,7 +36,7 @@ from .protocol import seed_list as resolve_seeds
 from .resume import SavedState, read_state, write_state
 from .split import SplitOptions, auto_split_point, list_split_points, split_model
 
-__all__ = ["ELFTrainer", "Callback", "EvalResult", "ModelSpec"]
+__all__ = ["ELFTrainer", "Callback", "DivergenceWatch", "EvalResult", "ModelSpec"]
 
 ModelSpec = nn.Module | str | Callable[[], nn.Module] | tuple[nn.Module, nn.Module]
 STATE_FORMAT = "elf-trainer-state/1"
@@ -52,6 +52,29 @@ class _LoopState:
     dsa: DSA | None
     lr: float
     epoch: int
+
+
+class DivergenceWatch:
+    """The first epoch whose summed loss is not finite, per seed, kept on the device (no host sync per epoch).
+
+    ``update(epoch, loss_sums)`` each epoch with the summed losses, shape ``()`` or ``(k,)`` for k seeds;
+    ``first()`` (one host read, at logged epochs) returns ``(seed index, epoch, mean loss)`` of the first diverged
+    seed, or None."""
+
+    def __init__(self, shape: tuple[int, ...], n: int, device: torch.device) -> None:
+        self.n = n
+        self.epoch = torch.full(shape, -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros(shape, device=device)
+
+    def update(self, epoch: int, loss_sums: torch.Tensor) -> None:
+        newly = (self.epoch < 0) & ~torch.isfinite(loss_sums)
+        self.epoch = torch.where(newly, epoch, self.epoch)
+        self.loss = torch.where(newly, loss_sums / self.n, self.loss)
+
+    def first(self) -> tuple[int, int, float] | None:
+        bad = self.epoch.reshape(-1).tolist()
+        i = next((i for i, e in enumerate(bad) if e >= 0), None)
+        return None if i is None else (i, bad[i], float(self.loss.reshape(-1)[i]))
 
 
 class Callback:
@@ -405,14 +428,15 @@ class ELFTrainer:
             epochs = bar
         step = 0
         start_time = time.perf_counter()
-        bad_epoch = torch.full((), -1, dtype=torch.long, device=self.device)  # first epoch whose loss is not finite
-        bad_loss = torch.zeros((), device=self.device)
+        # divergence: read at the logged epochs (the last one always), so a NaN/inf run stops there, never scored
+        watch = DivergenceWatch((), n, self.device)
 
         def check_diverged() -> None:
-            if int(bad_epoch) >= 0:
+            found = watch.first()
+            if found is not None:
                 if bar is not None:
                     bar.close()
-                raise DivergedError(f"diverged: loss is {float(bad_loss)} at epoch {int(bad_epoch) + 1} of "
+                raise DivergedError(f"diverged: loss is {found[2]} at epoch {found[1] + 1} of "
                                     f"{self.model_name} seed {seed}; lower lr or lambda")
 
         for epoch in epochs:
@@ -440,10 +464,7 @@ class ELFTrainer:
                     for group in opt.param_groups:
                         group["lr"] = lr
             self._loop = _LoopState(seed, opt, gen, dsa, lr, epoch)
-            # divergence: the first non-finite epoch is kept on the device (no host sync per epoch) and read at the
-            # logged epochs (the last one always), so a NaN/inf run stops there and never reports an accuracy
-            newly = (bad_epoch < 0) & ~torch.isfinite(sums[0])
-            bad_epoch, bad_loss = torch.where(newly, epoch, bad_epoch), torch.where(newly, sums[0] / n, bad_loss)
+            watch.update(epoch, sums[0])
             logged = epoch % log_every == 0 or epoch == total - 1 or self.stop_training
             if logged:
                 check_diverged()
