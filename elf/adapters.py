@@ -65,7 +65,7 @@ class FeatureLayout:
         return rearrange(x[:, self.prefix :], "b (h w) d -> b d h w", h=h, w=w)
 
     def from_map(self, m: torch.Tensor, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, C, H, W)`` -> ``(B, *shape)``; ``prefix_tokens`` ``(1, prefix, D)`` are prepended to tokens."""
+        """``(B, C, H, W)`` -> ``(B, *shape)``; ``prefix_tokens`` ``(1 or B, prefix, D)`` are prepended to tokens."""
         if self.kind == "map":
             return m
         if self.kind == "channels_last":
@@ -121,7 +121,10 @@ class FeatureAdapter(nn.Module):
     """Map features of layout ``source`` to layout ``target``: to a map, resize, 1x1 convolution, to ``target``.
 
     The convolution is left out when the channel counts are equal (the adapter is then parameter-free unless the
-    target has prefix tokens, which are learned), unless ``learned=True``.
+    target has prefix tokens), unless ``learned=True``. A target's prefix tokens (a ViT's class token) are the
+    average of the mapped patch tokens plus a learned offset per prefix token (zero at the start): a head that reads
+    only the class token (timm's ``global_pool="token"``, cut at ``norm``) then sees the teacher's feature, not a
+    constant, so the rear term trains it.
     """
 
     def __init__(self, source: FeatureLayout, target: FeatureLayout, learned: bool = False) -> None:
@@ -133,8 +136,9 @@ class FeatureAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, *source.shape)`` -> ``(B, *target.shape)``."""
-        m = _resize(self.source.to_map(x), self.target.grid)
-        return self.target.from_map(self.proj(m), self.prefix)
+        m = self.proj(_resize(self.source.to_map(x), self.target.grid))
+        prefix = None if self.prefix is None else self.prefix + m.mean((2, 3)).unsqueeze(1)  # (B, prefix, D)
+        return self.target.from_map(m, prefix)
 
     def extra_repr(self) -> str:
         return f"{self.source.shape} -> {self.target.shape}"

@@ -4,12 +4,12 @@
 ``fit(seed)`` builds them (``torch.manual_seed(seed)``, then the model, then the adapters); their parameters and
 buffers are stacked along a new leading dimension of size k (:func:`torch.func.stack_module_state`) and one training
 step runs all k with :func:`torch.func.vmap` over :func:`torch.func.functional_call` of the trainer's own loss
-(``ELFTrainer._loss_terms``, the code ``fit`` runs). What stays per seed, outside vmap:
+(``ELFTrainer.loss_terms``, the code ``fit`` runs). What stays per seed, outside vmap:
 
 * the batch order: each seed has its own ``torch.Generator`` seeded with the seed and draws ``torch.randperm`` from it
   once per epoch, as ``fit`` does;
 * the DSA draws: each seed has its own ``DSA(..., seed=seed)`` and samples and applies its op with its own generator
-  (``ELFTrainer._batch``, as ``fit`` does); the k augmented batches are then stacked to ``(k, B, C, H, W)``.
+  (``ELFTrainer.batch``, as ``fit`` does); the k augmented batches are then stacked to ``(k, B, C, H, W)``.
 
 BatchNorm running statistics are stacked buffers ``(k, C)`` updated in place inside vmap, so they come out per seed.
 The optimizer is ``torch.optim.SGD`` itself over the stacked parameters: its update is elementwise, so on a
@@ -72,7 +72,7 @@ class _Bundle(nn.Module):
     def forward(self, x: Tensor, y: Tensor, feats: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x ``(B, C, H, W)``, y ``(B,)`` or ``(B, K)``, feats ``(B, *F)`` or None -> loss, task, front and rear
         terms (scalars) and logits ``(B, K)``, exactly as ``fit``'s step computes them."""
-        return self._trainer._loss_terms(self.model, self.front, self.rear, self.adapters, x, y, feats,
+        return self._trainer.loss_terms(self.model, self.front, self.rear, self.adapters, x, y, feats,
                                          self._distance, None)
 
 
@@ -162,7 +162,7 @@ def _prepare(trainer: ELFTrainer, template: _Bundle, params: Tensors, buffers: T
     step = _vectorized_step(template, trainer.feature_bank is not None and p.uses_features)
     k = next(iter(params.values())).shape[0]
     first = torch.arange(min(p.batch_size, trainer.images.shape[0]), device=trainer.device)
-    x, y, feats = trainer._batch(first, None, None)  # type: ignore[arg-type]
+    x, y, feats = trainer.batch(first, None, None)  # type: ignore[arg-type]
     probe = (x.expand(k, *x.shape), y.expand(k, *y.shape), None if feats is None else feats.expand(k, *feats.shape))
     info: dict[str, Any] = {"compile": False}
     if compile:
@@ -267,7 +267,7 @@ def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], param
         perms = [torch.randperm(n, generator=gen, device=device) for gen in gens]
         for start in range(0, n, bs):
             idx = torch.stack([perm[start : start + bs] for perm in perms])  # (k, B)
-            batch = [trainer._batch(i, dsa, gen) for i, dsa, gen in zip(idx, dsas, gens)]
+            batch = [trainer.batch(i, dsa, gen) for i, dsa, gen in zip(idx, dsas, gens)]
             x, y, feats = (_stack([b[j] for b in batch]) for j in range(3))
             loss, task, front, rear, out = step(params, buffers, x, y, feats)  # type: ignore[arg-type]
             opt.zero_grad(set_to_none=True)
@@ -278,13 +278,7 @@ def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], param
             terms = [t.detach().expand(k) * m for t in (loss, task, front, rear)]
             sums += torch.stack([*terms, correct], dim=1)
         epoch_lr = lr
-        if epoch == p.decay_epoch:
-            lr *= p.lr_decay
-            if p.reset_optimizer_at_decay:
-                opt = sgd(lr)
-            else:
-                for group in opt.param_groups:
-                    group["lr"] = lr
+        lr, opt = p.after_epoch(epoch, lr, opt, sgd)
         watch.update(epoch, sums[:, 0])
         if epoch % log_every == 0 or epoch == total - 1:
             found = watch.first()

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the runs of each model and method at once as one vectorized model (same accuracies as "
                         "one by one; M: at most M seeds at a time); see docs/trainer.md, Batched seeds")
     g.add_argument("--compile", action="store_true", help="with --batched: torch.compile the batched step")
+    g.add_argument("--channels-last", action="store_true",
+                   help="train and test in the channels-last memory format (same numbers up to float rounding; "
+                        "sequential runs only, --batched ignores it); see docs/trainer.md, Channels-last")
     g.add_argument("--out", default=None, help="write the full result as JSON here (rewritten after every finished run, "
                                                "so an interrupted eval keeps its finished runs)")
     g.add_argument("--resume", action="store_true", help="continue the eval whose --out file exists: its finished runs "
@@ -349,7 +352,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                               seeds=list(range(args.seed, args.seed + args.runs)), baseline=not args.no_baseline,
                               elf=not args.no_elf, split_at=_split_points(args.split_at, args.models), device=device,
                               progress=not args.no_progress, log=log, previous=rows_before, on_update=record.save,
-                              batched=args.batched, compile=args.compile, **_protocol_overrides(args))
+                              batched=args.batched, compile=args.compile, channels_last=args.channels_last,
+                              **_protocol_overrides(args))
     except KeyboardInterrupt:
         where = (f"{record.runs} finished run(s) saved in {args.out}; continue with the same command and --resume"
                  if args.out and record.runs else "nothing finished was saved (pass --out FILE to keep finished runs)")

@@ -147,6 +147,7 @@ def compare_models(
     on_update: Callable[[list[ModelComparison]], None] | None = None,
     batched: bool | int = False,
     compile: bool = False,
+    channels_last: bool = False,
     **overrides: Any,
 ) -> list[ModelComparison]:
     """Evaluate each model with the plain baseline and with ELF under the same protocol and seeds.
@@ -169,6 +170,9 @@ def compare_models(
         batched: train the seeds of each (model, method) at once as one vectorized model, or in groups of that
             many (``ELFTrainer.run(batched=...)``, :mod:`elf.batched`); they then finish, and are reported, together.
             ``compile``: with ``batched``, also wrap the vectorized step in ``torch.compile``.
+        channels_last: train and test sequential runs in the channels-last memory format
+            (``ELFTrainer(channels_last=)``; same numbers up to float rounding; batched seeds ignore it); recorded in
+            each result's ``data``.
 
     Everything that can be checked without training is checked before the first run: the protocol's numbers, the
     seeds, the test labels against the set's classes and, for every model, that it builds and that a feature bank
@@ -194,9 +198,9 @@ def compare_models(
     def trainer(name: str, p: Protocol, **kw: Any) -> ELFTrainer:
         if synthetic is not None:
             return ELFTrainer.from_synthetic(name, synthetic, protocol=p, device=device, progress=progress,
-                                             split_options=split_options, **kw)
+                                             split_options=split_options, channels_last=channels_last, **kw)
         return ELFTrainer(name, images, labels, protocol=p, device=device, progress=progress, split_options=split_options,
-                          **kw)
+                          channels_last=channels_last, **kw)
 
     # pre-flight: every model builds and, for ELF, has a bank for its cut, before anything trains
     image_shape = tuple(images.shape[1:])

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .errors import ELFError
 
 __all__ = ["Protocol", "PROTOCOLS", "get_protocol", "seed_list", "ADAPTER_MODES"]
@@ -112,6 +114,20 @@ class Protocol:
     def decay_epoch(self) -> int:
         """Epoch index after which the lr decays (official: ``epochs // 2 + 1``)."""
         return self.epochs // 2 + 1 if self.lr_decay_epoch is None else self.lr_decay_epoch
+
+    def after_epoch(self, epoch: int, lr: float, opt: torch.optim.Optimizer,
+                    new_optimizer: Callable[[float], torch.optim.Optimizer]) -> tuple[float, torch.optim.Optimizer]:
+        """The learning rate and optimizer for the epoch after ``epoch``: at :attr:`decay_epoch` the lr is multiplied
+        by ``lr_decay`` and either a fresh optimizer is made (``new_optimizer(lr)``, momentum dropped, when
+        ``reset_optimizer_at_decay``) or ``opt``'s groups get the new lr; otherwise both are returned unchanged."""
+        if epoch != self.decay_epoch:
+            return lr, opt
+        lr *= self.lr_decay
+        if self.reset_optimizer_at_decay:
+            return lr, new_optimizer(lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return lr, opt
 
     @property
     def uses_features(self) -> bool:

@@ -47,7 +47,10 @@ class StudyConfig:
 
     ``import = ["my_models", "models.py"]`` (``imports`` in Python) names modules that register models of your own
     (:func:`elf.register_model`); :func:`load_config` imports them, module names and ``.py`` paths taken from the
-    study file's folder. Installed plugins (entry points ``elf_dd.models``) need no entry."""
+    study file's folder. Installed plugins (entry points ``elf_dd.models``) need no entry.
+
+    ``channels_last = true`` trains and tests each run in the channels-last memory format (same numbers up to float
+    rounding; batched cells ignore it); each run's record then has ``channels_last`` (True where it was used)."""
 
     sets: dict[str, str]
     models: list[str]
@@ -69,6 +72,7 @@ class StudyConfig:
     imports: list[str] = field(default_factory=list)
     batched: bool | int = False
     compile: bool = False
+    channels_last: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
@@ -106,6 +110,8 @@ class StudyConfig:
             raise ELFError("compile = true compiles the batched step: set batched = true as well")
         if not isinstance(self.batched, bool) and (not isinstance(self.batched, int) or self.batched < 1):
             raise ELFError(f"batched takes true/false or a number of seeds >= 1, got {self.batched!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ELFError(f"channels_last takes true/false, got {self.channels_last!r}")
         if not self.models:
             raise ELFError("a study needs at least one model in 'models'")
         if not self.sets:
@@ -377,7 +383,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
         return prepared
     proto, sset, bank, split_at = prepared
     trainer = ELFTrainer.from_synthetic(run.model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
-                                        device=res.device, progress=progress)
+                                        device=res.device, progress=progress, channels_last=cfg.channels_last)
     t0 = time.perf_counter()
     try:
         history = trainer.fit(run.seed)
@@ -391,6 +397,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
         "run": asdict(run), "run_id": run.run_id, "accuracy": acc, "wall_time_s": time.perf_counter() - t0,
         "protocol": proto.to_dict(), "split_at": trainer.split_point or split_at,
         "adapters": repr(trainer.adapters) if trainer.adapters is not None else None,
+        **({"channels_last": True} if cfg.channels_last else {}),
         "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": history,
         "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
         "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
@@ -410,7 +417,7 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
         return [{**prepared, "run": asdict(r), "run_id": r.run_id} for r in runs]
     proto, sset, bank, split_at = prepared
     trainer = ELFTrainer.from_synthetic(runs[0].model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
-                                        device=res.device, progress=progress)
+                                        device=res.device, progress=progress, channels_last=cfg.channels_last)
     try:
         result = trainer.run(*res.test(), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile)
     except DivergedError:
@@ -419,6 +426,7 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
         "run": asdict(r), "run_id": r.run_id, "accuracy": result.accuracies[i], "wall_time_s": result.wall_time_s[i],
         "protocol": proto.to_dict(), "split_at": result.data.get("split_at") or split_at,
         "adapters": result.data.get("adapters"), "batched": result.data.get("batched"),
+        **({"channels_last": result.data.get("channels_last")} if cfg.channels_last else {}),
         "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": result.histories[i],
         "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
         "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"

@@ -179,6 +179,9 @@ class ELFTrainer:
             and some classes are absent.
         device: training device (default: CUDA when available). callbacks: :class:`Callback` objects.
         progress: show a progress bar. log_every: epochs between logged (synchronized) loss values.
+        channels_last: train and test in the channels-last memory format (model weights and image batches), off by
+            default; the same training up to float rounding, faster for convolutions on some devices. Sequential
+            fits only: ``run(batched=...)`` ignores it for the vectorized seeds (see docs/trainer.md).
         leaf_modules, autowrap_functions: module classes torch.fx must not trace into and functions it keeps as
             single nodes, in every trace (the model, the teacher, the feature bank); or pass them as
             ``split_options=SplitOptions(...)``. Models registered with them carry them already.
@@ -204,8 +207,12 @@ class ELFTrainer:
         leaf_modules: Sequence[type] = (),
         autowrap_functions: Sequence[Callable[..., Any]] = (),
         split_options: SplitOptions | None = None,
+        channels_last: bool = False,
         **overrides: Any,
     ) -> None:
+        if not isinstance(channels_last, bool):
+            raise ELFError(f"channels_last must be True or False, got {channels_last!r}")
+        self.channels_last = channels_last
         self.protocol = get_protocol(protocol, **overrides)
         self.device = torch.device(device) if device is not None else _default_device()
         _check_images(images)
@@ -393,6 +400,10 @@ class ELFTrainer:
         """
         p = self.protocol
         model, front, rear, self.adapters = self._init_model(seed)
+        if self.channels_last:  # after the seeded init: the same initial weights as a contiguous fit
+            for module in (model, front, rear, self.adapters):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
         self.model, self.front, self.rear = model, front, rear
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
@@ -456,13 +467,7 @@ class ELFTrainer:
                 if self.stop_training:
                     break
             epoch_lr = lr
-            if epoch == p.decay_epoch:
-                lr *= p.lr_decay
-                if p.reset_optimizer_at_decay:
-                    opt = self._optimizer(model, lr)
-                else:
-                    for group in opt.param_groups:
-                        group["lr"] = lr
+            lr, opt = p.after_epoch(epoch, lr, opt, lambda new_lr: self._optimizer(model, new_lr))
             self._loop = _LoopState(seed, opt, gen, dsa, lr, epoch)
             watch.update(epoch, sums[0])
             logged = epoch % log_every == 0 or epoch == total - 1 or self.stop_training
@@ -503,8 +508,10 @@ class ELFTrainer:
         distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         teacher_front: nn.Module | None,
     ) -> dict[str, torch.Tensor]:
-        x, y, feats = self._batch(idx, dsa, gen)
-        loss, loss_task, loss_front, loss_rear, out = self._loss_terms(model, front, rear, self.adapters, x, y, feats,
+        x, y, feats = self.batch(idx, dsa, gen)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, loss_task, loss_front, loss_rear, out = self.loss_terms(model, front, rear, self.adapters, x, y, feats,
                                                                        distance, teacher_front)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -513,10 +520,13 @@ class ELFTrainer:
         return {"loss": loss.detach(), "task": loss_task.detach(), "front": loss_front.detach(),
                 "rear": loss_rear.detach(), "correct": correct.float()}
 
-    def _batch(self, idx: torch.Tensor, dsa: DSA | None,
-               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def batch(self, idx: torch.Tensor, dsa: DSA | None,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Images ``(B, C, H, W)`` (augmented with a draw from ``dsa`` and ``gen``), targets and teacher features
-        (aligned with the draw when the protocol says so; None without feature terms) of the batch ``idx``."""
+        (aligned with the draw when the protocol says so; None without feature terms) of the batch ``idx``.
+
+        With :meth:`loss_terms`, the two pieces of a training step that every loop shares (``fit`` and the batched
+        seeds of :mod:`elf.batched`); a custom loop may use them to train exactly what ``fit`` trains."""
         p = self.protocol
         x = self.images[idx]
         y = self.targets[idx]
@@ -530,7 +540,7 @@ class ELFTrainer:
             feats = dsa.apply_geometric(feats, sample, (x.shape[2], x.shape[3]))  # type: ignore[union-attr]
         return x, y, feats
 
-    def _loss_terms(
+    def loss_terms(
         self,
         model: nn.Module,
         front: nn.Module | None,
@@ -627,6 +637,8 @@ class ELFTrainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for start in range(0, images.shape[0], bs):
             x = images[start : start + bs].to(self.device, torch.float32, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = labels[start : start + bs].to(self.device, non_blocking=True)
             correct += (self.model(x).argmax(1) == y).sum()
         self.model.train(was_training)
@@ -638,7 +650,9 @@ class ELFTrainer:
 
         ``batched=True`` trains the seeds at once as one vectorized model (:mod:`elf.batched`; same accuracies up to
         float rounding), an int ``m`` in groups of at most ``m`` seeds, or runs them one by one with a printed reason
-        when it cannot; ``compile=True`` also wraps that batched step in ``torch.compile``.
+        when it cannot; ``compile=True`` also wraps that batched step in ``torch.compile``. ``channels_last`` (set on
+        the trainer) applies to sequential runs only: batched seeds ignore it (vmap has no channels-last path), say so
+        in one line and record ``data["channels_last"] = False``; seeds that fall back to sequential runs use it.
         """
         seed_list = resolve_seeds(seeds, "run() seeds")
         result = EvalResult(self.model_name, [], seed_list, self.protocol.to_dict(), data=dict(self.data_info))
@@ -650,7 +664,15 @@ class ELFTrainer:
             from .batched import run_batched
 
             group = None if batched is True else int(batched)
-            batched = run_batched(self, test_images, test_labels, result, compile=compile, group=group)
+            channels_last, self.channels_last = self.channels_last, False  # the vectorized seeds run contiguous
+            try:
+                batched = run_batched(self, test_images, test_labels, result, compile=compile, group=group)
+            finally:
+                self.channels_last = channels_last
+            if batched and channels_last:
+                print(f"{self.model_name}: batched seeds ignore channels_last (vmap has no channels-last path); "
+                      "they ran in the contiguous format", file=sys.stderr)
+                result.data["channels_last"] = False
         for seed in [] if batched else seed_list:
             t0 = time.perf_counter()
             history = self.fit(seed)
@@ -658,6 +680,8 @@ class ELFTrainer:
             result.accuracies.append(acc)
             result.wall_time_s.append(time.perf_counter() - t0)
             result.histories.append(history)
+        if self.channels_last and not batched:
+            result.data["channels_last"] = True
         result.data["split_at"] = self.split_point
         if self.adapters is not None:
             result.data["adapters"] = repr(self.adapters)

@@ -152,8 +152,8 @@ def test_feature_adapter_tokens_and_channels_last():
         to_tokens.prefix.normal_()
     t = to_tokens(torch.randn(3, 128, 4, 4))
     assert t.shape == (3, 65, 192)
-    for b in range(3):  # the learned prefix token is prepended to every sample
-        assert torch.equal(t[b, 0], to_tokens.prefix[0, 0])
+    for b in range(3):  # the class token: the learned offset plus the average of the sample's patch tokens
+        torch.testing.assert_close(t[b, 0], to_tokens.prefix[0, 0] + t[b, 1:].mean(0))
     assert _n_params(to_tokens) == 128 * 192 + 192 + 192
 
     cl = infer_layout((4, 4, 32))
@@ -642,3 +642,20 @@ def test_adapter_always_learns_projections_for_equal_shapes(data, bank128) -> No
     plain = _trainer("ConvNet", x, y, feature_bank=bank128, adapter="auto")
     plain.fit(0)
     assert plain.adapters is None
+
+
+def test_class_token_head_at_the_deepest_cut_sees_the_teacher_feature(bank128) -> None:
+    """Regression: with a constant (learned) class token, a head that reads only the class token (timm's ViT cut at
+    ``norm``) gave the same logits for every teacher feature, so the rear term stayed at ln(K) and trained nothing
+    (seen in the H200 runs: rear = 2.303 at every logged epoch). The class token now carries the mapped feature."""
+    pytest.importorskip("timm")
+    x, y = _data()
+    idx = torch.arange(8)
+    small = FeatureBank(bank128.features[idx], {"teacher_model": "ConvNet"})
+    t = _trainer(VIT, x[idx], y[idx], feature_bank=small, adapter="auto", split_at="norm", extra_epoch=False)
+    t.fit(0)
+    assert t.adapters is not None and t.rear is not None
+    with torch.no_grad():
+        logits = t.rear.eval()(t.adapters.to_student(small.features[:4]))
+    assert logits.shape == (4, K)
+    assert (logits - logits[:1]).abs().amax() > 1e-4  # not one row repeated: the head sees each sample's feature

@@ -163,14 +163,14 @@ def test_a_parameter_used_directly_in_the_rear_is_trained_per_seed(monkeypatch):
 def test_each_seed_draws_its_own_batches_and_augmentation(monkeypatch):
     """The batches (order and DSA draw) a batched run feeds seed i are bit-identical to those of fit(i)."""
     seen: list[torch.Tensor] = []
-    batch = ELFTrainer._batch
+    batch = ELFTrainer.batch
 
     def record(self, idx, dsa, gen):
         x, y, feats = batch(self, idx, dsa, gen)
         seen.append(x.clone())
         return x, y, feats
 
-    monkeypatch.setattr(ELFTrainer, "_batch", record)
+    monkeypatch.setattr(ELFTrainer, "batch", record)
     trainer = _trainer()
     sequential = []
     for seed in SEEDS:

@@ -106,3 +106,25 @@ def test_method_presets_share_the_library_default_for_elf_runs() -> None:
     """ELF runs under a method's preset (``with_elf()``) use the measured default, not the official BN behaviour."""
     for name in ("dsa", "dm", "dc", "mtt", "glad"):
         assert not elf.PROTOCOLS[name].with_elf().rear_bn_stats_from_features
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_after_epoch_decays_once_at_the_decay_epoch(reset: bool) -> None:
+    """The one lr-decay rule ``fit`` and the batched loop share: x lr_decay after ``decay_epoch`` only; a fresh
+    optimizer (momentum dropped) when the protocol resets it, else the same optimizer with the new lr."""
+    p = elf.get_protocol("elf", epochs=10, lr=0.1, lr_decay=0.5, reset_optimizer_at_decay=reset)
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=p.lr, momentum=0.9)
+    made: list[float] = []
+
+    def new(lr: float) -> torch.optim.Optimizer:
+        made.append(lr)
+        return torch.optim.SGD([w], lr=lr, momentum=0.9)
+
+    lr = p.lr
+    for epoch in range(p.total_epochs):
+        before = opt
+        lr, opt = p.after_epoch(epoch, lr, opt, new)
+        assert (opt is before) == (not reset or epoch != p.decay_epoch)
+    assert lr == pytest.approx(0.05) and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert made == ([pytest.approx(0.05)] if reset else [])
