@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (see benchmarks/gpu_check.py): CUDA-only tests, a width-512 teacher, a DSA set, the
-# validation study and issue #9's cross-architecture tables, within --budget seconds (default 520).
-#   bash benchmarks/gpu_check.sh --data PATH/cifar10-jpeg.tar.gz [--budget 470]
+# One call on a GPU machine (see benchmarks/gpu_check.py), within --budget seconds (default 540). The default plan
+# (--stages speed,cuda_tests,table5,followups): issue #12's batched-seeds speed section alone on the device; then,
+# with the CUDA-only tests in the background, one Table 5 row block (benchmarks/gpu_table5_study.toml: bundled DM set,
+# six models, baseline and official ELF, 5 batched seeds, 1000 epochs, full test set -> results/gpu-table5/) in
+# parallel with issue #9's follow-up studies (cpu_teacher_choice / followup_vit_val / followup_vit_test /
+# followup_in_models_val, run into results/gpu-*/). Finished runs are skipped, so a second call continues.
+# The first call's stages (teacher, distill, val, tables) stay selectable with --stages.
+#   bash benchmarks/gpu_check.sh --data PATH/cifar10-jpeg.tar.gz [--budget 540]
+#   bash benchmarks/gpu_check.sh --data PATH --stages teacher,distill,val,tables --budget 470   # the first call
 #   bash benchmarks/gpu_check.sh --device cpu --tiny --data TOY_FOLDER --work /tmp/w --results /tmp/r   # CPU path
 set -euo pipefail
 cd "$(dirname "$0")/.."

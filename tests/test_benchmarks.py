@@ -59,8 +59,9 @@ def test_accdd_time_ratio_reads_study_runs(tmp_path: Path) -> None:
     assert abs(json.loads(out.read_text())["early"]["time_ratio_with_pool"] - 190 / 200) < 1e-9
 
 
-def test_gpu_check_cpu_path_tiny(tmp_path: Path, torch_single_thread: None) -> None:
-    """benchmarks/gpu_check.sh must work the first time on a GPU machine: its whole path runs here on toy sizes."""
+def _gpu_check(tmp_path: Path, *extra: str) -> dict:
+    """benchmarks/gpu_check.sh on a toy ImageFolder (6 train and 2 test images per class, made on the first call) on
+    the CPU, ``--tiny``; the parsed gpu-check.json."""
     import subprocess
     import sys
 
@@ -68,7 +69,7 @@ def test_gpu_check_cpu_path_tiny(tmp_path: Path, torch_single_thread: None) -> N
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 2)):
+    for split, n in (("train", 6), ("test", 2)) if not (tmp_path / "data").exists() else ():
         for k in range(10):
             d = tmp_path / "data" / split / f"c{k}"
             d.mkdir(parents=True)
@@ -77,15 +78,61 @@ def test_gpu_check_cpu_path_tiny(tmp_path: Path, torch_single_thread: None) -> N
     env = {**__import__("os").environ, "ELF_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny",
                            "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"), "--results",
-                           str(tmp_path / "results"), "--epochs", "1", "--procs", "2"],
+                           str(tmp_path / "results"), "--epochs", "1", "--procs", "2", *extra],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "results" / "gpu-check.json").read_text())
-    assert report["teacher_w512"]["checkpoint"] == "epoch_001.safetensors" and report["dsa_set"]["metadata"]["method"] == "dsa"
-    assert all(stage["rc"] == 0 for name, stage in report["stages"].items() if isinstance(stage, dict))
-    speed = json.loads((tmp_path / "results" / "speed-tiny-batched.json").read_text())  # stage 0, issue #12
+    failed = {name: stage for name, stage in report["stages"].items() if isinstance(stage, dict) and stage["rc"] != 0}
+    logs = {name: (tmp_path / "results" / f"gpu-check-{name}.log").read_text()[-2000:] for name in failed}
+    assert not failed, (failed, logs)
+    return report
+
+
+def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) -> None:
+    """A plain call of benchmarks/gpu_check.sh must work the first time on a GPU machine: its default plan (speed,
+    cuda_tests, table5, followups) runs here on toy sizes."""
+    report = _gpu_check(tmp_path, "--followup-procs", "4")
+    results = tmp_path / "results"
+    assert report["stages_selected"] == ["speed", "cuda_tests", "table5", "followups"]
+    summary = report["stage_summary"]
+    assert set(summary) == {"speed", "cuda_tests", "table5", "followups"} and "skipped" in summary["cuda_tests"]
+    speed = json.loads((results / "speed-tiny-batched.json").read_text())  # issue #12's speed section
     assert [row["k"] for row in speed["batched_seeds"]["rows"]] == [1, 2]
     assert all(row["batched_same_accuracies"] for row in speed["batched_seeds"]["rows"])
+    # table5: batched seeds, each model with the teacher of its feature shape, the official protocol
+    runs = [json.loads(f.read_text()) for f in sorted((results / "gpu-table5" / "runs").glob("*.json"))]
+    assert len(runs) == 2 * 2 * 2 and all(r["accuracy"] is not None for r in runs)
+    assert all(r["protocol"]["name"] == "elf-official" and r["batched"]["seeds"] == 2 for r in runs)
+    teachers = {r["run"]["model"]: r["teacher"]["teacher_model"] for r in runs if r["run"]["variant"] == "elf"}
+    assert teachers == {"ConvNetBN": "ConvNet", "VGG11BN": "ConvNetW512"}
+    t5 = summary["table5"]
+    assert t5["whole_block_done"] and t5["wall_s"] > 0 and t5["whole_block_s"] == t5["wall_s"]
+    assert t5["studies"]["table5"]["units_done"] == 4 and not t5["cut_by_budget"]
+    assert "| dm200 | VGG11BN |" in (results / "gpu-table5" / "summary.md").read_text()
+    # followups: the committed CPU studies, rerun into GPU-named folders
+    folders = {"gpu-teacher-choice-study": 2, "gpu-followup-vit-val-study": 3, "gpu-followup-vit-test-study": 3,
+               "gpu-followup-in-models-val-study": 3}
+    for folder, n in folders.items():
+        assert len(list((results / folder / "runs").glob("*.json"))) == n, folder
+        assert "(cpu, benchmarks/gpu_check.py)" in (results / folder / "summary.md").read_text()
+    assert not list(results.glob("cpu-*"))
+    assert set(summary["followups"]["studies"]) == {"teacher_choice", "vit_val", "vit_test", "in_models_val"}
+    vit = [json.loads(f.read_text()) for f in (results / "gpu-followup-vit-test-study" / "runs").glob("*.json")]
+    assert {(r["split_at"], r["teacher"]["teacher_model"]) for r in vit} == {
+        ("norm", "ConvNet"), ("blocks.5", "ConvNet"), ("norm", "ConvNetW512")}
+    # a second call skips what is finished and keeps the first report
+    again = _gpu_check(tmp_path, "--stages", "table5")
+    assert again["stage_summary"]["table5"]["processes"] == 0 and again["previous_report"].startswith("gpu-check-")
+    assert (results / again["previous_report"]).exists()
+
+
+def test_gpu_check_first_call_stages_tiny(tmp_path: Path, torch_single_thread: None) -> None:
+    """The first GPU call's stages (width-512 teacher, DSA set, validation study, cross-architecture tables) stay
+    selectable with --stages."""
+    report = _gpu_check(tmp_path, "--stages", "teacher,distill,val,tables")
+    assert report["stages_selected"] == ["teacher", "distill", "val", "tables"]
+    assert report["teacher_w512"]["checkpoint"] == "epoch_001.safetensors" and report["dsa_set"]["metadata"]["method"] == "dsa"
+    assert "speed" not in report["stages"] and not (tmp_path / "results" / "gpu-table5").exists()
     dm = (tmp_path / "results" / "gpu-cross-arch-dm" / "summary.md").read_text()
     assert "| dm200 | AlexNet |" in dm and "n/a" in dm  # the paper's ELF cannot serve AlexNet's 192x4x4 cut
     assert (tmp_path / "results" / "gpu-cross-arch-dsa" / "dsa_ipc10.safetensors").exists()
