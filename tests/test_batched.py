@@ -11,6 +11,7 @@ from torch import nn
 import elf.batched as batched_mod
 from elf import Callback, ELFError, ELFTrainer, FeatureBank, create_model
 from elf.augment import DSA
+from toy_data import lifted_channel_data
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -20,12 +21,7 @@ SEEDS = [0, 1, 2]
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images whose class lifts one channel (learnable in a few steps, not trivially), labels ``(n,)``."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % K
-    x = torch.randn(n, 3, SIZE, SIZE, generator=g)
-    x[torch.arange(n), y] += 0.6
-    return x, y
+    return lifted_channel_data(n, seed, K, SIZE)
 
 
 TRAIN = _data(12, 0)

@@ -16,6 +16,7 @@ from elf import Callback, ELFError, ELFTrainer, FeatureBank, create_model
 from elf.cli import main
 from elf.data import CIFAR10_MTT
 from elf.io import SyntheticSet, save_synthetic
+from toy_data import lifted_channel_data
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -25,12 +26,7 @@ CL = torch.channels_last
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images whose class lifts one channel (learnable in a few steps), labels ``(n,)``."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % K
-    x = torch.randn(n, 3, SIZE, SIZE, generator=g)
-    x[torch.arange(n), y] += 0.6
-    return x, y
+    return lifted_channel_data(n, seed, K, SIZE)
 
 
 TRAIN = _data(12, 0)
