@@ -101,12 +101,9 @@ def _study_config(name: str, args: argparse.Namespace) -> Any:
 
 def _units(cfg: Any) -> tuple[list[list[Any]], list[list[Any]]]:
     """``(all, unfinished)``: the study's units of work as run_study shards them (cells when batched, else runs)."""
-    from elf.study import plan_runs
+    from elf.study import plan_units
 
-    groups: dict[Any, list[Any]] = {}
-    for r in plan_runs(cfg):
-        groups.setdefault((r.set, r.model, r.variant) if cfg.batched else r, []).append(r)
-    units = list(groups.values())
+    units = plan_units(cfg)
     runs = Path(cfg.out) / "runs"
     return units, [u for u in units if not all((runs / f"{r.run_id}.json").exists() for r in u)]
 
@@ -347,10 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                     min(end, time.time() + args.distill_seconds))
         names["distill"] = ["distill_dsa"]
     if "val" in selected:
-        val_procs = 2 if args.tiny else 4
-        names["val"] = [f"val_{i}" for i in range(val_procs)]
-        for i in range(val_procs):
-            stage.start(f"val_{i}", [py, __file__, "--worker", "val", "--shard", f"{i}/{val_procs}", *_pass(args)], end)
+        names["val"] = _start_study(stage, "val", 2 if args.tiny else 4, args, end, study_info)
     report["stages"].update(stage.wait(names.get("teacher", []) + names.get("distill", [])))
 
     # the last finished teacher epoch and the last DSA snapshot become the tables' inputs
@@ -380,14 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     if "tables" in selected:
         names["tables"] = []
         if have_teacher:
-            for i in range(args.procs):
-                stage.start(f"dm_{i}", [py, __file__, "--worker", "dm", "--shard", f"{i}/{args.procs}", *_pass(args)], end)
-                names["tables"].append(f"dm_{i}")
+            names["tables"] += _start_study(stage, "dm", args.procs, args, end, study_info)
             if have_set:
-                n_dsa = max(1, args.procs // 2)
-                for i in range(n_dsa):
-                    stage.start(f"dsa_{i}", [py, __file__, "--worker", "dsa", "--shard", f"{i}/{n_dsa}", *_pass(args)], end)
-                    names["tables"].append(f"dsa_{i}")
+                names["tables"] += _start_study(stage, "dsa", max(1, args.procs // 2), args, end, study_info)
         if not (have_teacher and have_set):
             summary["tables"] = {"note": f"no width-512 teacher in {work}: tables skipped" if not have_teacher
                                  else f"no DSA set in {work}: the DSA table skipped"}

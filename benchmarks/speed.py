@@ -103,12 +103,12 @@ def time_dataloader_loop(model_name: str, images: torch.Tensor, labels: torch.Te
     return _seconds_per_call(epoch, epochs, device)
 
 
-#: Section 5's ways of running k seeds: ``run``'s ``batched`` and ``compile`` arguments.
-MODES: dict[str, tuple[bool | int, bool]] = {"sequential": (False, False), "batched": (True, False),
-                                             "batched+compile": (True, True), "one-per-group+compile": (1, True),
-                                             "sequential+channels_last": (False, False)}
-#: Modes whose trainer has ``channels_last=True`` (not run unless named in ``--modes``).
-CHANNELS_LAST_MODES = {"sequential+channels_last"}
+#: Section 5's ways of running k seeds: ``run``'s ``batched`` and ``compile`` arguments, the trainer's ``channels_last``.
+MODES: dict[str, tuple[bool | int, bool, bool]] = {
+    "sequential": (False, False, False), "batched": (True, False, False), "batched+compile": (True, True, False),
+    "one-per-group+compile": (1, True, False), "sequential+channels_last": (False, False, True)}
+#: Modes with ``channels_last=True`` (not run unless named in ``--modes``).
+CHANNELS_LAST_MODES = {mode for mode, (_, _, channels_last) in MODES.items() if channels_last}
 
 
 def time_seeds(model: str, images: torch.Tensor, labels: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
@@ -117,8 +117,8 @@ def time_seeds(model: str, images: torch.Tensor, labels: torch.Tensor, test: tup
     per epoch for all k seeds (epochs after the first), accuracies, and what the batched run recorded."""
     trainer = elf.ELFTrainer(model, images, labels, epochs=epochs, extra_epoch=False, batch_size=batch, progress=False,
                              device=device, log_every=1, lambda_front=0.0, lambda_rear=0.0,
-                             channels_last=mode in CHANNELS_LAST_MODES)
-    batched, compile = MODES[mode]
+                             channels_last=MODES[mode][2])
+    batched, compile, _ = MODES[mode]
     _sync(device)
     t0 = time.perf_counter()
     result = trainer.run(*test, k, batched=batched, compile=compile)

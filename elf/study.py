@@ -28,7 +28,7 @@ import torch
 from .errors import DivergedError, ELFError
 from .fileio import PathLike, atomic_write
 
-__all__ = ["StudyConfig", "RunSpec", "load_config", "plan_runs", "run_study", "summarize", "distributed_shard"]
+__all__ = ["StudyConfig", "RunSpec", "load_config", "plan_runs", "plan_units", "run_study", "summarize", "distributed_shard"]
 
 RANDOM_REAL = "random-real"
 TEACHER_KEYS = {"checkpoint", "model", "point", "accuracy"}  # accuracy: the teacher's test accuracy (%), recorded in runs
@@ -435,6 +435,17 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     } for i, r in enumerate(runs)]
 
 
+def plan_units(cfg: StudyConfig) -> list[list[RunSpec]]:
+    """The study's units of work, in order, as shards split them: with ``batched`` a cell's runs (one set, model and
+    variant, every seed; they train together), else one run each."""
+    if not cfg.batched:
+        return [[r] for r in plan_runs(cfg)]
+    cells: dict[tuple[str, str, str], list[RunSpec]] = {}
+    for r in plan_runs(cfg):
+        cells.setdefault((r.set, r.model, r.variant), []).append(r)
+    return list(cells.values())
+
+
 def run_study(
     cfg: StudyConfig,
     *,
@@ -462,13 +473,7 @@ def run_study(
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     res = _Resources(cfg, dev, log)
-    if cfg.batched:  # whole cells per shard: a cell's seeds train together
-        cells: dict[tuple[str, str, str], list[RunSpec]] = {}
-        for r in plan_runs(cfg):
-            cells.setdefault((r.set, r.model, r.variant), []).append(r)
-        groups = list(cells.values())[rank::world]
-    else:
-        groups = [[r] for r in plan_runs(cfg)[rank::world]]
+    groups = plan_units(cfg)[rank::world]
     files = [out / "runs" / f"{r.run_id}.json" for group in groups for r in group]
     for k, group in enumerate(groups, 1):
         pending = [r for r in group if not (out / "runs" / f"{r.run_id}.json").exists()]

@@ -133,6 +133,15 @@ class EvalResult:
         }
 
 
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """The layout to give ``model`` its inputs in: channels-last when its 4-D weights are stored so (a fit with
+    ``channels_last=True``), else contiguous."""
+    for p in model.parameters():
+        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -634,11 +643,10 @@ class ELFTrainer:
         bs = batch_size or self.protocol.eval_batch_size
         was_training = self.model.training
         self.model.eval()
+        layout = _memory_format(self.model)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for start in range(0, images.shape[0], bs):
-            x = images[start : start + bs].to(self.device, torch.float32, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = images[start : start + bs].to(self.device, torch.float32, non_blocking=True).contiguous(memory_format=layout)
             y = labels[start : start + bs].to(self.device, non_blocking=True)
             correct += (self.model(x).argmax(1) == y).sum()
         self.model.train(was_training)
@@ -664,12 +672,8 @@ class ELFTrainer:
             from .batched import run_batched
 
             group = None if batched is True else int(batched)
-            channels_last, self.channels_last = self.channels_last, False  # the vectorized seeds run contiguous
-            try:
-                batched = run_batched(self, test_images, test_labels, result, compile=compile, group=group)
-            finally:
-                self.channels_last = channels_last
-            if batched and channels_last:
+            batched = run_batched(self, test_images, test_labels, result, compile=compile, group=group)
+            if batched and self.channels_last:  # the vectorized seeds ran (and were tested) contiguous
                 print(f"{self.model_name}: batched seeds ignore channels_last (vmap has no channels-last path); "
                       "they ran in the contiguous format", file=sys.stderr)
                 result.data["channels_last"] = False
