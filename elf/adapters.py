@@ -26,7 +26,11 @@ from torch import nn
 from .errors import ELFError
 from .protocol import ADAPTER_MODES
 
-__all__ = ["FeatureLayout", "infer_layout", "FeatureAdapter", "ELFAdapters", "build_adapters"]
+__all__ = ["FeatureLayout", "infer_layout", "FeatureAdapter", "ELFAdapters", "build_adapters", "prefix_mode_for",
+           "PREFIX_MODES"]
+
+#: How ``to_student`` makes a token feature's prefix (class) tokens; see :class:`FeatureAdapter`.
+PREFIX_MODES = ("learned", "pooled")
 
 
 @dataclass(frozen=True)
@@ -121,15 +125,24 @@ class FeatureAdapter(nn.Module):
     """Map features of layout ``source`` to layout ``target``: to a map, resize, 1x1 convolution, to ``target``.
 
     The convolution is left out when the channel counts are equal (the adapter is then parameter-free unless the
-    target has prefix tokens), unless ``learned=True``. A target's prefix tokens (a ViT's class token) are the
-    average of the mapped patch tokens plus a learned offset per prefix token (zero at the start): a head that reads
-    only the class token (timm's ``global_pool="token"``, cut at ``norm``) then sees the teacher's feature, not a
-    constant, so the rear term trains it.
+    target has prefix tokens), unless ``learned=True``. A target's prefix tokens (a ViT's class token) are made in
+    one of two ways (``prefix``, see :data:`PREFIX_MODES`):
+
+    - ``"learned"``: a learned constant per prefix token (zero at the start), as the model's own class token is.
+      Right when attention blocks follow the cut: they fill the class token from the patch tokens.
+    - ``"pooled"``: the average of the mapped patch tokens plus a learned offset (zero at the start). Needed when the
+      rear reads only the class token (timm's ``global_pool="token"`` cut at ``norm``): a constant would give every
+      sample the same rear logits, so the rear term would train nothing.
+
+    :func:`prefix_mode_for` picks between them by probing the rear.
     """
 
-    def __init__(self, source: FeatureLayout, target: FeatureLayout, learned: bool = False) -> None:
+    def __init__(self, source: FeatureLayout, target: FeatureLayout, learned: bool = False,
+                 prefix: str = "pooled") -> None:
         super().__init__()
-        self.source, self.target = source, target
+        if prefix not in PREFIX_MODES:
+            raise ELFError(f"unknown prefix-token mode {prefix!r}; use one of {PREFIX_MODES}")
+        self.source, self.target, self.prefix_mode = source, target, prefix
         self.proj = (nn.Conv2d(source.channels, target.channels, 1) if learned or source.channels != target.channels
                      else nn.Identity())
         self.prefix = nn.Parameter(torch.zeros(1, target.prefix, target.channels)) if target.prefix else None
@@ -137,18 +150,49 @@ class FeatureAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, *source.shape)`` -> ``(B, *target.shape)``."""
         m = self.proj(_resize(self.source.to_map(x), self.target.grid))
-        prefix = None if self.prefix is None else self.prefix + m.mean((2, 3)).unsqueeze(1)  # (B, prefix, D)
+        prefix = self.prefix
+        if prefix is not None and self.prefix_mode == "pooled":
+            prefix = prefix + m.mean((2, 3)).unsqueeze(1)  # (B, prefix, D)
         return self.target.from_map(m, prefix)
 
     def extra_repr(self) -> str:
-        return f"{self.source.shape} -> {self.target.shape}"
+        tail = f", prefix tokens {self.prefix_mode}" if self.target.prefix else ""
+        return f"{self.source.shape} -> {self.target.shape}{tail}"
+
+
+@torch.no_grad()
+def prefix_mode_for(rear: nn.Module, layout: FeatureLayout) -> str:
+    """How the rear term's adapter should make the prefix tokens of a token feature ``layout``.
+
+    Probes ``rear`` (in eval mode, its mode restored after) on two random inputs ``(2, *layout.shape)`` that share
+    their prefix tokens and differ in the patch tokens: if the outputs differ, the rear reads the patch tokens
+    (attention blocks, or an average-pooling head) and the prefix tokens are ``"learned"``; if not, the rear reads
+    only the prefix tokens (a class-token head) and they are ``"pooled"`` from the patch tokens. The draws use a
+    private generator, so the global RNG (model seeds) is untouched. Maps have no prefix tokens: ``"learned"``.
+    """
+    if layout.kind != "tokens" or layout.prefix == 0:
+        return "learned"
+    param = next(rear.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, *layout.shape, generator=gen)
+    b = a.clone()
+    b[:, layout.prefix:] = torch.randn(b[:, layout.prefix:].shape, generator=gen)
+    was_training = rear.training
+    rear.eval()
+    try:
+        out_a, out_b = (rear(t.to(device=device, dtype=dtype)) for t in (a, b))
+    finally:
+        rear.train(was_training)
+    return "learned" if not torch.allclose(out_a, out_b, rtol=1e-4, atol=1e-5) else "pooled"
 
 
 class ELFAdapters(nn.Module):
     """The pair used by one ELF run: ``to_teacher`` for the front term and ``to_student`` for the rear term."""
 
     def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], student_layout: str = "auto",
-                 learned: bool = False) -> None:
+                 learned: bool = False, prefix: str = "pooled") -> None:
         super().__init__()
         if len(teacher_shape) != 3:
             raise ELFError(f"adapters need a teacher feature map (C, H, W); the bank holds {tuple(teacher_shape)}")
@@ -156,18 +200,22 @@ class ELFAdapters(nn.Module):
         t = infer_layout(teacher_shape, "map")
         self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
         self.to_teacher = FeatureAdapter(s, t, learned)
-        self.to_student = FeatureAdapter(t, s, learned)
+        self.to_student = FeatureAdapter(t, s, learned, prefix=prefix)
 
     def extra_repr(self) -> str:
         return f"student {self.student_shape} <-> teacher {self.teacher_shape}"
 
 
-def build_adapters(mode: str | None, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> ELFAdapters | None:
+def build_adapters(mode: str | None, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...],
+                   rear: nn.Module | None = None) -> ELFAdapters | None:
     """Adapters for ``mode``: ``None``: none; ``"auto"``: only when the shapes differ; ``"always"``: learned 1x1
     projections both ways even when the shapes are equal (the student is then not forced to copy the teacher's map
-    channel for channel)."""
+    channel for channel). With token features and a ``rear``, its prefix tokens follow :func:`prefix_mode_for`
+    (without a rear: ``"pooled"``)."""
     if mode not in ADAPTER_MODES:
         raise ELFError(f"unknown adapter mode {mode!r}; use one of {ADAPTER_MODES}")
     if mode is None or (mode == "auto" and tuple(student_shape) == tuple(teacher_shape)):
         return None
-    return ELFAdapters(tuple(student_shape), tuple(teacher_shape), learned=mode == "always")
+    layout = infer_layout(tuple(student_shape))
+    prefix = prefix_mode_for(rear, layout) if rear is not None and layout.prefix else "pooled"
+    return ELFAdapters(tuple(student_shape), tuple(teacher_shape), learned=mode == "always", prefix=prefix)

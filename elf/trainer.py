@@ -394,7 +394,7 @@ class ELFTrainer:
         # adapters are drawn from the global RNG after the model, so ELF and baseline models start alike
         adapters = None
         if got is not None and self.feature_bank is not None:
-            adapters = build_adapters(self.protocol.adapter, got, self.feature_bank.shape)
+            adapters = build_adapters(self.protocol.adapter, got, self.feature_bank.shape, rear=rear)
             if adapters is not None:
                 adapters.to(self.device)
         return model, front, rear, adapters

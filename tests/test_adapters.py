@@ -659,3 +659,43 @@ def test_class_token_head_at_the_deepest_cut_sees_the_teacher_feature(bank128) -
         logits = t.rear.eval()(t.adapters.to_student(small.features[:4]))
     assert logits.shape == (4, K)
     assert (logits - logits[:1]).abs().amax() > 1e-4  # not one row repeated: the head sees each sample's feature
+
+
+def test_feature_adapter_learned_prefix_is_one_constant():
+    tokens, teacher = infer_layout((65, 192)), infer_layout((128, 4, 4))
+    to_tokens = FeatureAdapter(teacher, tokens, prefix="learned")
+    with torch.no_grad():
+        to_tokens.prefix.normal_()
+    t = to_tokens(torch.randn(3, 128, 4, 4))
+    for b in range(3):  # the model's own way: a learned class token, the same for every sample
+        torch.testing.assert_close(t[b, 0], to_tokens.prefix[0, 0])
+    assert "prefix tokens learned" in repr(to_tokens)
+    with pytest.raises(ELFError, match="prefix-token mode"):
+        FeatureAdapter(teacher, tokens, prefix="mean")
+
+
+def test_prefix_mode_follows_what_the_rear_reads(bank128) -> None:
+    """At ``norm`` the ViT's rear is its class-token head: the class token must carry the teacher feature ("pooled").
+    At ``blocks.5`` attention blocks follow and fill the class token themselves, as in the model: "learned" (the
+    pooled token slowed the rear there: ViT w128 at blocks.5, validation seed 0, 28.80 pooled vs 29.60 learned).
+    The probe leaves the global RNG alone, so ELF and baseline models still start alike."""
+    pytest.importorskip("timm")
+    from elf.adapters import prefix_mode_for
+    x, y = _data()
+    idx = torch.arange(8)
+    small = FeatureBank(bank128.features[idx], {"teacher_model": "ConvNet"})
+    modes = {}
+    for cut in ("norm", "blocks.5"):
+        t = _trainer(VIT, x[idx], y[idx], feature_bank=small, adapter="auto", split_at=cut, epochs=0)
+        t.fit(0)
+        assert t.adapters is not None
+        modes[cut] = t.adapters.to_student.prefix_mode
+    assert modes == {"norm": "pooled", "blocks.5": "learned"}
+    model = create_model(VIT, num_classes=K, im_size=(32, 32))
+    model.train()
+    rear = split_model(model, "norm").rear
+    state = torch.get_rng_state()
+    assert prefix_mode_for(rear, infer_layout((65, 192))) == "pooled"
+    assert torch.equal(torch.get_rng_state(), state) and rear.training  # RNG untouched, train mode restored
+    assert prefix_mode_for(rear, infer_layout((128, 4, 4))) == "learned"  # maps have no prefix tokens
+    assert build_adapters("auto", (65, 192), (128, 4, 4)).to_student.prefix_mode == "pooled"  # no rear: pooled
