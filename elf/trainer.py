@@ -249,6 +249,7 @@ class ELFTrainer:
         self.front: nn.Module | None = None
         self.rear: nn.Module | None = None
         self.adapters: ELFAdapters | None = None
+        self._adapters_told = False  # the adapters' shapes are printed once per trainer (with progress)
         self.split_point: str | None = None
         self.history: list[dict[str, float]] = []
         self._loop: _LoopState | None = None
@@ -397,6 +398,13 @@ class ELFTrainer:
             adapters = build_adapters(self.protocol.adapter, got, self.feature_bank.shape, rear=rear)
             if adapters is not None:
                 adapters.to(self.device)
+                if self.progress and not self._adapters_told:
+                    why = {"learned": "learned constant, the rear reads the patch tokens",
+                           "pooled": "average of the patch tokens + learned offset, the rear reads only the prefix tokens"}
+                    tokens = (f"; prefix tokens for the rear: {why[adapters.to_student.prefix_mode]}"
+                              if adapters.to_student.target.prefix else "")
+                    print(f"{self.model_name}: adapters bridge {adapters.extra_repr()}{tokens}", file=sys.stderr)
+                    self._adapters_told = True
         return model, front, rear, adapters
 
     def fit(self, seed: int = 0, *, resume_from: PathLike | None = None) -> list[dict[str, float]]:

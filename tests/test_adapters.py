@@ -699,3 +699,12 @@ def test_prefix_mode_follows_what_the_rear_reads(bank128) -> None:
     assert torch.equal(torch.get_rng_state(), state) and rear.training  # RNG untouched, train mode restored
     assert prefix_mode_for(rear, infer_layout((128, 4, 4))) == "learned"  # maps have no prefix tokens
     assert build_adapters("auto", (65, 192), (128, 4, 4)).to_student.prefix_mode == "pooled"  # no rear: pooled
+
+
+def test_trainer_says_once_which_adapters_it_built(bank128, capsys) -> None:
+    x, y = _data()
+    t = _trainer("ConvNetW64", x, y, feature_bank=bank128, adapter="auto", progress=True, epochs=0, extra_epoch=False)
+    t.fit(0)
+    t.fit(1)
+    said = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "adapters bridge" in line]
+    assert said == ["ConvNetW64: adapters bridge student (64, 4, 4) <-> teacher (128, 4, 4)"]
