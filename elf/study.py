@@ -50,7 +50,11 @@ class StudyConfig:
     study file's folder. Installed plugins (entry points ``elf_dd.models``) need no entry.
 
     ``channels_last = true`` trains and tests each run in the channels-last memory format (same numbers up to float
-    rounding; batched cells ignore it); each run's record then has ``channels_last`` (True where it was used)."""
+    rounding; batched cells ignore it); each run's record then has ``channels_last`` (True where it was used).
+
+    ``checkpoint_minutes`` (default 10; 0 turns it off): a run trained one by one saves its state under
+    ``<out>/partial/`` that often, and a restarted study resumes it there (:class:`elf.run_checkpoint.RunCheckpoint`;
+    the record then lists ``resumed_at_epochs``). Batched cells train from the start again."""
 
     sets: dict[str, str]
     models: list[str]
@@ -73,6 +77,7 @@ class StudyConfig:
     batched: bool | int = False
     compile: bool = False
     channels_last: bool = False
+    checkpoint_minutes: float = 10.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
@@ -112,6 +117,10 @@ class StudyConfig:
             raise ELFError(f"batched takes true/false or a number of seeds >= 1, got {self.batched!r}")
         if not isinstance(self.channels_last, bool):
             raise ELFError(f"channels_last takes true/false, got {self.channels_last!r}")
+        if (isinstance(self.checkpoint_minutes, bool) or not isinstance(self.checkpoint_minutes, (int, float))
+                or self.checkpoint_minutes < 0):
+            raise ELFError(f"checkpoint_minutes takes a number of minutes >= 0 (0: no checkpoints inside runs), "
+                           f"got {self.checkpoint_minutes!r}")
         if not self.models:
             raise ELFError("a study needs at least one model in 'models'")
         if not self.sets:
@@ -374,30 +383,58 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
     return proto, sset, bank, split_at
 
 
+def _partial_folder(cfg: StudyConfig) -> Path:
+    """Where runs in progress keep their checkpoints."""
+    return Path(cfg.out) / "partial"
+
+
+def _discard_partial(cfg: StudyConfig, run_id: str) -> None:
+    """Remove a run's checkpoints once its record is written."""
+    from .run_checkpoint import RunCheckpoint
+
+    if _partial_folder(cfg).exists():
+        RunCheckpoint(_partial_folder(cfg), run_id, 0, {}).discard()
+
+
 def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) -> dict[str, Any]:
     from .evaluation import environment
+    from .run_checkpoint import RunCheckpoint
     from .trainer import ELFTrainer
 
     prepared = _prepare(run, cfg, res)
     if isinstance(prepared, dict):
         return prepared
     proto, sset, bank, split_at = prepared
+    ckpt = None
+    if cfg.checkpoint_minutes:
+        identity = {"model": run.model, "seed": run.seed, "set": run.set, "protocol": proto.to_dict(),
+                    "split_at": split_at, "teacher": bank.metadata if bank is not None else None,
+                    "channels_last": cfg.channels_last}
+        ckpt = RunCheckpoint(_partial_folder(cfg), run.run_id, cfg.checkpoint_minutes * 60, identity, res.log)
     trainer = ELFTrainer.from_synthetic(run.model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
-                                        device=res.device, progress=progress, channels_last=cfg.channels_last)
+                                        device=res.device, progress=progress, channels_last=cfg.channels_last,
+                                        callbacks=[ckpt] if ckpt is not None else None)
     t0 = time.perf_counter()
     try:
-        history = trainer.fit(run.seed)
+        history = trainer.fit(run.seed, resume_from=ckpt.load() if ckpt is not None else None)
     except DivergedError as e:  # a diverged run is a result (recorded as failed), never given an accuracy
+        seconds = time.perf_counter() - t0
         return {"run": asdict(run), "run_id": run.run_id, "accuracy": None, "failed": str(e),
-                "wall_time_s": time.perf_counter() - t0, "protocol": proto.to_dict(), "study": cfg.name,
+                "wall_time_s": ckpt.total_seconds(seconds) if ckpt is not None else seconds,
+                "protocol": proto.to_dict(), "study": cfg.name,
                 "environment": environment(res.device), "git_revision": res.git_revision,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     acc = trainer.evaluate(*res.test())
+    seconds = time.perf_counter() - t0
+    resumed = ckpt.resumed_at if ckpt is not None else []
+    if ckpt is not None:
+        history, seconds = ckpt.full_history(history), ckpt.total_seconds(seconds)
     return {
-        "run": asdict(run), "run_id": run.run_id, "accuracy": acc, "wall_time_s": time.perf_counter() - t0,
+        "run": asdict(run), "run_id": run.run_id, "accuracy": acc, "wall_time_s": seconds,
         "protocol": proto.to_dict(), "split_at": trainer.split_point or split_at,
         "adapters": repr(trainer.adapters) if trainer.adapters is not None else None,
         **({"channels_last": True} if cfg.channels_last else {}),
+        **({"resumed_at_epochs": resumed} if resumed else {}),
         "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": history,
         "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
         "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
@@ -492,6 +529,7 @@ def run_study(
         for record in records:
             path = out / "runs" / f"{record['run_id']}.json"
             atomic_write(path, lambda p, rec=record: Path(p).write_text(json.dumps(rec, indent=1, default=str)))
+            _discard_partial(cfg, record["run_id"])
             if record.get("failed"):
                 log(f"{where}: {record['run_id']} FAILED ({record['failed']})")
             elif record["accuracy"] is None:

@@ -611,8 +611,16 @@ class ELFTrainer:
         meta = {"epoch": str(loop.epoch), "lr": repr(loop.lr), "seed": str(loop.seed),
                 "model": self.model_name, "protocol": json.dumps(self.protocol.to_dict(), default=str)}
         return write_state(path, STATE_FORMAT, sections=sections, optimizer=loop.optimizer,
-                           generators={"batches": loop.generator, "dsa": loop.dsa.op_generator if loop.dsa else None},
+                           generators={"batches": loop.generator, "dsa": loop.dsa.op_generator if loop.dsa else None,
+                                       **self._global_generators()},
                            meta=meta)
+
+    def _global_generators(self) -> dict[str, torch.Generator]:
+        """torch's global generators a fit draws from (dropout, drop-path): CPU, and the fit's CUDA device."""
+        gens = {"global": torch.default_generator}
+        if self.device.type == "cuda":
+            gens["global_cuda"] = torch.cuda.default_generators[self.device.index or 0]
+        return gens
 
     def _load_state(self, path: PathLike, model: nn.Module, gen: torch.Generator, dsa: DSA | None,
                     seed: int) -> tuple[int, float, SavedState]:
@@ -634,6 +642,8 @@ class ELFTrainer:
             self.adapters.load_state_dict(adapter_state)
         saved.restore_generator("batches", gen)
         saved.restore_generator("dsa", dsa.op_generator if dsa is not None else None)
+        for name, generator in self._global_generators().items():  # absent in older state files: skipped
+            saved.restore_generator(name, generator)
         return int(meta["epoch"]) + 1, float(meta["lr"]), saved
 
     # ---- evaluation -----------------------------------------------------------------------------------------

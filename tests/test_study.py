@@ -172,3 +172,87 @@ def test_batched_study_equals_sequential(workspace: Path) -> None:
     assert json.loads(lost.read_text())["batched"]["seeds"] == 1
     with pytest.raises(elf.ELFError, match="batched"):
         run_study(_config(workspace, "x", compile=True), device="cpu", progress=False, log=lambda _: None)
+
+
+class _Killed(BaseException):
+    """Stands in for the process being killed (not an Exception: keep_going must not swallow it)."""
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No lost work: a run killed after its second checkpoint restarts there, and its record (accuracy, weights'
+    history, epochs) equals that of the uninterrupted run; the checkpoints are removed once the record is written."""
+    from elf.run_checkpoint import RunCheckpoint
+
+    kw = dict(models=["ConvNetW4D2BN"], variants={"elf": {}}, seeds=[0], random_real=False,
+              overrides={"epochs": 6, "batch_size": 3}, checkpoint_minutes=1e-9)  # a checkpoint every epoch
+    whole = run_study(_config(workspace, "ck-whole", **kw), device="cpu", progress=False, log=lambda _: None)
+    ref = json.loads(whole[0].read_text())
+    assert not list((workspace / "ck-whole" / "partial").iterdir())
+
+    cfg = _config(workspace, "ck-killed", **kw)
+    original = RunCheckpoint.save
+    saves: list[int] = []
+
+    def save_then_die(self, trainer, finished, now=None):
+        original(self, trainer, finished, now)
+        saves.append(finished)
+        if len(saves) == 2:
+            raise _Killed
+
+    monkeypatch.setattr(RunCheckpoint, "save", save_then_die)
+    with pytest.raises(_Killed):
+        run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    partial = sorted(p.name for p in (workspace / "ck-killed" / "partial").iterdir())
+    assert partial == ["noise__ConvNetW4D2BN__elf__s0.e1.state.safetensors", "noise__ConvNetW4D2BN__elf__s0.json"]
+    monkeypatch.setattr(RunCheckpoint, "save", original)
+    said: list[str] = []
+    files = run_study(cfg, device="cpu", progress=False, log=said.append)
+    rec = json.loads(files[0].read_text())
+    assert any("resuming at epoch 3" in s for s in said)
+    assert rec["resumed_at_epochs"] == [2]
+    assert rec["accuracy"] == ref["accuracy"]
+    drop_time = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]  # noqa: E731
+    assert drop_time(rec["history"]) == drop_time(ref["history"])
+    assert [r["epoch"] for r in rec["history"]] == [float(e) for e in range(7)]  # 6 epochs + the extra epoch
+    assert not list((workspace / "ck-killed" / "partial").iterdir())
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint saved under other settings (here lambda_rear), or one whose state file was changed, is dropped
+    with a message and the run starts over; the record then has no resumed_at_epochs."""
+    from elf.run_checkpoint import RunCheckpoint
+
+    kw = dict(models=["ConvNetW4D2"], seeds=[0], random_real=False, checkpoint_minutes=1e-9)
+    first = _config(workspace, "ck-other", variants={"elf": {"lambda_rear": 0.5}}, overrides={"epochs": 4, "batch_size": 3},
+                    **kw)
+    original = RunCheckpoint.save
+
+    def save_then_die(self, trainer, finished, now=None):
+        original(self, trainer, finished, now)
+        raise _Killed
+
+    monkeypatch.setattr(RunCheckpoint, "save", save_then_die)
+    with pytest.raises(_Killed):
+        run_study(first, device="cpu", progress=False, log=lambda _: None)
+    monkeypatch.setattr(RunCheckpoint, "save", original)
+    changed = _config(workspace, "ck-other", variants={"elf": {"lambda_rear": 1.0}},
+                      overrides={"epochs": 4, "batch_size": 3}, **kw)
+    said: list[str] = []
+    files = run_study(changed, device="cpu", progress=False, log=said.append)
+    assert any("saved for other settings" in s and "protocol" in s for s in said)
+    assert "resumed_at_epochs" not in json.loads(files[0].read_text())
+
+    # a state file that no longer matches its SHA-256 is not trusted either
+    ck = RunCheckpoint(workspace / "ck-sha", "r", 0, {"a": 1}, log=said.append)
+    (workspace / "ck-sha").mkdir()
+    (workspace / "ck-sha" / "r.e0.state.safetensors").write_bytes(b"x")
+    (workspace / "ck-sha" / "r.json").write_text(json.dumps({"identity": {"a": 1}, "state": "r.e0.state.safetensors",
+                                                              "state_sha256": "0" * 64, "history": [], "epoch": 0,
+                                                              "elapsed_s": 1.0}))
+    assert ck.load() is None and any("does not match its SHA-256" in s for s in said)
+    assert not list((workspace / "ck-sha").iterdir())
+
+
+def test_checkpoint_minutes_is_checked(workspace: Path) -> None:
+    with pytest.raises(elf.ELFError, match="checkpoint_minutes"):
+        _config(workspace, "x", checkpoint_minutes=-1).check()

@@ -699,3 +699,36 @@ def test_progress_bar_shows_task_loss_and_train_accuracy(capsys):
     _trainer(x=x, y=y, feature_bank=_bank(x), epochs=1, progress=True).fit(0)
     err = capsys.readouterr().err
     assert "task_loss=" in err and "train_acc=" in err and "loss=2" not in err.replace("task_loss=", "")
+
+
+class _DropoutNet(nn.Module):
+    """A tiny classifier with dropout: training draws from torch's global generator."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def test_resume_continues_the_global_rng_for_dropout(tmp_path):
+    """A resumed fit of a model with dropout ends with the weights of the uninterrupted fit: the state file carries
+    torch's global generator (before, the resumed dropout masks came from the re-seeded generator)."""
+    x, y = torch.randn(12, 3, 8, 8), torch.arange(12) % 3
+    kw = dict(protocol="elf", lambda_front=0.0, lambda_rear=0.0, epochs=3, batch_size=4, device="cpu", progress=False)
+
+    class Save(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 0:
+                trainer.save_state(tmp_path / "s.safetensors")
+                trainer.stop_training = True
+
+    full = ELFTrainer(_DropoutNet(), x, y, **kw)
+    full.fit(2)
+    ELFTrainer(_DropoutNet(), x, y, callbacks=[Save()], **kw).fit(2)
+    resumed = ELFTrainer(_DropoutNet(), x, y, **kw)
+    resumed.fit(2, resume_from=tmp_path / "s.safetensors")
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
