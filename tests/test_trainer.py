@@ -666,6 +666,18 @@ def test_frozen_bn_stats_restores_momentum():
     assert bn.momentum is None and torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
 
 
+class _SaveAfterFirstEpoch(Callback):
+    """Save the fit's state after epoch 0 and stop there (an interrupted run)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == 0:
+            trainer.save_state(self.path)
+            trainer.stop_training = True
+
+
 def test_state_files_of_0_1_resume(tmp_path):
     """State files written before elf.resume (momentum buffers as ``momentum.{index}``) still resume exactly."""
     from elf.fileio import load_tensors, save_tensors
@@ -673,15 +685,9 @@ def test_state_files_of_0_1_resume(tmp_path):
     x, y = torch.randn(12, 3, 8, 8), torch.arange(12) % 3
     kw = dict(protocol="elf", lambda_front=0.0, lambda_rear=0.0, epochs=2, batch_size=4, device="cpu", progress=False)
 
-    class Save(Callback):
-        def on_epoch_end(self, trainer, epoch, logs):
-            if epoch == 0:
-                trainer.save_state(tmp_path / "s.safetensors")
-                trainer.stop_training = True
-
     full = ELFTrainer("ConvNetW8D2", x, y, **kw)
     full.fit(1)
-    ELFTrainer("ConvNetW8D2", x, y, callbacks=[Save()], **kw).fit(1)
+    ELFTrainer("ConvNetW8D2", x, y, callbacks=[_SaveAfterFirstEpoch(tmp_path / "s.safetensors")], **kw).fit(1)
     tensors, meta = load_tensors(tmp_path / "s.safetensors")
     old = {(f"momentum.{k.split('.')[2]}" if k.startswith("momentum.0.") else k): v for k, v in tensors.items()}
     assert any(k.startswith("momentum.") and k.count(".") == 1 for k in old)
@@ -719,15 +725,9 @@ def test_resume_continues_the_global_rng_for_dropout(tmp_path):
     x, y = torch.randn(12, 3, 8, 8), torch.arange(12) % 3
     kw = dict(protocol="elf", lambda_front=0.0, lambda_rear=0.0, epochs=3, batch_size=4, device="cpu", progress=False)
 
-    class Save(Callback):
-        def on_epoch_end(self, trainer, epoch, logs):
-            if epoch == 0:
-                trainer.save_state(tmp_path / "s.safetensors")
-                trainer.stop_training = True
-
     full = ELFTrainer(_DropoutNet(), x, y, **kw)
     full.fit(2)
-    ELFTrainer(_DropoutNet(), x, y, callbacks=[Save()], **kw).fit(2)
+    ELFTrainer(_DropoutNet(), x, y, callbacks=[_SaveAfterFirstEpoch(tmp_path / "s.safetensors")], **kw).fit(2)
     resumed = ELFTrainer(_DropoutNet(), x, y, **kw)
     resumed.fit(2, resume_from=tmp_path / "s.safetensors")
     for key, value in full.model.state_dict().items():
