@@ -20,7 +20,10 @@ import torch
 
 from .errors import ELFError
 
-__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "seed_list", "ADAPTER_MODES"]
+__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "seed_list", "ADAPTER_MODES", "ELF_TERM_FIELDS"]
+#: Protocol fields that act only through the ELF terms (a baseline run, with both lambdas 0, ignores them).
+ELF_TERM_FIELDS = frozenset({"distance", "features_on_augmented", "rear_bn_stats_from_features", "adapter",
+                             "align_targets"})
 
 #: ``Protocol.adapter`` values: None (shapes must match, as in the paper), "auto" (adapters where they differ) or
 #: "always" (learned projections even where the shapes are equal).

@@ -28,7 +28,8 @@ import torch
 from .errors import DivergedError, ELFError
 from .fileio import PathLike, atomic_write
 
-__all__ = ["StudyConfig", "RunSpec", "load_config", "plan_runs", "plan_units", "run_study", "summarize", "distributed_shard"]
+__all__ = ["StudyConfig", "RunSpec", "load_config", "plan_runs", "plan_units", "run_study", "summarize", "distributed_shard",
+           "stale_runs"]
 
 RANDOM_REAL = "random-real"
 TEACHER_KEYS = {"checkpoint", "model", "point", "accuracy"}  # accuracy: the teacher's test accuracy (%), recorded in runs
@@ -472,6 +473,52 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     } for i, r in enumerate(runs)]
 
 
+_NOT_SETTINGS = {"name", "notes"}  # protocol fields that describe rather than decide a run
+
+
+def _variant_settings(run: RunSpec, cfg: StudyConfig) -> dict[str, Any]:
+    """What the study file asks of ``run`` now: its protocol fields that decide the run (not name and notes; for a
+    baseline, not the fields of the ELF terms) and its explicit split point."""
+    from .protocol import ELF_TERM_FIELDS, get_protocol
+
+    overrides = {**cfg.overrides, **cfg.variants.get(run.variant, {})}
+    overrides.pop("teacher", None)
+    split_at = overrides.pop("split_at", None)
+    if isinstance(split_at, dict):
+        split_at = split_at.get(run.model, split_at.get("*"))
+    proto = get_protocol(cfg.protocol, **overrides)
+    ignored = _NOT_SETTINGS | (set() if proto.uses_features else ELF_TERM_FIELDS)
+    fields = {k: v for k, v in proto.to_dict().items() if k not in ignored}
+    return {"protocol": json.loads(json.dumps(fields, default=str)), "split_at": split_at}
+
+
+def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """Finished runs whose record disagrees with the study file as it is now: ``(run id, first difference)``.
+
+    A protocol field is compared when both the record and the current protocol have it (fields added to the library
+    later are absent from old records), so a changed value (in the file, or a changed library default) is found,
+    while a new field with its default is not. A record's split point is compared when the variant sets one.
+    """
+    out = Path(cfg.out) / "runs"
+    stale = []
+    for run in plan_runs(cfg):
+        path = out / f"{run.run_id}.json"
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        want = _variant_settings(run, cfg)
+        saved = record.get("protocol") or {}
+        for key in sorted(set(saved) & set(want["protocol"])):
+            if saved[key] != want["protocol"][key]:
+                stale.append((run.run_id, f"{key}: recorded {saved[key]!r}, study file now {want['protocol'][key]!r}"))
+                break
+        else:
+            if want["split_at"] not in (None, "auto") and "split_at" in record and record["split_at"] != want["split_at"]:
+                stale.append((run.run_id, f"split_at: recorded {record['split_at']!r}, study file now "
+                                          f"{want['split_at']!r}"))
+    return stale
+
+
 def plan_units(cfg: StudyConfig) -> list[list[RunSpec]]:
     """The study's units of work, in order, as shards split them: with ``batched`` a cell's runs (one set, model and
     variant, every seed; they train together), else one run each."""
@@ -509,6 +556,13 @@ def run_study(
     dev = torch.device(device) if device is not None else None
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    stale = stale_runs(cfg)
+    if stale:
+        shown = "; ".join(f"{run_id} ({why})" for run_id, why in stale[:5])
+        more = f" and {len(stale) - 5} more" if len(stale) > 5 else ""
+        raise ELFError(f"{len(stale)} finished run(s) in {out / 'runs'} were made with other settings than the study "
+                       f"file asks for now, and would be skipped and summarized as if they were not: {shown}{more}. "
+                       "Set those values back, or move the files away (or change 'out') to run them again")
     res = _Resources(cfg, dev, log)
     groups = plan_units(cfg)[rank::world]
     files = [out / "runs" / f"{r.run_id}.json" for group in groups for r in group]

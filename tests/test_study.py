@@ -256,3 +256,30 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(workspace: Path, monkeypa
 def test_checkpoint_minutes_is_checked(workspace: Path) -> None:
     with pytest.raises(elf.ELFError, match="checkpoint_minutes"):
         _config(workspace, "x", checkpoint_minutes=-1).check()
+
+
+def test_finished_runs_made_with_other_settings_stop_the_study(workspace: Path) -> None:
+    """No silent wrong numbers: after a variant's settings change, its finished runs would be skipped and summarized
+    as if made with the new ones. The study refuses to start and names them; a baseline is not stale for fields of
+    the ELF terms, nor a record for a protocol field it predates."""
+    from elf.study import stale_runs
+
+    kw = dict(models=["ConvNetW4D2"], seeds=[0], random_real=False, overrides={"epochs": 1, "batch_size": 3})
+    cfg = _config(workspace, "stale", variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0},
+                                                 "elf": {"lambda_rear": 0.5}}, **kw)
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert stale_runs(cfg) == []
+    changed = _config(workspace, "stale", variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0,
+                                                                 "distance": "mse", "align_targets": True},
+                                                    "elf": {"lambda_rear": 1.0}}, **kw)
+    assert stale_runs(changed) == [("noise__ConvNetW4D2__elf__s0", "lambda_rear: recorded 0.5, study file now 1.0")]
+    with pytest.raises(elf.ELFError, match=r"1 finished run\(s\).*noise__ConvNetW4D2__elf__s0 \(lambda_rear"):
+        run_study(changed, device="cpu", progress=False, log=lambda _: None)
+    path = workspace / "stale" / "runs" / "noise__ConvNetW4D2__elf__s0.json"
+    record = json.loads(path.read_text())
+    del record["protocol"]["lambda_rear"]  # a record older than the field
+    path.write_text(json.dumps(record))
+    assert stale_runs(changed) == []
+    split = _config(workspace, "stale", variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0},
+                                                   "elf": {"lambda_rear": 0.5, "split_at": "features.0"}}, **kw)
+    assert [why.split(":")[0] for _, why in stale_runs(split)] == ["split_at"]
