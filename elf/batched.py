@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -179,7 +179,8 @@ def _prepare(trainer: ELFTrainer, template: _Bundle, params: Tensors, buffers: T
 
 
 def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, result: EvalResult, *,
-                compile: bool = False, group: int | None = None) -> bool:
+                compile: bool = False, group: int | None = None,
+                also_evaluate: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bool:
     """Train and test ``result.seeds`` as vectorized models of ``group`` seeds each (default: all at once) and fill
     ``result``; False (after printing the reason to stderr and recording it in ``result.data["batched"]``) when
     they must run one by one instead.
@@ -215,6 +216,7 @@ def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, r
             trainer.model, trainer.front, trainer.rear, trainer.adapters = (bundle.model, bundle.front, bundle.rear,
                                                                              bundle.adapters)
             result.accuracies.append(trainer.evaluate(test_images, test_labels))
+            result.evaluate_also(trainer, also_evaluate)
         seconds = time.perf_counter() - t0
         total += seconds
         result.histories.extend(histories)

@@ -55,7 +55,11 @@ class StudyConfig:
 
     ``checkpoint_minutes`` (default 10; 0 turns it off): a run trained one by one saves its state under
     ``<out>/partial/`` that often, and a restarted study resumes it there (:class:`elf.run_checkpoint.RunCheckpoint`;
-    the record then lists ``resumed_at_epochs``). Batched cells train from the start again."""
+    the record then lists ``resumed_at_epochs``). Batched cells train from the start again.
+
+    ``also_test = true`` (with ``validation_per_class``) tests each trained model on the dataset's test split as well
+    (``test_accuracy`` in its record, a second table in ``summary.md``): training does not depend on the held-out
+    images, so one study gives the validation numbers to choose by and the test numbers to report."""
 
     sets: dict[str, str]
     models: list[str]
@@ -79,6 +83,7 @@ class StudyConfig:
     compile: bool = False
     channels_last: bool = False
     checkpoint_minutes: float = 10.0
+    also_test: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
@@ -118,6 +123,11 @@ class StudyConfig:
             raise ELFError(f"batched takes true/false or a number of seeds >= 1, got {self.batched!r}")
         if not isinstance(self.channels_last, bool):
             raise ELFError(f"channels_last takes true/false, got {self.channels_last!r}")
+        if not isinstance(self.also_test, bool):
+            raise ELFError(f"also_test takes true/false, got {self.also_test!r}")
+        if self.also_test and not self.validation_per_class:
+            raise ELFError("also_test = true adds test accuracies to a study measured on validation data: set "
+                           "validation_per_class too (without it, runs are measured on the test split already)")
         if (isinstance(self.checkpoint_minutes, bool) or not isinstance(self.checkpoint_minutes, (int, float))
                 or self.checkpoint_minutes < 0):
             raise ELFError(f"checkpoint_minutes takes a number of minutes >= 0 (0: no checkpoints inside runs), "
@@ -280,36 +290,47 @@ class _Resources:
 
         return get_normalization(self.cfg.normalization)
 
-    def real(self, split: str) -> Any:
-        """The real ``"train"`` or ``"test"`` images; with ``validation_per_class``, ``"train"`` is the training data
-        without the held-out images and ``"test"`` the held-out validation images."""
+    def _load(self, which: str) -> Any:
+        """The dataset's own ``"train"`` or ``"test"`` split."""
         from .data import load_cifar, load_dataset
 
-        def load(which: str) -> Any:
+        def make() -> Any:
             spec = self.cfg.data
             if spec.lower() in ("cifar10", "cifar100"):
                 return load_cifar(spec.lower(), Path("~/.cache/elf-dd/torchvision").expanduser(), train=which == "train")
             return load_dataset(spec, which, progress=False)
 
+        return self._get(f"raw:{which}", make)
+
+    def real(self, split: str) -> Any:
+        """The real ``"train"`` or ``"test"`` images; with ``validation_per_class``, ``"train"`` is the training data
+        without the held-out images and ``"test"`` the held-out validation images."""
+
         def make() -> Any:
             k = self.cfg.validation_per_class
             if not k:
-                return load(split)
-            rest, val = load("train").split_validation(k, torch.Generator().manual_seed(0))
+                return self._load(split)
+            rest, val = self._load("train").split_validation(k, torch.Generator().manual_seed(0))
             return rest if split == "train" else val
 
         return self._get(f"real:{split}", make)
 
-    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def test(self, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """What runs are measured on: images ``(N, C, H, W)`` (normalized) and labels ``(N,)``. That is the
+        validation split with ``validation_per_class``, unless ``final``: then (and without validation) the
+        dataset's test split (or its ``test_per_class`` subset)."""
+        validation = bool(self.cfg.validation_per_class) and not final
+
         def make() -> tuple[torch.Tensor, torch.Tensor]:
-            t = self.real("test")
-            if not self.cfg.validation_per_class:  # labels by class name, as the training split has them
-                t = t.with_classes(self.real("train").classes, "the test split")
-            if self.cfg.test_per_class and not self.cfg.validation_per_class:
-                t = t.per_class(self.cfg.test_per_class, torch.Generator().manual_seed(0))
+            if validation:
+                t = self.real("test")
+            else:  # labels by class name, as the training split has them
+                t = self._load("test").with_classes(self.real("train").classes, "the test split")
+                if self.cfg.test_per_class:
+                    t = t.per_class(self.cfg.test_per_class, torch.Generator().manual_seed(0))
             return t.as_float(self.norm()), t.labels
 
-        return self._get("test", make)
+        return self._get("test" if validation or not self.cfg.validation_per_class else "final-test", make)
 
     def synthetic(self, name: str) -> Any:
         from .io import load_any
@@ -384,6 +405,13 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
     return proto, sset, bank, split_at
 
 
+def _final_test(accuracy: float, cfg: StudyConfig, res: _Resources) -> dict[str, Any]:
+    """A run record's ``also_test`` fields: the accuracy (%) on the dataset's test split and its size."""
+    return {"test_accuracy": accuracy, "test_accuracy_n": int(res.test(final=True)[1].shape[0]),
+            "test_accuracy_on": "the dataset's test split" + (f", {cfg.test_per_class} per class"
+                                                             if cfg.test_per_class else "")}
+
+
 def _partial_folder(cfg: StudyConfig) -> Path:
     """Where runs in progress keep their checkpoints."""
     return Path(cfg.out) / "partial"
@@ -426,6 +454,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
                 "environment": environment(res.device), "git_revision": res.git_revision,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     acc = trainer.evaluate(*res.test())
+    test = _final_test(trainer.evaluate(*res.test(final=True)), cfg, res) if cfg.also_test else {}
     seconds = time.perf_counter() - t0
     resumed = ckpt.resumed_at if ckpt is not None else []
     if ckpt is not None:
@@ -435,7 +464,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
         "protocol": proto.to_dict(), "split_at": trainer.split_point or split_at,
         "adapters": repr(trainer.adapters) if trainer.adapters is not None else None,
         **({"channels_last": True} if cfg.channels_last else {}),
-        **({"resumed_at_epochs": resumed} if resumed else {}),
+        **({"resumed_at_epochs": resumed} if resumed else {}), **test,
         "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": history,
         "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
         "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
@@ -457,7 +486,8 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     trainer = ELFTrainer.from_synthetic(runs[0].model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress, channels_last=cfg.channels_last)
     try:
-        result = trainer.run(*res.test(), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile)
+        result = trainer.run(*res.test(), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile,
+                             also_evaluate={"test": res.test(final=True)} if cfg.also_test else None)
     except DivergedError:
         return [_execute(r, cfg, res, progress) for r in runs]
     return [{
@@ -465,6 +495,7 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
         "protocol": proto.to_dict(), "split_at": result.data.get("split_at") or split_at,
         "adapters": result.data.get("adapters"), "batched": result.data.get("batched"),
         **({"channels_last": result.data.get("channels_last")} if cfg.channels_last else {}),
+        **(_final_test(result.also["test"][i], cfg, res) if cfg.also_test else {}),
         "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": result.histories[i],
         "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
         "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
@@ -616,27 +647,48 @@ def summarize(cfg: StudyConfig) -> Path:
             failed[key] = failed.get(key, 0) + 1
     records = [r for r in records if r.get("accuracy") is not None]
     acc: dict[tuple[str, str, str], list[float]] = {}
+    test_acc: dict[tuple[str, str, str], list[float]] = {}
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["set", "model", "variant", "seed", "accuracy", "wall_time_s", "epochs", "lambda_front", "lambda_rear", "distance"])
+    writer.writerow(["set", "model", "variant", "seed", "accuracy", "wall_time_s", "epochs", "lambda_front", "lambda_rear",
+                     "distance", "test_accuracy"])
     for r in records:
         run, p = r["run"], r["protocol"]
+        test = r.get("test_accuracy")
         writer.writerow([run["set"], run["model"], run["variant"], run["seed"], f"{r['accuracy']:.4f}", f"{r['wall_time_s']:.1f}",
-                         p["epochs"], p["lambda_front"], p["lambda_rear"], p["distance"]])
+                         p["epochs"], p["lambda_front"], p["lambda_rear"], p["distance"],
+                         "" if test is None else f"{test:.4f}"])
         acc.setdefault((run["set"], run["model"], run["variant"]), []).append(r["accuracy"])
+        if test is not None:
+            test_acc.setdefault((run["set"], run["model"], run["variant"]), []).append(test)
     atomic_write(out / "summary.csv", lambda t: Path(t).write_text(buf.getvalue()))
 
-    variants = list(cfg.variants)
-    baseline = next((v for v in variants if not _is_elf(cfg.variants[v])), None)
-    elf_variant = next((v for v in variants if _is_elf(cfg.variants[v])), None)
     set_names = list(cfg.sets) + [s for s in dict.fromkeys(k[0] for k in acc) if s not in cfg.sets]
     measured = (f"Validation accuracy ({cfg.validation_per_class} images per class held out of the real training data)"
                 if cfg.validation_per_class else "Test accuracy")
     lines = [f"# {cfg.name}", "", f"{measured} (%), mean ± std over seeds {cfg.seeds}; protocol {cfg.protocol!r}"
              + (f" with {cfg.overrides}" if cfg.overrides else "") + ".", ""]
+    lines += _table(cfg, acc, set_names, not_applicable, failed)
+    if test_acc:
+        lines += ["", "Test accuracy (%) of the same runs (`also_test`) on the dataset's test split"
+                  + (f" ({cfg.test_per_class} images per class)" if cfg.test_per_class else " (all of it)")
+                  + ": for reporting; settings are chosen on the validation table above.", ""]
+        lines += _table(cfg, test_acc, set_names, not_applicable, {})
+    atomic_write(out / "summary.md", lambda t: Path(t).write_text("\n".join(lines) + "\n"))
+    _plot(cfg, acc, set_names, out / "summary.png")
+    return out / "summary.md"
+
+
+def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_names: list[str],
+           not_applicable: set[tuple[str, str, str]], failed: dict[tuple[str, str, str], int]) -> list[str]:
+    """Markdown rows: one per set and model, mean ± std per variant, and the ELF gain (first ELF variant minus the
+    first baseline variant)."""
+    variants = list(cfg.variants)
+    baseline = next((v for v in variants if not _is_elf(cfg.variants[v])), None)
+    elf_variant = next((v for v in variants if _is_elf(cfg.variants[v])), None)
     gain = baseline is not None and elf_variant is not None
-    lines.append("| set | model | " + " | ".join(variants) + (" | ELF gain |" if gain else " |"))
-    lines.append("|---|---|" + "---|" * (len(variants) + (1 if gain else 0)))
+    lines = ["| set | model | " + " | ".join(variants) + (" | ELF gain |" if gain else " |"),
+             "|---|---|" + "---|" * (len(variants) + (1 if gain else 0))]
     for s in set_names:
         for m in cfg.models:
             cells = ["n/a" if (s, m, v) in not_applicable and (s, m, v) not in acc else _mean_std(acc.get((s, m, v), []))
@@ -649,9 +701,7 @@ def summarize(cfg: StudyConfig) -> Path:
                 b, e = acc.get((s, m, baseline)), acc.get((s, m, elf_variant))
                 row += f" | {np.mean(e) - np.mean(b):+.2f}" if b and e else " | -"
             lines.append(row + " |")
-    atomic_write(out / "summary.md", lambda t: Path(t).write_text("\n".join(lines) + "\n"))
-    _plot(cfg, acc, set_names, out / "summary.png")
-    return out / "summary.md"
+    return lines
 
 
 def _plot(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_names: list[str], path: Path) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,12 @@ class EvalResult:
     wall_time_s: list[float] = field(default_factory=list)
     histories: list[list[dict[str, float]]] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    also: dict[str, list[float]] = field(default_factory=dict)  # accuracies on run(also_evaluate=...)'s sets
+
+    def evaluate_also(self, trainer: ELFTrainer, sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """Test the trainer's current model on each named ``(images, labels)`` set into :attr:`also`."""
+        for name, (images, labels) in (sets or {}).items():
+            self.also.setdefault(name, []).append(trainer.evaluate(images, labels))
 
     @property
     def mean(self) -> float:
@@ -671,7 +677,8 @@ class ELFTrainer:
         return float(correct) / images.shape[0] * 100.0
 
     def run(self, test_images: torch.Tensor, test_labels: torch.Tensor, seeds: int | Sequence[int] = 5, *,
-            batched: bool | int = False, compile: bool = False) -> EvalResult:
+            batched: bool | int = False, compile: bool = False,
+            also_evaluate: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> EvalResult:
         """``fit`` then ``evaluate`` once per seed (an int ``k`` means seeds ``0..k-1``); accuracy at the final epoch.
 
         ``batched=True`` trains the seeds at once as one vectorized model (:mod:`elf.batched`; same accuracies up to
@@ -679,6 +686,8 @@ class ELFTrainer:
         when it cannot; ``compile=True`` also wraps that batched step in ``torch.compile``. ``channels_last`` (set on
         the trainer) applies to sequential runs only: batched seeds ignore it (vmap has no channels-last path), say so
         in one line and record ``data["channels_last"] = False``; seeds that fall back to sequential runs use it.
+        ``also_evaluate`` names more ``(images, labels)`` sets to test each seed's final model on (e.g. the test split
+        next to a validation split); their accuracies land in ``result.also[name]``, in seed order.
         """
         seed_list = resolve_seeds(seeds, "run() seeds")
         result = EvalResult(self.model_name, [], seed_list, self.protocol.to_dict(), data=dict(self.data_info))
@@ -690,7 +699,8 @@ class ELFTrainer:
             from .batched import run_batched
 
             group = None if batched is True else int(batched)
-            batched = run_batched(self, test_images, test_labels, result, compile=compile, group=group)
+            batched = run_batched(self, test_images, test_labels, result, compile=compile, group=group,
+                                  also_evaluate=also_evaluate)
             if batched and self.channels_last:  # the vectorized seeds ran (and were tested) contiguous
                 print(f"{self.model_name}: batched seeds ignore channels_last (vmap has no channels-last path); "
                       "they ran in the contiguous format", file=sys.stderr)
@@ -700,6 +710,7 @@ class ELFTrainer:
             history = self.fit(seed)
             acc = self.evaluate(test_images, test_labels)
             result.accuracies.append(acc)
+            result.evaluate_also(self, also_evaluate)
             result.wall_time_s.append(time.perf_counter() - t0)
             result.histories.append(history)
         if self.channels_last and not batched:

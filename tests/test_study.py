@@ -283,3 +283,27 @@ def test_finished_runs_made_with_other_settings_stop_the_study(workspace: Path) 
     split = _config(workspace, "stale", variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0},
                                                    "elf": {"lambda_rear": 0.5, "split_at": "features.0"}}, **kw)
     assert [why.split(":")[0] for _, why in stale_runs(split)] == ["split_at"]
+
+
+def test_also_test_records_the_test_accuracy_of_the_validation_runs(workspace: Path) -> None:
+    """`also_test`: a validation study's runs are also tested on the test split, and that number equals what a
+    study measured on the test split gives (training does not see the held-out images), batched cells included."""
+    kw = dict(models=["ConvNetW4D2"], seeds=[0, 1], random_real=False,
+              variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}})
+    both = _config(workspace, "also-val", validation_per_class=2, also_test=True, **kw)
+    files = run_study(both, device="cpu", progress=False, log=lambda _: None)
+    on_test = run_study(_config(workspace, "also-test", **kw), device="cpu", progress=False, log=lambda _: None)
+    batched = run_study(_config(workspace, "also-bat", validation_per_class=2, also_test=True, batched=True, **kw),
+                        device="cpu", progress=False, log=lambda _: None)
+    for f, t, b in zip(files, on_test, batched):
+        rec, ref, bat = (json.loads(p.read_text()) for p in (f, t, b))
+        assert rec["measured_on"].startswith("validation") and rec["test_accuracy_n"] == ref["test_n"]
+        assert rec["test_accuracy"] == ref["accuracy"], f.name
+        assert bat["test_accuracy"] == pytest.approx(rec["test_accuracy"], abs=1e-6)
+        assert bat["accuracy"] == pytest.approx(rec["accuracy"], abs=1e-6)
+    summary = (Path(both.out) / "summary.md").read_text()
+    assert "Test accuracy (%) of the same runs" in summary and summary.count("| noise | ConvNetW4D2 |") == 2
+    rows = list(csv.DictReader((Path(both.out) / "summary.csv").open()))
+    assert all(r["test_accuracy"] for r in rows)
+    with pytest.raises(elf.ELFError, match="validation_per_class"):
+        _config(workspace, "x", also_test=True).check()
