@@ -669,6 +669,17 @@ def summarize(cfg: StudyConfig) -> Path:
     lines = [f"# {cfg.name}", "", f"{measured} (%), mean ± std over seeds {cfg.seeds}; protocol {cfg.protocol!r}"
              + (f" with {cfg.overrides}" if cfg.overrides else "") + ".", ""]
     lines += _table(cfg, acc, set_names, not_applicable, failed)
+    try:
+        stale = stale_runs(cfg)
+    except ELFError as e:  # e.g. a set file that is not here: summarizing needs only the run files
+        stale, unchecked = [], str(e)
+    else:
+        unchecked = ""
+    if stale:
+        lines += ["", f"**Warning:** {len(stale)} run(s) above were made with other settings than the study file now "
+                  "asks for: " + "; ".join(f"{run_id} ({why})" for run_id, why in stale)]
+    if unchecked:
+        lines += ["", f"(Runs not compared with the study file: {unchecked}.)"]
     if test_acc:
         lines += ["", "Test accuracy (%) of the same runs (`also_test`) on the dataset's test split"
                   + (f" ({cfg.test_per_class} images per class)" if cfg.test_per_class else " (all of it)")

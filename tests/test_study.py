@@ -275,6 +275,8 @@ def test_finished_runs_made_with_other_settings_stop_the_study(workspace: Path) 
     assert stale_runs(changed) == [("noise__ConvNetW4D2__elf__s0", "lambda_rear: recorded 0.5, study file now 1.0")]
     with pytest.raises(elf.ELFError, match=r"1 finished run\(s\).*noise__ConvNetW4D2__elf__s0 \(lambda_rear"):
         run_study(changed, device="cpu", progress=False, log=lambda _: None)
+    summary = summarize(changed).read_text()  # summarizing alone still works, and says so
+    assert "**Warning:** 1 run(s) above were made with other settings" in summary and "lambda_rear" in summary
     path = workspace / "stale" / "runs" / "noise__ConvNetW4D2__elf__s0.json"
     record = json.loads(path.read_text())
     del record["protocol"]["lambda_rear"]  # a record older than the field
