@@ -436,7 +436,8 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
     proto, sset, bank, split_at = prepared
     ckpt = None
     if cfg.checkpoint_minutes:
-        identity = {"model": run.model, "seed": run.seed, "set": run.set, "protocol": proto.to_dict(),
+        settings = {k: v for k, v in proto.to_dict().items() if k not in _NOT_SETTINGS}  # notes may be reworded
+        identity = {"model": run.model, "seed": run.seed, "set": run.set, "protocol": settings,
                     "split_at": split_at, "teacher": bank.metadata if bank is not None else None,
                     "channels_last": cfg.channels_last}
         ckpt = RunCheckpoint(_partial_folder(cfg), run.run_id, cfg.checkpoint_minutes * 60, identity, res.log)
