@@ -21,6 +21,7 @@ Design points of this implementation (our own code, following the published defi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -313,17 +314,20 @@ class DSA:
             x = _APPLY[op](x, sample, self.params)
         return x
 
-    def apply_geometric(self, features: Tensor, sample: DSASample, image_size: tuple[int, int]) -> Tensor:
+    def apply_geometric(self, features: Tensor, sample: DSASample, image_size: tuple[int, int],
+                        only: Sequence[str] | None = None) -> Tensor:
         """Apply the geometric part of ``sample`` (crop, flip, scale, rotate) to feature maps ``(N, C, h, w)`` of the
         images it augments (``image_size`` = their ``(H, W)``), so a teacher's map lines up with the student's view.
 
         Colour and cut-out change no geometry and are skipped. Crop shifts are converted to fractions of a feature
         cell (``dy * h / H``) and resampled bilinearly with zeros outside; flips, scales and rotations use the
-        same normalized transform as on the images.
+        same normalized transform as on the images. ``only`` (e.g. ``("flip",)``) applies just those ops.
         """
         if features.dim() != 4 or not features.is_floating_point():
             raise ELFError(f"features must be float maps (N, C, h, w), got {tuple(features.shape)} {features.dtype}")
         for op in sample.ops:
+            if only is not None and op not in only:
+                continue
             if op == "crop":
                 features = _shift_map(features, _int_param(sample, "crop", features), image_size)
             elif op in ("flip", "scale", "rotate"):

@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: learned adapters bridge a student feature whose shape differs from the teacher's (any "
                         "teacher for any model; see docs/adapters.md); always: learned projections even for equal "
                         "shapes; none: shapes must match (paper)")
-    g.add_argument("--align-targets", action="store_true",
-                   help="apply each batch's geometric DSA transform to the teacher feature maps too (see docs/trainer.md)")
+    g.add_argument("--align-targets", nargs="?", const=True, default=False, choices=["flip"],
+                   help="apply each batch's geometric DSA transform to the teacher feature maps too (see docs/trainer.md); "
+                        "'--align-targets flip': the flips only")
     g.add_argument("--no-augment", action="store_true", help="train without DSA")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     g.add_argument("--no-elf", action="store_true", help="skip the ELF runs")
@@ -326,7 +327,7 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "adapter", None) is not None:
         out["adapter"] = None if args.adapter == "none" else args.adapter
     if getattr(args, "align_targets", False):
-        out["align_targets"] = True
+        out["align_targets"] = args.align_targets  # True, or "flip"
     if getattr(args, "rear_bn_stats", None) is not None:
         out["rear_bn_stats_from_features"] = args.rear_bn_stats == "features"
     return out

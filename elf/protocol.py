@@ -20,7 +20,7 @@ import torch
 
 from .errors import ELFError
 
-__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "seed_list", "ADAPTER_MODES", "ELF_TERM_FIELDS"]
+__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "seed_list", "ADAPTER_MODES", "ALIGN_MODES", "ELF_TERM_FIELDS"]
 #: Protocol fields that act only through the ELF terms (a baseline run, with both lambdas 0, ignores them).
 ELF_TERM_FIELDS = frozenset({"distance", "features_on_augmented", "rear_bn_stats_from_features", "adapter",
                              "align_targets"})
@@ -28,6 +28,8 @@ ELF_TERM_FIELDS = frozenset({"distance", "features_on_augmented", "rear_bn_stats
 #: ``Protocol.adapter`` values: None (shapes must match, as in the paper), "auto" (adapters where they differ) or
 #: "always" (learned projections even where the shapes are equal).
 ADAPTER_MODES: tuple[str | None, ...] = (None, "auto", "always")
+#: ``Protocol.align_targets``: off, every geometric DSA op, or flips only.
+ALIGN_MODES: tuple[bool | str, ...] = (False, True, "flip")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Protocol:
             the model and are not part of it. ``"always"``: learned 1x1 projections both ways even for equal shapes.
         align_targets: apply the geometric part of each batch's DSA draw (crop, flip, scale, rotate) to the teacher
             feature maps too, so targets line up with the augmented images the student sees (official: off; the
-            4x4 targets then stay un-augmented). The rear term then also sees the aligned maps.
+            4x4 targets then stay un-augmented). The rear term then also sees the aligned maps. ``"flip"``: the
+            flips only, which move a map exactly (crop shifts, scales and rotations resample a 4x4 map bilinearly).
         eval_batch_size: images per forward when testing.
         learned_lr: train with the set's learned lr (MTT/DATM ``lr_best.pt``) when it has one
             (:meth:`ELFTrainer.from_synthetic`); the official ELF code ignores it.
@@ -80,7 +83,7 @@ class Protocol:
     features_on_augmented: bool = False
     rear_bn_stats_from_features: bool = False
     adapter: str | None = None
-    align_targets: bool = False
+    align_targets: bool | str = False
     eval_batch_size: int = 512
     learned_lr: bool = False
     notes: str = field(default="", compare=False)
@@ -88,6 +91,8 @@ class Protocol:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTER_MODES:
             raise ELFError(f"protocol adapter must be one of {ADAPTER_MODES}, got {self.adapter!r}")
+        if self.align_targets not in ALIGN_MODES:
+            raise ELFError(f"protocol align_targets must be one of {ALIGN_MODES}, got {self.align_targets!r}")
         if self.align_targets and self.features_on_augmented:
             raise ELFError("align_targets and features_on_augmented both make targets match the augmented view: choose one")
         for name in ("epochs", "batch_size", "eval_batch_size", "lr_decay_epoch"):

@@ -560,7 +560,8 @@ class ELFTrainer:
         # gathered once per step, shared by the front target and the rear input
         feats = self.feature_bank[idx] if self.feature_bank is not None and p.uses_features else None
         if feats is not None and p.align_targets and sample is not None:
-            feats = dsa.apply_geometric(feats, sample, (x.shape[2], x.shape[3]))  # type: ignore[union-attr]
+            only = ("flip",) if p.align_targets == "flip" else None
+            feats = dsa.apply_geometric(feats, sample, (x.shape[2], x.shape[3]), only=only)  # type: ignore[union-attr]
         return x, y, feats
 
     def loss_terms(

@@ -708,3 +708,36 @@ def test_trainer_says_once_which_adapters_it_built(bank128, capsys) -> None:
     t.fit(1)
     said = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "adapters bridge" in line]
     assert said == ["ConvNetW64: adapters bridge student (64, 4, 4) <-> teacher (128, 4, 4)"]
+
+
+def test_align_targets_flip_moves_targets_by_flips_only(data, bank128, monkeypatch):
+    """``align_targets="flip"``: the teacher maps follow the batch's flips exactly (a mirrored 4x4 map, no
+    resampling) and ignore its crops, scales and rotations."""
+    x, y = data
+    targets = {}
+    for augment, align in (("crop_flip", "flip"), ("flip", True), ("crop", "flip"), ("crop", False)):
+        spy = _TargetSpy()
+        monkeypatch.setattr(elf.trainer, "feature_distance", spy.wrap)
+        _trainer("ConvNet", x, y, feature_bank=bank128, augment=augment, align_targets=align, epochs=1,
+                 batch_size=10).fit(0)
+        targets[(augment, align)] = spy.targets
+    rows = bank128.features
+    for t in targets[("crop_flip", "flip")]:  # each target: a stored map or its mirror image, never resampled
+        for r in t:
+            assert any(torch.equal(r, rows[i]) or torch.equal(r, rows[i].flip(-1)) for i in range(len(rows)))
+    assert any(not any(torch.equal(r, rows[i]) for i in range(len(rows))) for t in targets[("crop_flip", "flip")]
+               for r in t)  # and some are mirrored
+    for a, b in zip(targets[("crop", "flip")], targets[("crop", False)]):  # crops alone: nothing to align
+        assert torch.equal(a, b)
+    with pytest.raises(ELFError, match="align_targets"):
+        get_protocol("elf", align_targets="crop")
+
+
+def test_cli_align_targets_flip():
+    from elf.cli import _protocol_overrides, build_parser
+
+    parser = build_parser()
+    over = _protocol_overrides(parser.parse_args(["eval", "--images", "s", "--align-targets", "flip"]))
+    assert over["align_targets"] == "flip" and get_protocol("elf", **over).align_targets == "flip"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--images", "s", "--align-targets", "rotate"])
