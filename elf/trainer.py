@@ -626,7 +626,8 @@ class ELFTrainer:
         """torch's global generators a fit draws from (dropout, drop-path): CPU, and the fit's CUDA device."""
         gens = {"global": torch.default_generator}
         if self.device.type == "cuda":
-            gens["global_cuda"] = torch.cuda.default_generators[self.device.index or 0]
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            gens["global_cuda"] = torch.cuda.default_generators[index]
         return gens
 
     def _load_state(self, path: PathLike, model: nn.Module, gen: torch.Generator, dsa: DSA | None,
