@@ -719,16 +719,30 @@ class _DropoutNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def test_resume_continues_the_global_rng_for_dropout(tmp_path):
-    """A resumed fit of a model with dropout ends with the weights of the uninterrupted fit: the state file carries
-    torch's global generator (before, the resumed dropout masks came from the re-seeded generator)."""
+def _resume_dropout_run(tmp_path, device: str) -> tuple[nn.Module, nn.Module]:
+    """An uninterrupted fit and a fit saved after epoch 0 and resumed, of a model with dropout on ``device``."""
     x, y = torch.randn(12, 3, 8, 8), torch.arange(12) % 3
-    kw = dict(protocol="elf", lambda_front=0.0, lambda_rear=0.0, epochs=3, batch_size=4, device="cpu", progress=False)
-
+    kw = dict(protocol="elf", lambda_front=0.0, lambda_rear=0.0, epochs=3, batch_size=4, device=device, progress=False)
     full = ELFTrainer(_DropoutNet(), x, y, **kw)
     full.fit(2)
     ELFTrainer(_DropoutNet(), x, y, callbacks=[_SaveAfterFirstEpoch(tmp_path / "s.safetensors")], **kw).fit(2)
     resumed = ELFTrainer(_DropoutNet(), x, y, **kw)
     resumed.fit(2, resume_from=tmp_path / "s.safetensors")
-    for key, value in full.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
+    return full.model, resumed.model
+
+
+def test_resume_continues_the_global_rng_for_dropout(tmp_path):
+    """A resumed fit of a model with dropout ends with the weights of the uninterrupted fit: the state file carries
+    torch's global generator (before, the resumed dropout masks came from the re-seeded generator)."""
+    full, resumed = _resume_dropout_run(tmp_path, "cpu")
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_resume_continues_the_global_rng_for_dropout(tmp_path):
+    """The same on a GPU, where dropout draws from the device's generator (close, not bitwise: cuDNN's backward
+    may sum in another order; other dropout masks would move the weights far more)."""
+    full, resumed = _resume_dropout_run(tmp_path, "cuda")
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
