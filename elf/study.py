@@ -330,7 +330,7 @@ class _Resources:
                     t = t.per_class(self.cfg.test_per_class, torch.Generator().manual_seed(0))
             return t.as_float(self.norm()), t.labels
 
-        return self._get("test" if validation or not self.cfg.validation_per_class else "final-test", make)
+        return self._get("validation" if validation else "test", make)
 
     def synthetic(self, name: str) -> Any:
         from .io import load_any
@@ -373,9 +373,8 @@ class _Resources:
         return self._get(f"banks:{set_name}", make)
 
 
-def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any, Any, Any] | dict[str, Any]:
-    """``(protocol, set, bank, split_at)`` of a run, or its record when the paper's ELF cannot fill its cell."""
-    from .evaluation import choose_bank
+def _run_settings(run: RunSpec, cfg: StudyConfig) -> tuple[Any, str | None, str | None]:
+    """``(protocol, teacher label, split point)`` the study file gives ``run``: its variant over ``overrides``."""
     from .protocol import get_protocol
 
     overrides = {**cfg.overrides, **cfg.variants.get(run.variant, {})}
@@ -383,7 +382,24 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
     split_at = overrides.pop("split_at", None)
     if isinstance(split_at, dict):  # per model, "*" for the others
         split_at = split_at.get(run.model, split_at.get("*"))
-    proto = get_protocol(cfg.protocol, **overrides)
+    return get_protocol(cfg.protocol, **overrides), teacher_label, split_at
+
+
+def _decisive_fields(proto: Any, *, baseline_ignores_elf_terms: bool = False) -> dict[str, Any]:
+    """The protocol fields that decide a run, JSON-normalized: not ``name`` and ``notes`` (which may be reworded);
+    with ``baseline_ignores_elf_terms``, a protocol without ELF terms also leaves out the fields that act only
+    through them."""
+    from .protocol import ELF_TERM_FIELDS
+
+    ignored = {"name", "notes"} | (ELF_TERM_FIELDS if baseline_ignores_elf_terms and not proto.uses_features else set())
+    return json.loads(json.dumps({k: v for k, v in proto.to_dict().items() if k not in ignored}, default=str))
+
+
+def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any, Any, Any] | dict[str, Any]:
+    """``(protocol, set, bank, split_at)`` of a run, or its record when the paper's ELF cannot fill its cell."""
+    from .evaluation import choose_bank
+
+    proto, teacher_label, split_at = _run_settings(run, cfg)
     sset = res.synthetic(run.set)
     bank = None
     if proto.uses_features:
@@ -403,6 +419,18 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
                 return {"run": asdict(run), "run_id": run.run_id, "accuracy": None, "not_applicable": str(e),
                         "protocol": proto.to_dict(), "study": cfg.name}
     return proto, sset, bank, split_at
+
+
+def _record_context(cfg: StudyConfig, res: _Resources, bank: Any, trainer: Any) -> dict[str, Any]:
+    """The fields every finished run's record shares: teacher and set metadata, environment, code revision, what
+    it was measured on, and when it finished."""
+    from .evaluation import environment
+
+    return {"teacher": bank.metadata if bank is not None else None, "data": trainer.data_info,
+            "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
+            "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
+                           if cfg.validation_per_class else "test", "test_n": int(res.test()[1].shape[0]),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _final_test(accuracy: float, cfg: StudyConfig, res: _Resources) -> dict[str, Any]:
@@ -436,8 +464,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
     proto, sset, bank, split_at = prepared
     ckpt = None
     if cfg.checkpoint_minutes:
-        settings = {k: v for k, v in proto.to_dict().items() if k not in _NOT_SETTINGS}  # notes may be reworded
-        identity = {"model": run.model, "seed": run.seed, "set": run.set, "protocol": settings,
+        identity = {"model": run.model, "seed": run.seed, "set": run.set, "protocol": _decisive_fields(proto),
                     "split_at": split_at, "teacher": bank.metadata if bank is not None else None,
                     "channels_last": cfg.channels_last}
         ckpt = RunCheckpoint(_partial_folder(cfg), run.run_id, cfg.checkpoint_minutes * 60, identity, res.log)
@@ -465,19 +492,14 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
         "protocol": proto.to_dict(), "split_at": trainer.split_point or split_at,
         "adapters": repr(trainer.adapters) if trainer.adapters is not None else None,
         **({"channels_last": True} if cfg.channels_last else {}),
-        **({"resumed_at_epochs": resumed} if resumed else {}), **test,
-        "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": history,
-        "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
-        "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
-                       if cfg.validation_per_class else "test", "test_n": int(res.test()[1].shape[0]),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"resumed_at_epochs": resumed} if resumed else {}), **test, "history": history,
+        **_record_context(cfg, res, bank, trainer),
     }
 
 
 def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progress: bool) -> list[dict[str, Any]]:
     """The seeds of one cell (same set, model, variant) trained at once (``batched``); records as :func:`_execute`
     writes them. A cell whose batched run diverges is rerun seed by seed, so only the diverged seed is recorded failed."""
-    from .evaluation import environment
     from .trainer import ELFTrainer
 
     prepared = _prepare(runs[0], cfg, res)
@@ -496,32 +518,16 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
         "protocol": proto.to_dict(), "split_at": result.data.get("split_at") or split_at,
         "adapters": result.data.get("adapters"), "batched": result.data.get("batched"),
         **({"channels_last": result.data.get("channels_last")} if cfg.channels_last else {}),
-        **(_final_test(result.also["test"][i], cfg, res) if cfg.also_test else {}),
-        "teacher": bank.metadata if bank is not None else None, "data": trainer.data_info, "history": result.histories[i],
-        "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
-        "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
-                       if cfg.validation_per_class else "test", "test_n": int(res.test()[1].shape[0]),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(_final_test(result.also["test"][i], cfg, res) if cfg.also_test else {}), "history": result.histories[i],
+        **_record_context(cfg, res, bank, trainer),
     } for i, r in enumerate(runs)]
-
-
-_NOT_SETTINGS = {"name", "notes"}  # protocol fields that describe rather than decide a run
 
 
 def _variant_settings(run: RunSpec, cfg: StudyConfig) -> dict[str, Any]:
     """What the study file asks of ``run`` now: its protocol fields that decide the run (not name and notes; for a
     baseline, not the fields of the ELF terms) and its explicit split point."""
-    from .protocol import ELF_TERM_FIELDS, get_protocol
-
-    overrides = {**cfg.overrides, **cfg.variants.get(run.variant, {})}
-    overrides.pop("teacher", None)
-    split_at = overrides.pop("split_at", None)
-    if isinstance(split_at, dict):
-        split_at = split_at.get(run.model, split_at.get("*"))
-    proto = get_protocol(cfg.protocol, **overrides)
-    ignored = _NOT_SETTINGS | (set() if proto.uses_features else ELF_TERM_FIELDS)
-    fields = {k: v for k, v in proto.to_dict().items() if k not in ignored}
-    return {"protocol": json.loads(json.dumps(fields, default=str)), "split_at": split_at}
+    proto, _, split_at = _run_settings(run, cfg)
+    return {"protocol": _decisive_fields(proto, baseline_ignores_elf_terms=True), "split_at": split_at}
 
 
 def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
