@@ -309,3 +309,26 @@ def test_also_test_records_the_test_accuracy_of_the_validation_runs(workspace: P
     assert all(r["test_accuracy"] for r in rows)
     with pytest.raises(elf.ELFError, match="validation_per_class"):
         _config(workspace, "x", also_test=True).check()
+
+
+def test_a_variant_can_run_the_teacher_on_the_augmented_images(workspace: Path) -> None:
+    """`features_on_augmented = true` in a variant: the study hands the trainer the teacher module (it runs on each
+    augmented batch), and the run trains exactly what ELFTrainer(teacher=..., features_on_augmented=True) trains."""
+    cfg = _config(workspace, "on-aug", models=["ConvNetW4D2BN"], seeds=[1], random_real=False,
+                  overrides={"epochs": 2, "batch_size": 3},
+                  variants={"aug": {"features_on_augmented": True, "align_targets": False}, "elf": {"align_targets": False}})
+    files = {f.name: json.loads(f.read_text()) for f in run_study(cfg, device="cpu", progress=False, log=lambda _: None)}
+    rec = files["noise__ConvNetW4D2BN__aug__s1.json"]
+    assert rec["protocol"]["features_on_augmented"] is True
+    from elf.io import load_synthetic
+    from elf.teacher import load_teacher
+
+    sset = load_synthetic(workspace / "syn.safetensors")
+    teacher = load_teacher("ConvNetW4D2", workspace / "teacher.safetensors", num_classes=3, im_size=(8, 8))
+    direct = elf.ELFTrainer.from_synthetic("ConvNetW4D2BN", sset, teacher=teacher, device="cpu", progress=False,
+                                           epochs=2, batch_size=3, features_on_augmented=True, align_targets=False)
+    history = direct.fit(1)
+    assert [h["front"] for h in rec["history"]] == pytest.approx([h["front"] for h in history], rel=1e-5)
+    # the teacher saw other images than the cached bank's: the front loss differs from the bank's run
+    plain = files["noise__ConvNetW4D2BN__elf__s1.json"]
+    assert rec["history"][0]["front"] != pytest.approx(plain["history"][0]["front"], rel=1e-3)
