@@ -53,11 +53,14 @@ STUDIES = {"val": "gpu_val_study.toml", "dm": "gpu_cross_arch_study.toml", "dsa"
            "table5": "gpu_table5_study.toml"}
 #: issue #9's follow-ups, committed as CPU studies; the GPU reruns them into results/gpu-<out folder without "cpu-">
 FOLLOWUPS = {"teacher_choice": "cpu_teacher_choice_study.toml", "vit_val": "followup_vit_val_study.toml",
-             "vit_test": "followup_vit_test_study.toml", "in_models_val": "followup_in_models_val_study.toml"}
+             "vit_test": "followup_vit_test_study.toml", "in_models_val": "followup_in_models_val_study.toml",
+             "front_scale_val": "followup_front_scale_val_study.toml",
+             "onaug_val": "followup_teacher_on_aug_val_study.toml"}
 TINY_VIT = "timm.vit_tiny_patch16_224:patch_size=4,depth=6"  # the studies' ViT-Tiny/4, 6 blocks (blocks.5 is the last)
 TINY_MODELS = {"val": ["ConvNetW64", TINY_VIT], "dm": ["ConvNet", "AlexNet", "torchvision.resnet18"], "dsa": ["ConvNet"],
                "table5": ["ConvNetBN", "VGG11BN"],  # both teachers (128x4x4, 512x4x4); BatchNorm inside vmap
-               "teacher_choice": ["ConvNet"], "vit_val": [TINY_VIT], "vit_test": [TINY_VIT], "in_models_val": ["ConvNet"]}
+               "teacher_choice": ["ConvNet"], "vit_val": [TINY_VIT], "vit_test": [TINY_VIT], "in_models_val": ["ConvNet"],
+               "front_scale_val": ["ConvNetBN"], "onaug_val": ["ConvNet"]}
 STAGES = ["speed", "cuda_tests", "table5", "followups", "teacher", "distill", "val", "tables"]
 DEFAULT_STAGES = "speed,cuda_tests,table5,followups"
 STAGE_STUDIES = {"val": ["val"], "tables": ["dm", "dsa"], "table5": ["table5"], "followups": list(FOLLOWUPS)}
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-seconds", type=float, default=170, help="time box of the DSA distillation")
     ap.add_argument("--speed-seconds", type=float, default=75, help="time box of the batched-seeds speed stage")
     ap.add_argument("--procs", type=int, default=8, help="processes for table5 and the DM table (the DSA table gets half)")
-    ap.add_argument("--followup-procs", type=int, default=8,
+    ap.add_argument("--followup-procs", type=int, default=12,
                     help="processes for the follow-up studies in all (split evenly, at most one per unfinished run)")
     ap.add_argument("--work", default=str(HERE / "work" / "gpu"))
     ap.add_argument("--results", default=str(HERE / "results"))

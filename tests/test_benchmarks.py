@@ -111,12 +111,16 @@ def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) 
     assert "| dm200 | VGG11BN |" in (results / "gpu-table5" / "summary.md").read_text()
     # followups: the committed CPU studies, rerun into GPU-named folders
     folders = {"gpu-teacher-choice-study": 2, "gpu-followup-vit-val-study": 3, "gpu-followup-vit-test-study": 3,
-               "gpu-followup-in-models-val-study": 3}
+               "gpu-followup-in-models-val-study": 3, "gpu-followup-front-scale-val-study": 3,
+               "gpu-followup-teacher-on-aug-val-study": 1}
     for folder, n in folders.items():
         assert len(list((results / folder / "runs").glob("*.json"))) == n, folder
         assert "(cpu, benchmarks/gpu_check.py)" in (results / folder / "summary.md").read_text()
     assert not list(results.glob("cpu-*"))
-    assert set(summary["followups"]["studies"]) == {"teacher_choice", "vit_val", "vit_test", "in_models_val"}
+    assert set(summary["followups"]["studies"]) == {"teacher_choice", "vit_val", "vit_test", "in_models_val",
+                                                    "front_scale_val", "onaug_val"}
+    onaug = json.loads(next((results / "gpu-followup-teacher-on-aug-val-study" / "runs").glob("*.json")).read_text())
+    assert onaug["protocol"]["features_on_augmented"] is True and onaug["accuracy"] is not None
     vit = [json.loads(f.read_text()) for f in (results / "gpu-followup-vit-test-study" / "runs").glob("*.json")]
     assert {(r["split_at"], r["teacher"]["teacher_model"]) for r in vit} == {
         ("norm", "ConvNet"), ("blocks.5", "ConvNet"), ("norm", "ConvNetW512")}
