@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--align-targets", nargs="?", const=True, default=False, choices=["flip"],
                    help="apply each batch's geometric DSA transform to the teacher feature maps too (see docs/trainer.md); "
                         "'--align-targets flip': the flips only")
+    g.add_argument("--teacher-on-augmented", action="store_true",
+                   help="run the teacher on every augmented batch for the front term's target (features_on_augmented; "
+                        "a teacher forward per step, seeds not batched), instead of its cached features of the "
+                        "un-augmented images; not with --align-targets")
     g.add_argument("--no-augment", action="store_true", help="train without DSA")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     g.add_argument("--no-elf", action="store_true", help="skip the ELF runs")
@@ -328,6 +332,8 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["adapter"] = None if args.adapter == "none" else args.adapter
     if getattr(args, "align_targets", False):
         out["align_targets"] = args.align_targets  # True, or "flip"
+    if getattr(args, "teacher_on_augmented", False):
+        out["features_on_augmented"] = True
     if getattr(args, "rear_bn_stats", None) is not None:
         out["rear_bn_stats_from_features"] = args.rear_bn_stats == "features"
     return out
@@ -484,6 +490,8 @@ def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], te
             "batch_size", "lambda_front", "lambda_rear", "lambda_task", "distance", "rear_bn_stats", "adapter",
             "align_targets", "no_augment", "no_baseline", "no_elf", "test_per_class", "feature_dtype")
     out: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    if args.teacher_on_augmented:  # only when given, so evals saved before the option existed still resume
+        out["teacher_on_augmented"] = True
     out["images_n"] = len(sset)
     out["normalization"] = norm.to_dict()
     out["teachers"] = [b.metadata.get("teacher_sha256", "") for b in banks]

@@ -72,6 +72,10 @@ class FeatureBank:
 
     Build with :meth:`build` (a teacher module) or :meth:`from_checkpoint` (a file plus a model name); save and load
     with :meth:`save` / :meth:`load`. Index with a LongTensor of image indices to get float32 features.
+
+    A bank made by :meth:`build` or :meth:`from_checkpoint` keeps its teacher module in :attr:`teacher` (in memory
+    only, never saved), so a protocol with ``features_on_augmented`` can run it on each augmented batch; a bank read
+    with :meth:`load` has ``teacher = None``.
     """
 
     def __init__(self, features: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
@@ -79,6 +83,7 @@ class FeatureBank:
             raise ELFError(f"features must be (N, ...) with one row per image, got shape {tuple(features.shape)}")
         self.features = features
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.teacher: nn.Module | None = None
 
     # ---- access -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -169,6 +174,7 @@ class FeatureBank:
             try:
                 bank = cls.load(cache_file, device=dev)
                 if bank.metadata.get("key") == key:
+                    bank.teacher = teacher
                     return bank
                 warnings.warn(f"feature cache {cache_file} holds another key; recomputing", stacklevel=2)
             except ELFError as e:
@@ -206,6 +212,7 @@ class FeatureBank:
             **(space or {}),
         }
         bank = cls(features, meta)
+        bank.teacher = teacher
         if cache_file is not None:
             try:
                 bank.save(cache_file)

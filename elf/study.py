@@ -372,18 +372,6 @@ class _Resources:
 
         return self._get(f"banks:{set_name}", make)
 
-    def teacher(self, label: str, set_name: str) -> Any:
-        """The teacher module of ``teachers.<label>`` (eval mode, on the study's device), for variants with
-        ``features_on_augmented`` that run it on every augmented batch; loaded once per (teacher, set shape)."""
-        from .teacher import load_teacher
-
-        sset = self.synthetic(set_name)
-        c, h, w = sset.images.shape[1:]
-        t = self.cfg.teachers[label]
-        return self._get(f"teacher:{label}:{c}x{h}x{w}:{sset.num_classes}",
-                         lambda: load_teacher(t.get("model", "ConvNet"), t["checkpoint"], channel=c,
-                                              num_classes=sset.num_classes, im_size=(h, w), device=self.device))
-
 
 def _run_settings(run: RunSpec, cfg: StudyConfig) -> tuple[Any, str | None, str | None]:
     """``(protocol, teacher label, split point)`` the study file gives ``run``: its variant over ``overrides``."""
@@ -407,10 +395,9 @@ def _decisive_fields(proto: Any, *, baseline_ignores_elf_terms: bool = False) ->
     return json.loads(json.dumps({k: v for k, v in proto.to_dict().items() if k not in ignored}, default=str))
 
 
-def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any, Any, Any, dict[str, Any]] | dict[str, Any]:
-    """``(protocol, set, bank, split_at, teacher kwargs)`` of a run, or its record when the paper's ELF cannot fill
-    its cell. The teacher kwargs (``teacher``, ``teacher_point``) are empty unless the protocol runs the teacher on
-    every augmented batch (``features_on_augmented``)."""
+def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any, Any, Any] | dict[str, Any]:
+    """``(protocol, set, bank, split_at)`` of a run, or its record when the paper's ELF cannot fill its cell. A bank
+    holds its teacher module, which runs on every augmented batch when the protocol has ``features_on_augmented``."""
     from .evaluation import choose_bank
 
     proto, teacher_label, split_at = _run_settings(run, cfg)
@@ -432,11 +419,7 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
                 # the paper's ELF needs equal shapes: a cell it cannot fill is recorded as such, not as an error
                 return {"run": asdict(run), "run_id": run.run_id, "accuracy": None, "not_applicable": str(e),
                         "protocol": proto.to_dict(), "study": cfg.name}
-    teacher: dict[str, Any] = {}
-    if proto.features_on_augmented:
-        label = teacher_label or next(k for k, b in res.banks(run.set).items() if b is bank)
-        teacher = {"teacher": res.teacher(label, run.set), "teacher_point": cfg.teachers[label].get("point")}
-    return proto, sset, bank, split_at, teacher
+    return proto, sset, bank, split_at
 
 
 def _record_context(cfg: StudyConfig, res: _Resources, bank: Any, trainer: Any) -> dict[str, Any]:
@@ -479,7 +462,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
     prepared = _prepare(run, cfg, res)
     if isinstance(prepared, dict):
         return prepared
-    proto, sset, bank, split_at, teacher = prepared
+    proto, sset, bank, split_at = prepared
     ckpt = None
     if cfg.checkpoint_minutes:
         identity = {"model": run.model, "seed": run.seed, "set": run.set, "protocol": _decisive_fields(proto),
@@ -488,7 +471,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
         ckpt = RunCheckpoint(_partial_folder(cfg), run.run_id, cfg.checkpoint_minutes * 60, identity, res.log)
     trainer = ELFTrainer.from_synthetic(run.model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress, channels_last=cfg.channels_last,
-                                        callbacks=[ckpt] if ckpt is not None else None, **teacher)
+                                        callbacks=[ckpt] if ckpt is not None else None)
     t0 = time.perf_counter()
     try:
         history = trainer.fit(run.seed, resume_from=ckpt.load() if ckpt is not None else None)
@@ -523,10 +506,9 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     prepared = _prepare(runs[0], cfg, res)
     if isinstance(prepared, dict):
         return [{**prepared, "run": asdict(r), "run_id": r.run_id} for r in runs]
-    proto, sset, bank, split_at, teacher = prepared
+    proto, sset, bank, split_at = prepared
     trainer = ELFTrainer.from_synthetic(runs[0].model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
-                                        device=res.device, progress=progress, channels_last=cfg.channels_last,
-                                        **teacher)
+                                        device=res.device, progress=progress, channels_last=cfg.channels_last)
     try:
         result = trainer.run(*res.test(), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile,
                              also_evaluate={"test": res.test(final=True)} if cfg.also_test else None)

@@ -184,7 +184,9 @@ class ELFTrainer:
         images: synthetic images ``(N, C, H, W)``, float, normalized as the test data.
         labels: class indices ``(N,)``, or soft labels ``(N, K)`` (probabilities or logits).
         feature_bank: teacher features of ``images`` (see :class:`FeatureBank`).
-        teacher: alternatively the teacher module; a bank is built from it at ``teacher_point``.
+        teacher: alternatively the teacher module; a bank is built from it at ``teacher_point``. With
+            ``features_on_augmented`` it also runs on each augmented batch (default: the bank's own
+            :attr:`FeatureBank.teacher`).
         split_at: where to cut the model (default: its ``elf_split_point``, or ``"auto"`` for a model without one,
             e.g. torchvision/timm models); ``"auto"`` picks the deepest point
             matching the bank's shape (with ``adapter="auto"``: else its spatial grid) and reports it in
@@ -261,8 +263,13 @@ class ELFTrainer:
         self._loop: _LoopState | None = None
         self.data_info: dict[str, Any] = {}
         p = self.protocol
+        if p.features_on_augmented and teacher is None and feature_bank is not None and feature_bank.teacher is not None:
+            teacher, teacher_point = feature_bank.teacher, teacher_point or feature_bank.point  # the bank's own teacher
+            self.teacher, self.teacher_point = teacher, teacher_point
         if p.features_on_augmented and teacher is None:
-            raise ELFError("features_on_augmented=True computes teacher features every step: pass teacher=")
+            raise ELFError("features_on_augmented=True runs the teacher on every augmented batch: pass teacher=, or a "
+                           "feature_bank made in this process by FeatureBank.build / from_checkpoint (a bank read "
+                           "from a file does not hold its teacher)")
         if feature_bank is None and teacher is not None and p.uses_features:
             teacher = teacher.to(self.device)
             feature_bank = FeatureBank.build(teacher, self.images, teacher_point, device=self.device,

@@ -110,6 +110,14 @@ def test_train_teacher_then_eval(tmp_path: Path, image_folder: Path, synthetic_f
                  "--out", str(result_file), *common]) == 0
     (row,) = json.loads(result_file.read_text())["results"]
     assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is False
+    # --teacher-on-augmented: the bank's teacher runs on every augmented batch (the bank comes from the cache here)
+    assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
+                 "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", "--teacher-on-augmented", "--no-baseline",
+                 "--out", str(result_file), *common]) == 0
+    (row,) = json.loads(result_file.read_text())["results"]
+    assert row["elf"]["protocol"]["features_on_augmented"] is True and row["elf"]["accuracies"]
+    assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
+                 "--teacher-on-augmented", "--align-targets", *common]) == 2  # two ways to match the view: one only
 
 
 def test_train_teacher_resumes(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -389,6 +389,27 @@ def test_features_on_augmented_runs_the_teacher_every_step():
     assert len(calls) - before == 2 * 3  # 2 epochs x 3 batches
 
 
+def test_features_on_augmented_runs_the_teacher_of_a_built_bank(tmp_path):
+    """A bank made in this process by FeatureBank.build holds its teacher: features_on_augmented needs no teacher=
+    (so elf eval and studies, which pass banks, can use it) and trains what teacher= trains; a bank read from a
+    file has no teacher, and the error says what to pass."""
+    x, y = _data()
+    teacher = _teacher()
+    kw = dict(x=x, y=y, epochs=1, batch_size=2, features_on_augmented=True, augment="color_crop_cutout_flip_scale_rotate")
+    bank = _bank(x, teacher=teacher)
+    assert bank.teacher is teacher
+    via_bank = _trainer(feature_bank=bank, **kw).fit(0)
+    via_teacher = _trainer(teacher=teacher, **kw).fit(0)
+    assert [h["front"] for h in via_bank] == pytest.approx([h["front"] for h in via_teacher])
+    loaded = FeatureBank.load(bank.save(tmp_path / "bank.safetensors"))
+    assert loaded.teacher is None
+    with pytest.raises(ELFError, match="read from a file"):
+        _trainer(feature_bank=loaded, **kw)
+    cached = FeatureBank.build(teacher, x, cache_dir=tmp_path / "cache")
+    again = FeatureBank.build(teacher, x, cache_dir=tmp_path / "cache")  # read from the cache: still holds its teacher
+    assert cached.teacher is teacher and again.teacher is teacher
+
+
 # ---- models given in other forms ---------------------------------------------------------------------------------
 
 
