@@ -264,8 +264,7 @@ class ELFTrainer:
         self.data_info: dict[str, Any] = {}
         p = self.protocol
         if p.features_on_augmented and teacher is None and feature_bank is not None and feature_bank.teacher is not None:
-            teacher, teacher_point = feature_bank.teacher, teacher_point or feature_bank.point  # the bank's own teacher
-            self.teacher, self.teacher_point = teacher, teacher_point
+            teacher = self.teacher = feature_bank.teacher  # the bank's own teacher
         if p.features_on_augmented and teacher is None:
             raise ELFError("features_on_augmented=True runs the teacher on every augmented batch: pass teacher=, or a "
                            "feature_bank made in this process by FeatureBank.build / from_checkpoint (a bank read "
@@ -441,10 +440,11 @@ class ELFTrainer:
         distance = feature_distance(p.distance)
         teacher_front = None
         if p.features_on_augmented:
-            assert self.teacher is not None
+            assert self.teacher is not None and self.feature_bank is not None
             self.teacher.to(self.device).eval()
-            teacher_front = split_model(self.teacher, self.teacher_point or default_split_point(self.teacher),
-                                        options=self.split_options).front
+            # cut where the bank was cut: the front target and the rear's input must be the same feature
+            teacher_front = split_model(self.teacher, self.feature_bank.point or self.teacher_point
+                                        or default_split_point(self.teacher), options=self.split_options).front
         lr = p.lr
         opt = self._optimizer(model, lr)
         start_epoch = 0

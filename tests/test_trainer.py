@@ -410,6 +410,18 @@ def test_features_on_augmented_runs_the_teacher_of_a_built_bank(tmp_path):
     assert cached.teacher is teacher and again.teacher is teacher
 
 
+def test_features_on_augmented_runs_the_teacher_at_the_banks_point():
+    """The teacher run on each augmented batch is cut where the bank was cut (the rear term reads the bank), also
+    when the bank is not at the teacher's default point and teacher= is given without teacher_point."""
+    x, y = _data()
+    teacher = _teacher()
+    bank = _bank(x, "features.9", teacher=teacher)
+    trainer = _trainer(x=x, y=y, feature_bank=bank, teacher=teacher, split_at="features.9", epochs=0, batch_size=6,
+                       features_on_augmented=True)
+    history = trainer.fit(0)  # before the fix: the default point's (16, 2, 2) targets against (16, 4, 4) maps
+    assert history and history[0]["front"] > 0
+
+
 # ---- models given in other forms ---------------------------------------------------------------------------------
 
 
