@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="study file (.toml, .yaml)")
     p.add_argument("--shard", default=None, metavar="I/N", help="run only shard I of N (0-based); under torchrun the rank decides")
     p.add_argument("--summarize", action="store_true", help="only collect finished runs into the summary")
+    p.add_argument("--only", action="append", default=None, metavar="PATTERN",
+                   help="run only the runs whose id (SET__MODEL__VARIANT__sSEED) matches this shell-style pattern, "
+                        "e.g. '*__VGG11__*__s2'; repeat for several")
     _add_device(p)
     _add_import(p)
     p.set_defaults(func=_cmd_study)
@@ -604,7 +607,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from .study import main_study
 
-    return main_study(args.config, args.shard, args.device, not args.no_progress, args.summarize)
+    return main_study(args.config, args.shard, args.device, not args.no_progress, args.summarize, args.only)
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:

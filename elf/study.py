@@ -569,6 +569,21 @@ def plan_units(cfg: StudyConfig) -> list[list[RunSpec]]:
     return list(cells.values())
 
 
+def _select(groups: list[list[RunSpec]], patterns: Sequence[str]) -> list[list[RunSpec]]:
+    """The units with a run whose id matches one of ``patterns`` (shell-style, :mod:`fnmatch`)."""
+    from fnmatch import fnmatchcase
+
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen = [g for g in groups if any(fnmatchcase(r.run_id, p) for r in g for p in patterns)]
+    if not chosen:
+        ids = [r.run_id for g in groups for r in g]
+        shown = ", ".join(ids[:4]) + (f", ... ({len(ids)} in all)" if len(ids) > 4 else "")
+        raise ELFError(f"--only {' '.join(patterns)}: no run of the study matches; its run ids are {shown} "
+                       "(patterns are shell-style: * and ?, e.g. '*__VGG11__*__s2')")
+    return chosen
+
+
 def run_study(
     cfg: StudyConfig,
     *,
@@ -577,13 +592,16 @@ def run_study(
     progress: bool = True,
     log: Callable[[str], None] = print,
     keep_going: bool = False,
+    only: Sequence[str] | None = None,
 ) -> list[Path]:
     """Run this process's share of the study; finished runs (their JSON exists) are skipped. Returns the run files.
 
     ``shard=(i, n)`` takes runs ``i, i + n, i + 2n, ...``; by default the torch.distributed rank and world size
     (torchrun) decide, and each rank uses ``cuda:LOCAL_RANK`` when CUDA is available. Rank 0 writes the summary once
     every rank has finished. ``keep_going``: a run that raises is logged and left unwritten (a restart retries it)
-    instead of stopping this process.
+    instead of stopping this process. ``only``: shell-style patterns (:mod:`fnmatch`) on run ids, e.g.
+    ``["*__VGG11__*__s2"]``: only the runs (with ``batched``, the cells) matching one of them are this study's work,
+    before sharding; an error names the run ids when none matches.
     """
     distributed = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
     cfg.check(running=True)
@@ -603,7 +621,10 @@ def run_study(
                        f"file asks for now, and would be skipped and summarized as if they were not: {shown}{more}. "
                        "Set those values back, or move the files away (or change 'out') to run them again")
     res = _Resources(cfg, dev, log)
-    groups = plan_units(cfg)[rank::world]
+    groups = plan_units(cfg)
+    if only is not None:
+        groups = _select(groups, only)
+    groups = groups[rank::world]
     files = [out / "runs" / f"{r.run_id}.json" for group in groups for r in group]
     for k, group in enumerate(groups, 1):
         pending = [r for r in group if not (out / "runs" / f"{r.run_id}.json").exists()]
@@ -642,10 +663,17 @@ def _mean_std(xs: Sequence[float]) -> str:
     return f"{np.mean(xs):.2f} ± {np.std(xs):.2f}" if xs else "-"
 
 
+def _seeds_short(n_runs: int, n_seeds: int) -> str:
+    """``" (2 of 3 seeds)"`` for a cell with some but not all of its runs finished, else ``""``."""
+    return f" ({n_runs} of {n_seeds} seeds)" if 0 < n_runs < n_seeds else ""
+
+
 def summarize(cfg: StudyConfig) -> Path:
     """Collect every run JSON of the study into ``summary.csv``, ``summary.md`` and (with matplotlib) ``summary.png``."""
     out = Path(cfg.out)
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    other_seeds = sorted({r["run"]["seed"] for r in records} - set(cfg.seeds))
+    records = [r for r in records if r["run"]["seed"] in cfg.seeds]  # the tables say which seeds they average
     not_applicable = {(r["run"]["set"], r["run"]["model"], r["run"]["variant"]) for r in records
                       if r.get("accuracy") is None and not r.get("failed")}
     failed: dict[tuple[str, str, str], int] = {}
@@ -677,6 +705,8 @@ def summarize(cfg: StudyConfig) -> Path:
     lines = [f"# {cfg.name}", "", f"{measured} (%), mean ± std over seeds {cfg.seeds}; protocol {cfg.protocol!r}"
              + (f" with {cfg.overrides}" if cfg.overrides else "") + ".", ""]
     lines += _table(cfg, acc, set_names, not_applicable, failed)
+    if other_seeds:
+        lines += ["", f"(Runs of seeds {other_seeds} are in `runs/` but not in the study's seeds: not counted above.)"]
     try:
         stale = stale_runs(cfg)
     except ELFError as e:  # e.g. a set file that is not here: summarizing needs only the run files
@@ -701,7 +731,7 @@ def summarize(cfg: StudyConfig) -> Path:
 def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_names: list[str],
            not_applicable: set[tuple[str, str, str]], failed: dict[tuple[str, str, str], int]) -> list[str]:
     """Markdown rows: one per set and model, mean ± std per variant, and the ELF gain (first ELF variant minus the
-    first baseline variant)."""
+    first baseline variant). A cell with fewer finished runs than the study has seeds says how many it averages."""
     variants = list(cfg.variants)
     baseline = next((v for v in variants if not _is_elf(cfg.variants[v])), None)
     elf_variant = next((v for v in variants if _is_elf(cfg.variants[v])), None)
@@ -712,6 +742,7 @@ def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_n
         for m in cfg.models:
             cells = ["n/a" if (s, m, v) in not_applicable and (s, m, v) not in acc else _mean_std(acc.get((s, m, v), []))
                      + (f" ({failed[(s, m, v)]} failed)" if (s, m, v) in failed else "")
+                     + _seeds_short(len(acc.get((s, m, v), [])) + failed.get((s, m, v), 0), len(cfg.seeds))
                      for v in variants]
             if not any(c not in ("-", "n/a") for c in cells):
                 continue
@@ -749,7 +780,8 @@ def _plot(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_na
     plt.close(fig)
 
 
-def main_study(config: PathLike, shard: str | None, device: str | None, progress: bool, summarize_only: bool) -> int:
+def main_study(config: PathLike, shard: str | None, device: str | None, progress: bool, summarize_only: bool,
+               only: Sequence[str] | None = None) -> int:
     """What ``elf study`` does (kept here so the CLI module stays small)."""
     cfg = load_config(config)
     if summarize_only:
@@ -762,7 +794,7 @@ def main_study(config: PathLike, shard: str | None, device: str | None, progress
         except ValueError:
             raise ELFError(f"--shard takes i/n (e.g. 0/4), got {shard!r}") from None
         parsed = (i, n)
-    run_study(cfg, shard=parsed, device=device, progress=progress, log=lambda s: print(s, file=sys.stderr))
+    run_study(cfg, shard=parsed, device=device, progress=progress, log=lambda s: print(s, file=sys.stderr), only=only)
     summary = Path(cfg.out) / "summary.md"
     if summary.exists() and (parsed is None or parsed[1] == 1):
         print(summary.read_text())

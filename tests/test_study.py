@@ -87,6 +87,52 @@ def test_shards_partition_the_runs(workspace: Path) -> None:
         run_study(cfg, shard=(2, 2), device="cpu")
 
 
+def test_only_runs_the_matching_runs_and_the_summary_counts_seeds(workspace: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _config(workspace, "only", variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}},
+                  random_real=False)
+    executed: list[str] = []
+    original = elf.study._execute
+    monkeypatch.setattr(elf.study, "_execute", lambda run, *a: executed.append(run.run_id) or original(run, *a))
+    files = run_study(cfg, device="cpu", progress=False, log=lambda _: None, only=["*__ConvNetW4D2BN__elf__s1"])
+    assert executed == ["noise__ConvNetW4D2BN__elf__s1"] and [f.stem for f in files] == executed
+    table = (Path(cfg.out) / "summary.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| noise | ConvNetW4D2BN |"))
+    assert row.count("(1 of 2 seeds)") == 1  # the elf cell averages one run of two; the baseline cell is empty
+    with pytest.raises(elf.ELFError, match="no run of the study matches.*noise__ConvNetW4D2__baseline__s0"):
+        run_study(cfg, device="cpu", progress=False, log=lambda _: None, only=["*__ResNet18__*"])
+    # the CLI: repeated --only, and shards split only the chosen runs
+    toml = workspace / "only.toml"
+    toml.write_text(f"""
+data = "data"
+models = ["ConvNetW4D2"]
+seeds = 2
+out = "only-cli"
+random_real = false
+[sets]
+noise = "syn.safetensors"
+[overrides]
+epochs = 1
+[variants.baseline]
+lambda_front = 0.0
+lambda_rear = 0.0
+""")
+    executed.clear()
+    assert main(["study", str(toml), "--no-progress", "--device", "cpu", "--only", "*__s1", "--only", "nothing*"]) == 0
+    assert executed == ["noise__ConvNetW4D2__baseline__s1"] and "(1 of 2 seeds)" in capsys.readouterr().out
+
+
+def test_the_summary_averages_only_the_studys_seeds(workspace: Path) -> None:
+    cfg = _config(workspace, "seeds", variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}},
+                  random_real=False, models=["ConvNetW4D2"])
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    rows = {r["seed"]: float(r["accuracy"]) for r in csv.DictReader((Path(cfg.out) / "summary.csv").open())}
+    cfg.seeds = [0]  # seed 1's run stays in runs/: it used to be averaged into a table that says "seeds [0]"
+    table = summarize(cfg).read_text()
+    assert f"| noise | ConvNetW4D2 | {rows['0']:.2f} ± 0.00 |" in table
+    assert "Runs of seeds [1] are in `runs/`" in table
+
+
 def test_toml_and_yaml_configs_via_cli(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     toml = workspace / "study.toml"
     toml.write_text("""
