@@ -41,7 +41,9 @@ class StudyConfig:
     """What to run. ``variants`` maps a name to protocol overrides; a variant is an ELF run when either λ is
     positive (``{}`` under the name ``"elf"`` gives the official ELF terms) and a baseline otherwise. A variant may
     name a ``teacher`` (a key of ``teachers``), e.g. to compare feature epochs; otherwise each model gets the
-    teacher whose feature shape matches its split point (or, with ``adapter = "auto"``, the first teacher).
+    teacher whose feature shape matches its split point (or, with ``adapter = "auto"``, the first teacher). Any
+    field of a variant (or of ``overrides``) may be a table per model with ``"*"`` for the others, e.g. one
+    ``chosen`` variant holding each model's setting picked on validation data.
 
     ``validation_per_class = k`` measures on ``k`` images per class held out from the real *training* data (seed 0)
     instead of the test set, for choosing settings; random-real references are then drawn from the rest.
@@ -144,19 +146,28 @@ class StudyConfig:
                 raise ELFError(f"teacher {name!r}: unknown key(s) {unknown}; a teacher takes {sorted(TEACHER_KEYS)}")
             if "accuracy" in t and not isinstance(t["accuracy"], (int, float)):
                 raise ELFError(f"teacher {name!r}: accuracy must be a number (its test accuracy in %), got {t['accuracy']!r}")
+        for where, changes in [("overrides", self.overrides)] + [(f"variant {v!r}", c) for v, c in self.variants.items()]:
+            for key, value in changes.items():
+                unknown = sorted(set(value) - set(self.models) - {"*"}) if isinstance(value, dict) else []
+                if unknown:
+                    raise ELFError(f"{where}: {key} names {unknown}, not models of this study {self.models}; a "
+                                   'per-model table takes model names as listed in models, and "*" for the others')
         for variant, changes in self.variants.items():
-            changes = {**self.overrides, **changes}
-            teacher = changes.pop("teacher", None)
-            changes.pop("split_at", None)
-            if teacher is not None and teacher not in self.teachers:
-                raise ELFError(f"variant {variant!r} names teacher {teacher!r}, not one of {sorted(self.teachers)}")
-            try:
-                proto = get_protocol(self.protocol, **changes)
-            except ELFError as e:
-                raise ELFError(f"variant {variant!r}: {e}") from None
-            if running and proto.uses_features and not self.teachers:
-                raise ELFError(f"variant {variant!r} uses the ELF terms but the study has no [teachers]; add one "
-                               "(checkpoint, model) or set lambda_front = lambda_rear = 0")
+            per_model = any(isinstance(v, dict) for v in {**self.overrides, **changes}.values())
+            for model in self.models if per_model else self.models[:1]:
+                where = f"variant {variant!r}" + (f" for {model}" if per_model else "")
+                settings = _model_settings(self, variant, model)
+                teacher = settings.pop("teacher", None)
+                settings.pop("split_at", None)
+                if teacher is not None and teacher not in self.teachers:
+                    raise ELFError(f"{where} names teacher {teacher!r}, not one of {sorted(self.teachers)}")
+                try:
+                    proto = get_protocol(self.protocol, **settings)
+                except ELFError as e:
+                    raise ELFError(f"{where}: {e}") from None
+                if running and proto.uses_features and not self.teachers:
+                    raise ELFError(f"{where} uses the ELF terms but the study has no [teachers]; add one "
+                                   "(checkpoint, model) or set lambda_front = lambda_rear = 0")
 
 
 def load_config(path: PathLike) -> StudyConfig:
@@ -222,7 +233,28 @@ class RunSpec:
 
 
 def _is_elf(overrides: dict[str, Any]) -> bool:
-    return overrides.get("lambda_front", 1.0) > 0 or overrides.get("lambda_rear", 1.0) > 0
+    """Whether a variant uses the ELF terms (for some model, where a λ is a per-model table)."""
+    def values(key: str) -> list[float]:
+        v = overrides.get(key, 1.0)
+        return [*v.values(), *([] if "*" in v else [1.0])] if isinstance(v, dict) else [v]
+
+    return any(x > 0 for x in values("lambda_front") + values("lambda_rear"))
+
+
+def _model_settings(cfg: StudyConfig, variant: str, model: str) -> dict[str, Any]:
+    """A variant's fields over the study's ``overrides`` for one model. Any field may be a table per model
+    (``{ "VGG11" = true, "*" = false }``): the model's entry, else ``"*"``'s; with neither, the field is left out
+    (the study's ``overrides`` or the protocol's value applies; for ``split_at`` the model's default cut)."""
+    def pick(fields: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in fields.items():
+            if not isinstance(value, dict):
+                out[key] = value
+            elif model in value or "*" in value:
+                out[key] = value.get(model, value.get("*"))
+        return out
+
+    return {**pick(cfg.overrides), **pick(cfg.variants.get(variant, {}))}
 
 
 def _images_per_class(sset: Any) -> int:
@@ -377,11 +409,9 @@ def _run_settings(run: RunSpec, cfg: StudyConfig) -> tuple[Any, str | None, str 
     """``(protocol, teacher label, split point)`` the study file gives ``run``: its variant over ``overrides``."""
     from .protocol import get_protocol
 
-    overrides = {**cfg.overrides, **cfg.variants.get(run.variant, {})}
+    overrides = _model_settings(cfg, run.variant, run.model)
     teacher_label = overrides.pop("teacher", None)
     split_at = overrides.pop("split_at", None)
-    if isinstance(split_at, dict):  # per model, "*" for the others
-        split_at = split_at.get(run.model, split_at.get("*"))
     return get_protocol(cfg.protocol, **overrides), teacher_label, split_at
 
 

@@ -122,6 +122,34 @@ lambda_rear = 0.0
     assert executed == ["noise__ConvNetW4D2__baseline__s1"] and "(1 of 2 seeds)" in capsys.readouterr().out
 
 
+def test_a_variant_field_can_be_a_table_per_model(workspace: Path) -> None:
+    chosen = {"distance": {"ConvNetW4D2BN": "mse", "*": "ce"}, "lambda_rear": {"ConvNetW4D2": 0.0},
+              "teacher": {"*": "w4"}}
+    cfg = _config(workspace, "per-model", variants={"chosen": chosen}, seeds=[0], random_real=False)
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    recs = {m: json.loads((Path(cfg.out) / "runs" / f"noise__{m}__chosen__s0.json").read_text())
+            for m in ("ConvNetW4D2", "ConvNetW4D2BN")}
+    assert recs["ConvNetW4D2"]["protocol"]["distance"] == "ce" and recs["ConvNetW4D2"]["protocol"]["lambda_rear"] == 0.0
+    assert recs["ConvNetW4D2BN"]["protocol"]["distance"] == "mse" and recs["ConvNetW4D2BN"]["protocol"]["lambda_rear"] == 1.0
+    # each model's run is the run a plain variant with its values gives (same training, same accuracy)
+    plain = _config(workspace, "per-model-plain", variants={"chosen": {"distance": "mse"}}, seeds=[0], random_real=False,
+                    models=["ConvNetW4D2BN"])
+    run_study(plain, device="cpu", progress=False, log=lambda _: None)
+    rec = json.loads((Path(plain.out) / "runs" / "noise__ConvNetW4D2BN__chosen__s0.json").read_text())
+    def losses(r: dict) -> list:
+        return [{k: v for k, v in h.items() if k != "time_s"} for h in r["history"]]
+
+    assert rec["accuracy"] == recs["ConvNetW4D2BN"]["accuracy"] and losses(rec) == losses(recs["ConvNetW4D2BN"])
+    assert elf.study.stale_runs(cfg) == []
+    # a misspelt model would silently take "*": refused, as is a teacher or value wrong for one model only
+    with pytest.raises(elf.ELFError, match=r"distance names \['ConvNetW4D2bn'\], not models of this study"):
+        _config(workspace, "x", variants={"v": {"distance": {"ConvNetW4D2bn": "mse"}}}).check()
+    with pytest.raises(elf.ELFError, match="variant 'v' for ConvNetW4D2BN names teacher 'w9'"):
+        _config(workspace, "x", variants={"v": {"teacher": {"ConvNetW4D2BN": "w9"}}}).check()
+    with pytest.raises(elf.ELFError, match="variant 'v' for ConvNetW4D2: .*adapter"):
+        _config(workspace, "x", variants={"v": {"adapter": {"ConvNetW4D2": "nope", "*": "auto"}}}).check()
+
+
 def test_the_summary_averages_only_the_studys_seeds(workspace: Path) -> None:
     cfg = _config(workspace, "seeds", variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}},
                   random_real=False, models=["ConvNetW4D2"])
