@@ -16,8 +16,10 @@
               batched per cell, ``--table5-epochs`` (1000) epochs, all 10,000 test images; sharded by cells over
               ``--procs`` processes; ``results/gpu-table5/``. Its wall time and per-cell times go in gpu-check.json.
   followups   issue #9's follow-up studies, committed for the CPU (``FOLLOWUPS``), rerun on the GPU with their own
-              settings (data from ``--data``), sharded over ``--followup-procs`` processes in all; results in
-              ``results/gpu-<the study's folder without "cpu-">/`` (never the CPU folders: numerics differ).
+              settings (data from ``--data``), sharded over ``--followup-procs`` processes in all (in proportion to
+              each study's unfinished runs); results in ``results/gpu-<the study's folder without "cpu-">/`` (never
+              the CPU folders: numerics differ). Among them ``gpu_chosen_table_study.toml``: issue #9's table with
+              each model's setting chosen on validation data (``results/gpu-chosen-table/``).
   teacher, distill, val, tables   the first call's stages (results committed): train the width-512 ConvNet teacher
               (``elf train-teacher``, time-boxed by ``--teacher-seconds``), distill a DSA set (``elf distill``,
               ``--distill-seconds``), the validation study ``gpu_val_study.toml``, and once teacher and set exist
@@ -55,12 +57,13 @@ STUDIES = {"val": "gpu_val_study.toml", "dm": "gpu_cross_arch_study.toml", "dsa"
 FOLLOWUPS = {"teacher_choice": "cpu_teacher_choice_study.toml", "vit_val": "followup_vit_val_study.toml",
              "vit_test": "followup_vit_test_study.toml", "in_models_val": "followup_in_models_val_study.toml",
              "front_scale_val": "followup_front_scale_val_study.toml",
-             "onaug_val": "followup_teacher_on_aug_val_study.toml"}
+             "onaug_val": "followup_teacher_on_aug_val_study.toml", "chosen_table": "gpu_chosen_table_study.toml"}
 TINY_VIT = "timm.vit_tiny_patch16_224:patch_size=4,depth=6"  # the studies' ViT-Tiny/4, 6 blocks (blocks.5 is the last)
 TINY_MODELS = {"val": ["ConvNetW64", TINY_VIT], "dm": ["ConvNet", "AlexNet", "torchvision.resnet18"], "dsa": ["ConvNet"],
                "table5": ["ConvNetBN", "VGG11BN"],  # both teachers (128x4x4, 512x4x4); BatchNorm inside vmap
                "teacher_choice": ["ConvNet"], "vit_val": [TINY_VIT], "vit_test": [TINY_VIT], "in_models_val": ["ConvNet"],
-               "front_scale_val": ["ConvNetBN"], "onaug_val": ["ConvNet"]}
+               "front_scale_val": ["ConvNetBN"], "onaug_val": ["ConvNet"],
+               "chosen_table": ["ConvNetBN", "VGG11"]}  # w128 exact shape; w512 run on the augmented batches
 STAGES = ["speed", "cuda_tests", "table5", "followups", "teacher", "distill", "val", "tables"]
 DEFAULT_STAGES = "speed,cuda_tests,table5,followups"
 STAGE_STUDIES = {"val": ["val"], "tables": ["dm", "dsa"], "table5": ["table5"], "followups": list(FOLLOWUPS)}
@@ -93,6 +96,9 @@ def _study_config(name: str, args: argparse.Namespace) -> Any:
         cfg.overrides["epochs"] = args.epochs
     if args.tiny:
         cfg.models = TINY_MODELS.get(name, cfg.models[:1])
+        cfg.variants = {v: {k: ({m: x for m, x in val.items() if m in cfg.models or m == "*"}
+                                if isinstance(val, dict) else val) for k, val in fields.items()}
+                        for v, fields in cfg.variants.items()}  # per-model tables: only the toy models' entries
         cfg.seeds = [0, 1] if name == "table5" else [0]
         cfg.variants = {k: v for k, v in list(cfg.variants.items())[:3]}
         if cfg.validation_per_class:
@@ -194,6 +200,13 @@ def _start_study(stage: Stage, name: str, procs: int, args: argparse.Namespace, 
     for i, proc_name in enumerate(names):
         stage.start(proc_name, [sys.executable, __file__, "--worker", name, "--shard", f"{i}/{n}", *_pass(args)], end)
     return names
+
+
+def _share(procs: int, todo: dict[str, int]) -> dict[str, int]:
+    """Processes per study: ``procs`` in all, in proportion to each study's unfinished units (at least one where
+    any is unfinished, never more than it has)."""
+    total = sum(todo.values()) or 1
+    return {name: min(k, max(1, round(procs * k / total))) for name, k in todo.items()}
 
 
 def _cells(cfg: Any) -> dict[str, Any]:
@@ -328,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if "table5" in selected:
         names["table5"] = _start_study(stage, "table5", args.procs, args, end, study_info)
     if "followups" in selected:
-        per_study = max(1, args.followup_procs // len(FOLLOWUPS))
-        names["followups"] = [n for f in FOLLOWUPS for n in _start_study(stage, f, per_study, args, end, study_info)]
+        todo = {f: len(_units(_study_config(f, args))[1]) for f in FOLLOWUPS}
+        names["followups"] = [n for f, k in _share(args.followup_procs, todo).items()
+                              for n in _start_study(stage, f, k, args, end, study_info)]
 
     # the first call's stages: teacher, DSA set, validation study; then the tables
     if "teacher" in selected:

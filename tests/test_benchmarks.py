@@ -112,13 +112,20 @@ def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) 
     # followups: the committed CPU studies, rerun into GPU-named folders
     folders = {"gpu-teacher-choice-study": 2, "gpu-followup-vit-val-study": 3, "gpu-followup-vit-test-study": 3,
                "gpu-followup-in-models-val-study": 3, "gpu-followup-front-scale-val-study": 3,
-               "gpu-followup-teacher-on-aug-val-study": 1}
+               "gpu-followup-teacher-on-aug-val-study": 1, "gpu-chosen-table": 2 * 2 * 3}
     for folder, n in folders.items():
         assert len(list((results / folder / "runs").glob("*.json"))) == n, folder
         assert "(cpu, benchmarks/gpu_check.py)" in (results / folder / "summary.md").read_text()
     assert not list(results.glob("cpu-*"))
     assert set(summary["followups"]["studies"]) == {"teacher_choice", "vit_val", "vit_test", "in_models_val",
-                                                    "front_scale_val", "onaug_val"}
+                                                    "front_scale_val", "onaug_val", "chosen_table"}
+    # the chosen column: each model's own setting from the per-model tables (toy models: their entries only)
+    chosen = {r["run"]["model"]: r for r in (json.loads(f.read_text()) for f in
+                                             (results / "gpu-chosen-table" / "runs").glob("dm200__*__chosen__s0.json"))}
+    assert chosen["ConvNetBN"]["teacher"]["teacher_model"] == "ConvNet"
+    assert not chosen["ConvNetBN"]["protocol"]["features_on_augmented"] and chosen["ConvNetBN"]["protocol"]["align_targets"]
+    assert chosen["VGG11"]["teacher"]["teacher_model"] == "ConvNetW512"
+    assert chosen["VGG11"]["protocol"]["features_on_augmented"] and not chosen["VGG11"]["protocol"]["align_targets"]
     onaug = json.loads(next((results / "gpu-followup-teacher-on-aug-val-study" / "runs").glob("*.json")).read_text())
     assert onaug["protocol"]["features_on_augmented"] is True and onaug["accuracy"] is not None
     vit = [json.loads(f.read_text()) for f in (results / "gpu-followup-vit-test-study" / "runs").glob("*.json")]
@@ -163,3 +170,10 @@ def test_committed_width512_teacher_loads() -> None:
     model = elf.create_model("ConvNetW512")
     elf.load_checkpoint(model, ROOT / "benchmarks" / "results" / "gpu-cross-arch-dm" / "teacher_w512_epoch007_fp16.safetensors")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_gpu_check_shares_processes_by_unfinished_runs() -> None:
+    share = _load("gpu_check")._share
+    assert share(12, {"big": 90, "small": 10, "done": 0}) == {"big": 11, "small": 1, "done": 0}
+    assert share(4, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}) == {k: 1 for k in "abcde"}  # each unfinished one runs
+    assert share(12, {"a": 2, "b": 30}) == {"a": 1, "b": 11}
