@@ -93,6 +93,11 @@ class Protocol:
             raise ELFError(f"protocol adapter must be one of {ADAPTER_MODES}, got {self.adapter!r}")
         if self.align_targets not in ALIGN_MODES:
             raise ELFError(f"protocol align_targets must be one of {ALIGN_MODES}, got {self.align_targets!r}")
+        if not callable(self.distance):
+            from .losses import DISTANCES
+
+            if self.distance not in DISTANCES:
+                raise ELFError(f"protocol distance must be one of {sorted(DISTANCES)} or a callable, got {self.distance!r}")
         if self.align_targets and self.features_on_augmented:
             raise ELFError("align_targets and features_on_augmented both make targets match the augmented view: choose one")
         for name in ("epochs", "batch_size", "eval_batch_size", "lr_decay_epoch"):
