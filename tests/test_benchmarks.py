@@ -123,7 +123,7 @@ def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) 
     chosen = {r["run"]["model"]: r for r in (json.loads(f.read_text()) for f in
                                              (results / "gpu-chosen-table" / "runs").glob("dm200__*__chosen__s0.json"))}
     assert chosen["ConvNetBN"]["teacher"]["teacher_model"] == "ConvNet"
-    assert not chosen["ConvNetBN"]["protocol"]["features_on_augmented"] and chosen["ConvNetBN"]["protocol"]["align_targets"]
+    assert chosen["ConvNetBN"]["protocol"]["features_on_augmented"] and not chosen["ConvNetBN"]["protocol"]["align_targets"]
     assert chosen["VGG11"]["teacher"]["teacher_model"] == "ConvNetW512"
     assert chosen["VGG11"]["protocol"]["features_on_augmented"] and not chosen["VGG11"]["protocol"]["align_targets"]
     onaug = json.loads(next((results / "gpu-followup-teacher-on-aug-val-study" / "runs").glob("*.json")).read_text())
