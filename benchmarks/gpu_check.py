@@ -96,9 +96,6 @@ def _study_config(name: str, args: argparse.Namespace) -> Any:
         cfg.overrides["epochs"] = args.epochs
     if args.tiny:
         cfg.models = TINY_MODELS.get(name, cfg.models[:1])
-        cfg.variants = {v: {k: ({m: x for m, x in val.items() if m in cfg.models or m == "*"}
-                                if isinstance(val, dict) else val) for k, val in fields.items()}
-                        for v, fields in cfg.variants.items()}  # per-model tables: only the toy models' entries
         cfg.seeds = [0, 1] if name == "table5" else [0]
         cfg.variants = {k: v for k, v in list(cfg.variants.items())[:3]}
         if cfg.validation_per_class:

@@ -146,12 +146,12 @@ class StudyConfig:
                 raise ELFError(f"teacher {name!r}: unknown key(s) {unknown}; a teacher takes {sorted(TEACHER_KEYS)}")
             if "accuracy" in t and not isinstance(t["accuracy"], (int, float)):
                 raise ELFError(f"teacher {name!r}: accuracy must be a number (its test accuracy in %), got {t['accuracy']!r}")
-        for where, changes in [("overrides", self.overrides)] + [(f"variant {v!r}", c) for v, c in self.variants.items()]:
-            for key, value in changes.items():
-                unknown = sorted(set(value) - set(self.models) - {"*"}) if isinstance(value, dict) else []
-                if unknown:
-                    raise ELFError(f"{where}: {key} names {unknown}, not models of this study {self.models}; a "
-                                   'per-model table takes model names as listed in models, and "*" for the others')
+        by_case = {m.lower(): m for m in self.models}
+        for where, key, names in self.other_models():
+            typos = [(n, by_case[n.lower()]) for n in names if n.lower() in by_case]
+            if typos:  # a table shared with studies of other models is fine; a model spelt another way is not
+                raise ELFError(f"{where}: {key} names {typos[0][0]!r}, but the study's model is {typos[0][1]!r}; a "
+                               'per-model table takes model names exactly as listed in models ("*" for the others)')
         for variant, changes in self.variants.items():
             per_model = any(isinstance(v, dict) for v in {**self.overrides, **changes}.values())
             for model in self.models if per_model else self.models[:1]:
@@ -168,6 +168,18 @@ class StudyConfig:
                 if running and proto.uses_features and not self.teachers:
                     raise ELFError(f"{where} uses the ELF terms but the study has no [teachers]; add one "
                                    "(checkpoint, model) or set lambda_front = lambda_rear = 0")
+
+
+    def other_models(self) -> list[tuple[str, str, list[str]]]:
+        """``(where, field, names)`` for per-model tables naming models this study does not have (a table shared
+        with other studies; those entries are ignored here)."""
+        out = []
+        for where, changes in [("overrides", self.overrides)] + [(f"variant {v!r}", c) for v, c in self.variants.items()]:
+            for key, value in changes.items():
+                names = sorted(set(value) - set(self.models) - {"*"}) if isinstance(value, dict) else []
+                if names:
+                    out.append((where, key, names))
+        return out
 
 
 def load_config(path: PathLike) -> StudyConfig:
@@ -650,6 +662,8 @@ def run_study(
         raise ELFError(f"{len(stale)} finished run(s) in {out / 'runs'} were made with other settings than the study "
                        f"file asks for now, and would be skipped and summarized as if they were not: {shown}{more}. "
                        "Set those values back, or move the files away (or change 'out') to run them again")
+    for where, key, names in cfg.other_models():
+        log(f"{where}: {key} has entries for {names}, not models of this study: ignored here")
     res = _Resources(cfg, dev, log)
     groups = plan_units(cfg)
     if only is not None:

@@ -177,3 +177,13 @@ def test_gpu_check_shares_processes_by_unfinished_runs() -> None:
     assert share(12, {"big": 90, "small": 10, "done": 0}) == {"big": 11, "small": 1, "done": 0}
     assert share(4, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}) == {k: 1 for k in "abcde"}  # each unfinished one runs
     assert share(12, {"a": 2, "b": 30}) == {"a": 1, "b": 11}
+
+
+def test_every_committed_study_file_loads() -> None:
+    """A study file that stops loading (e.g. after a stricter check) would only show on the machine that runs it."""
+    from elf.study import load_config
+
+    files = sorted((ROOT / "benchmarks").glob("*.toml"))
+    assert len(files) > 10
+    for f in files:
+        load_config(f).check(running=True)  # (sets and teachers are read when a study runs; some are made then)

@@ -141,9 +141,15 @@ def test_a_variant_field_can_be_a_table_per_model(workspace: Path) -> None:
 
     assert rec["accuracy"] == recs["ConvNetW4D2BN"]["accuracy"] and losses(rec) == losses(recs["ConvNetW4D2BN"])
     assert elf.study.stale_runs(cfg) == []
-    # a misspelt model would silently take "*": refused, as is a teacher or value wrong for one model only
-    with pytest.raises(elf.ELFError, match=r"distance names \['ConvNetW4D2bn'\], not models of this study"):
+    # a model spelt another way would silently take "*": refused, as is a teacher or value wrong for one model only
+    with pytest.raises(elf.ELFError, match="distance names 'ConvNetW4D2bn', but the study's model is 'ConvNetW4D2BN'"):
         _config(workspace, "x", variants={"v": {"distance": {"ConvNetW4D2bn": "mse"}}}).check()
+    # entries for models the study does not have (a table shared with other studies) are ignored, and said so
+    shared = _config(workspace, "shared", variants={"v": {"split_at": {"ResNet18": "layer3.1"}, "lambda_rear": 0.0}},
+                     seeds=[0], random_real=False, models=["ConvNetW4D2"])
+    logged: list[str] = []
+    run_study(shared, device="cpu", progress=False, log=logged.append)
+    assert "variant 'v': split_at has entries for ['ResNet18'], not models of this study: ignored here" in logged
     with pytest.raises(elf.ELFError, match="variant 'v' for ConvNetW4D2BN names teacher 'w9'"):
         _config(workspace, "x", variants={"v": {"teacher": {"ConvNetW4D2BN": "w9"}}}).check()
     with pytest.raises(elf.ELFError, match="variant 'v' for ConvNetW4D2: .*adapter"):
