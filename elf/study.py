@@ -154,7 +154,7 @@ class StudyConfig:
                                'per-model table takes model names exactly as listed in models ("*" for the others)')
         for variant, changes in self.variants.items():
             per_model = any(isinstance(v, dict) for v in {**self.overrides, **changes}.values())
-            for model in self.models if per_model else self.models[:1]:
+            for model in self.models:
                 where = f"variant {variant!r}" + (f" for {model}" if per_model else "")
                 settings = _model_settings(self, variant, model)
                 teacher = settings.pop("teacher", None)
@@ -244,13 +244,12 @@ class RunSpec:
         return f"{self.set}__{self.model}__{self.variant}__s{self.seed}".replace("/", "-")
 
 
-def _is_elf(overrides: dict[str, Any]) -> bool:
-    """Whether a variant uses the ELF terms (for some model, where a λ is a per-model table)."""
-    def values(key: str) -> list[float]:
-        v = overrides.get(key, 1.0)
-        return [*v.values(), *([] if "*" in v else [1.0])] if isinstance(v, dict) else [v]
+def _is_elf(cfg: StudyConfig, variant: str) -> bool:
+    """Whether a variant uses the ELF terms for some model of the study (its λ as each model's settings give them)."""
+    def uses_terms(settings: dict[str, Any]) -> bool:
+        return settings.get("lambda_front", 1.0) > 0 or settings.get("lambda_rear", 1.0) > 0
 
-    return any(x > 0 for x in values("lambda_front") + values("lambda_rear"))
+    return any(uses_terms(_model_settings(cfg, variant, m)) for m in cfg.models)
 
 
 def _model_settings(cfg: StudyConfig, variant: str, model: str) -> dict[str, Any]:
@@ -291,7 +290,7 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
     runs = [RunSpec(s, m, v, seed) for s in cfg.sets for m in cfg.models for v in cfg.variants for seed in cfg.seeds]
     if cfg.order not in ("cells", "seeds"):
         raise ELFError(f"study order must be 'cells' or 'seeds', got {cfg.order!r}")
-    baseline_variants = [v for v, o in cfg.variants.items() if not _is_elf(o)]
+    baseline_variants = [v for v in cfg.variants if not _is_elf(cfg, v)]
     ref_variant = baseline_variants[0] if baseline_variants else "baseline"
     if cfg.random_real:
         sizes = dict.fromkeys(_images_per_class(load_any(path)) for path in cfg.sets.values())
@@ -777,8 +776,8 @@ def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_n
     """Markdown rows: one per set and model, mean ± std per variant, and the ELF gain (first ELF variant minus the
     first baseline variant). A cell with fewer finished runs than the study has seeds says how many it averages."""
     variants = list(cfg.variants)
-    baseline = next((v for v in variants if not _is_elf(cfg.variants[v])), None)
-    elf_variant = next((v for v in variants if _is_elf(cfg.variants[v])), None)
+    baseline = next((v for v in variants if not _is_elf(cfg, v)), None)
+    elf_variant = next((v for v in variants if _is_elf(cfg, v)), None)
     gain = baseline is not None and elf_variant is not None
     lines = ["| set | model | " + " | ".join(variants) + (" | ELF gain |" if gain else " |"),
              "|---|---|" + "---|" * (len(variants) + (1 if gain else 0))]

@@ -101,7 +101,7 @@ def test_only_runs_the_matching_runs_and_the_summary_counts_seeds(workspace: Pat
     assert row.count("(1 of 2 seeds)") == 1  # the elf cell averages one run of two; the baseline cell is empty
     with pytest.raises(elf.ELFError, match="no run of the study matches.*noise__ConvNetW4D2__baseline__s0"):
         run_study(cfg, device="cpu", progress=False, log=lambda _: None, only=["*__ResNet18__*"])
-    # the CLI: repeated --only, and shards split only the chosen runs
+    # the CLI: --only repeated (a pattern that matches nothing is fine beside one that matches)
     toml = workspace / "only.toml"
     toml.write_text(f"""
 data = "data"
@@ -154,6 +154,17 @@ def test_a_variant_field_can_be_a_table_per_model(workspace: Path) -> None:
         _config(workspace, "x", variants={"v": {"teacher": {"ConvNetW4D2BN": "w9"}}}).check()
     with pytest.raises(elf.ELFError, match="variant 'v' for ConvNetW4D2: .*adapter"):
         _config(workspace, "x", variants={"v": {"adapter": {"ConvNetW4D2": "nope", "*": "auto"}}}).check()
+
+
+def test_baseline_or_elf_follows_each_models_settings(workspace: Path) -> None:
+    base = {"lambda_front": 0.0, "lambda_rear": 0.0}
+    cfg = _config(workspace, "kinds", variants={"mixed": {"lambda_front": {"ConvNetW4D2": 0.0, "*": 0.0},
+                                                          "lambda_rear": {"ConvNetW4D2BN": 0.5, "*": 0.0}},
+                                                "off": {k: {"*": 0.0} for k in base}, "elf": {}})
+    assert [v for v in cfg.variants if elf.study._is_elf(cfg, v)] == ["mixed", "elf"]
+    assert {r.variant for r in plan_runs(cfg) if r.set.startswith("random-real")} == {"off"}  # the first baseline
+    # the study's overrides count too: with both λ = 0 there, a variant that sets neither is a baseline
+    assert not elf.study._is_elf(_config(workspace, "kinds", overrides={"epochs": 1, **base}, variants={"elf": {}}), "elf")
 
 
 def test_the_summary_averages_only_the_studys_seeds(workspace: Path) -> None:
