@@ -19,8 +19,12 @@ reset) follow the protocol as in ``fit``. The k accuracies therefore equal those
 rounding (vmapped convolutions sum in another order).
 
 Random operations inside the model (dropout, drop-path) draw from torch's global RNG, whose per-seed streams vmap
-cannot reproduce: such models, and runs with callbacks, ``features_on_augmented`` or a (front, rear) pair, fall back
-to sequential runs with a one-line reason (printed to stderr and kept in ``EvalResult.data["batched"]``).
+cannot reproduce: such models, and runs with callbacks or a (front, rear) pair, fall back to sequential runs with a
+one-line reason (printed to stderr and kept in ``EvalResult.data["batched"]``).
+
+With ``features_on_augmented`` the teacher (shared by the seeds, in eval mode) runs outside vmap, once per step on
+the k augmented batches flattened to ``(k * B, C, H, W)``; its features, unflattened to ``(k, B, *F)``, are the front
+term's per-seed targets.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from .adapters import ELFAdapters
 from .augment import DSA
 from .errors import DivergedError
 from .losses import FeatureDistance, feature_distance
-from .trainer import DivergenceWatch
+from .trainer import DivergenceWatch, ELFTrainer
 
 if TYPE_CHECKING:
-    from .trainer import ELFTrainer, EvalResult
+    from .trainer import EvalResult
 
 __all__ = ["run_batched", "batched_unsupported"]
 
@@ -49,7 +53,7 @@ __all__ = ["run_batched", "batched_unsupported"]
 WALL_TIME_NOTE = "each group's wall time (build, train, test), split evenly over its seeds"
 
 Tensors = dict[str, Tensor]
-StepFn = Callable[[Tensors, Tensors, Tensor, Tensor, "Tensor | None"], tuple[Tensor, ...]]
+StepFn = Callable[[Tensors, Tensors, Tensor, Tensor, "Tensor | None", "Tensor | None"], tuple[Tensor, ...]]
 
 
 class _Bundle(nn.Module):
@@ -69,19 +73,18 @@ class _Bundle(nn.Module):
         object.__setattr__(self, "_trainer", trainer)  # not a submodule: its tensors are not this seed's state
         object.__setattr__(self, "_distance", distance)
 
-    def forward(self, x: Tensor, y: Tensor, feats: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x ``(B, C, H, W)``, y ``(B,)`` or ``(B, K)``, feats ``(B, *F)`` or None -> loss, task, front and rear
-        terms (scalars) and logits ``(B, K)``, exactly as ``fit``'s step computes them."""
+    def forward(self, x: Tensor, y: Tensor, feats: Tensor | None,
+                target: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x ``(B, C, H, W)``, y ``(B,)`` or ``(B, K)``, feats and the front target ``(B, *F)`` or None -> loss,
+        task, front and rear terms (scalars) and logits ``(B, K)``, exactly as ``fit``'s step computes them."""
         return self._trainer.loss_terms(self.model, self.front, self.rear, self.adapters, x, y, feats,
-                                         self._distance, None)
+                                         self._distance, target)
 
 
 def batched_unsupported(trainer: ELFTrainer) -> str | None:
     """Why ``trainer``'s seeds cannot be batched before anything is built, or None when they may be."""
     if trainer.callbacks:
         return "callbacks observe one model per fit()"
-    if trainer.protocol.features_on_augmented:
-        return "features_on_augmented runs the teacher inside every step"
     if isinstance(trainer.model_spec, tuple):
         return "a model given as a (front, rear) pair is not batched"
     return None
@@ -108,17 +111,19 @@ def _slots(module: nn.Module) -> dict[str, str]:
     return out
 
 
-def _vectorized_step(template: _Bundle, with_feats: bool) -> StepFn:
-    """``(params, buffers, x (k, B, C, H, W), y (k, B[, K]), feats (k, B, *F) | None)`` -> the five outputs of
-    :meth:`_Bundle.forward`, each with a leading k. Random ops inside raise (``randomness="error"``)."""
+def _vectorized_step(template: _Bundle, with_feats: bool, with_target: bool) -> StepFn:
+    """``(params, buffers, x (k, B, C, H, W), y (k, B[, K]), feats (k, B, *F) | None, target (k, B, *F) | None)``
+    -> the five outputs of :meth:`_Bundle.forward`, each with a leading k. Random ops inside raise
+    (``randomness="error"``)."""
     slots = _slots(template)
 
-    def one_seed(params: Tensors, buffers: Tensors, x: Tensor, y: Tensor, feats: Tensor | None) -> tuple[Tensor, ...]:
+    def one_seed(params: Tensors, buffers: Tensors, x: Tensor, y: Tensor, feats: Tensor | None,
+                 target: Tensor | None) -> tuple[Tensor, ...]:
         state = {**params, **buffers}
         swapped = {name: state[listed] for name, listed in slots.items()}
-        return functional_call(template, swapped, (x, y, feats), tie_weights=False)
+        return functional_call(template, swapped, (x, y, feats, target), tie_weights=False)
 
-    in_dims = (0, 0, 0, 0, 0 if with_feats else None)
+    in_dims = (0, 0, 0, 0, 0 if with_feats else None, 0 if with_target else None)
     return vmap(one_seed, in_dims=in_dims, randomness="error")  # type: ignore[return-value]
 
 
@@ -127,13 +132,13 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(lines)[:200]}"
 
 
-def _probe(step: StepFn, params: Tensors, buffers: Tensors, x: Tensor, y: Tensor,
-           feats: Tensor | None) -> BaseException | None:
+def _probe(step: StepFn, params: Tensors, buffers: Tensors, x: Tensor, y: Tensor, feats: Tensor | None,
+           target: Tensor | None) -> BaseException | None:
     """Run one forward and backward on the first images (scratch copies of the buffers, no update); returns what
     it raised, or None when it works."""
     try:
         scratch = {name: b.clone() for name, b in buffers.items()}
-        step(params, scratch, x, y, feats)[0].sum().backward()
+        step(params, scratch, x, y, feats, target)[0].sum().backward()
     except Exception as e:  # noqa: BLE001 - any failure of the probe means: run the seeds one by one
         return e
     finally:
@@ -154,16 +159,25 @@ def _stack(parts: list[Tensor | None]) -> Tensor | None:
     return None if parts[0] is None else torch.stack(parts)  # type: ignore[arg-type]
 
 
-def _prepare(trainer: ELFTrainer, template: _Bundle, params: Tensors, buffers: Tensors,
+def _front_targets(teacher_front: nn.Module | None, x: Tensor) -> Tensor | None:
+    """The front term's targets ``(k, B, *F)`` for the k augmented batches ``x`` ``(k, B, C, H, W)``: one teacher
+    forward on them all (``features_on_augmented``); None without a teacher in the step."""
+    target = ELFTrainer.front_target(teacher_front, x.flatten(0, 1))
+    return None if target is None else target.unflatten(0, x.shape[:2])
+
+
+def _prepare(trainer: ELFTrainer, template: _Bundle, params: Tensors, buffers: Tensors, teacher_front: nn.Module | None,
              compile: bool) -> tuple[StepFn, dict[str, Any], str | None]:
     """The vectorized step for ``template``'s structure (compiled when asked and possible), what to record about
     it, and why the seeds must run one by one instead (None when the probe step works)."""
     p = trainer.protocol
-    step = _vectorized_step(template, trainer.feature_bank is not None and p.uses_features)
+    step = _vectorized_step(template, trainer.feature_bank is not None and p.uses_features, teacher_front is not None)
     k = next(iter(params.values())).shape[0]
     first = torch.arange(min(p.batch_size, trainer.images.shape[0]), device=trainer.device)
     x, y, feats = trainer.batch(first, None, None)  # type: ignore[arg-type]
-    probe = (x.expand(k, *x.shape), y.expand(k, *y.shape), None if feats is None else feats.expand(k, *feats.shape))
+    xs = x.expand(k, *x.shape)
+    probe = (xs, y.expand(k, *y.shape), None if feats is None else feats.expand(k, *feats.shape),
+             _front_targets(teacher_front, xs))
     info: dict[str, Any] = {"compile": False}
     if compile:
         # every run compiles the same code (vmap's wrapper) for other modules: without a reset, torch.compile
@@ -197,6 +211,7 @@ def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, r
     if why is not None:
         return _fall_back(trainer, result, why)
     distance = feature_distance(trainer.protocol.distance)
+    teacher_front = trainer.teacher_front()
     step: StepFn | None = None
     template: _Bundle | None = None
     info: dict[str, Any] = {}
@@ -207,11 +222,11 @@ def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, r
         params, buffers = stack_module_state(bundles)  # type: ignore[arg-type]
         if step is None:
             template = bundles[0]
-            step, info, why = _prepare(trainer, template, params, buffers, compile)
+            step, info, why = _prepare(trainer, template, params, buffers, teacher_front, compile)
             if why is not None:
                 return _fall_back(trainer, result, why)
         assert template is not None
-        histories = _train(trainer, template, bundles, params, buffers, step, chunk)
+        histories = _train(trainer, template, bundles, params, buffers, step, teacher_front, chunk)
         for bundle in bundles:
             trainer.model, trainer.front, trainer.rear, trainer.adapters = (bundle.model, bundle.front, bundle.rear,
                                                                              bundle.adapters)
@@ -235,7 +250,7 @@ def _fall_back(trainer: ELFTrainer, result: EvalResult, why: str) -> bool:
 
 
 def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], params: Tensors, buffers: Tensors,
-           step: StepFn, seeds: list[int]) -> list[list[dict[str, float]]]:
+           step: StepFn, teacher_front: nn.Module | None, seeds: list[int]) -> list[list[dict[str, float]]]:
     """The epoch loop of ``fit`` for k stacked seeds (``step`` swaps them into ``template``); writes the trained
     weights back into ``bundles`` and returns the k logged histories (same epochs and keys as ``fit``'s; ``time_s``
     is the batched loop's)."""
@@ -271,7 +286,8 @@ def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], param
             idx = torch.stack([perm[start : start + bs] for perm in perms])  # (k, B)
             batch = [trainer.batch(i, dsa, gen) for i, dsa, gen in zip(idx, dsas, gens)]
             x, y, feats = (_stack([b[j] for b in batch]) for j in range(3))
-            loss, task, front, rear, out = step(params, buffers, x, y, feats)  # type: ignore[arg-type]
+            target = _front_targets(teacher_front, x)  # type: ignore[arg-type]
+            loss, task, front, rear, out = step(params, buffers, x, y, feats, target)  # type: ignore[arg-type]
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()

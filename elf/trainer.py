@@ -419,6 +419,17 @@ class ELFTrainer:
                     self._adapters_told = True
         return model, front, rear, adapters
 
+    def teacher_front(self) -> nn.Module | None:
+        """The teacher up to the bank's cut, in eval mode on the trainer's device, when the protocol runs it on every
+        augmented batch (``features_on_augmented``); else None. Its output ``(B, *F)`` is the front term's target."""
+        if not self.protocol.features_on_augmented:
+            return None
+        assert self.teacher is not None and self.feature_bank is not None
+        self.teacher.to(self.device).eval()
+        # cut where the bank was cut: the front target and the rear's input must be the same feature
+        return split_model(self.teacher, self.feature_bank.point or self.teacher_point
+                           or default_split_point(self.teacher), options=self.split_options).front
+
     def fit(self, seed: int = 0, *, resume_from: PathLike | None = None) -> list[dict[str, float]]:
         """Train a fresh model (initialized from ``seed``) with the protocol; returns the logged history.
 
@@ -438,13 +449,7 @@ class ELFTrainer:
         gen.manual_seed(seed)
         dsa = DSA(p.augment, mode=p.dsa_mode, seed=seed) if p.augment else None
         distance = feature_distance(p.distance)
-        teacher_front = None
-        if p.features_on_augmented:
-            assert self.teacher is not None and self.feature_bank is not None
-            self.teacher.to(self.device).eval()
-            # cut where the bank was cut: the front target and the rear's input must be the same feature
-            teacher_front = split_model(self.teacher, self.feature_bank.point or self.teacher_point
-                                        or default_split_point(self.teacher), options=self.split_options).front
+        teacher_front = self.teacher_front()
         lr = p.lr
         opt = self._optimizer(model, lr)
         start_epoch = 0
@@ -541,8 +546,9 @@ class ELFTrainer:
         x, y, feats = self.batch(idx, dsa, gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        target = self.front_target(teacher_front, x)
         loss, loss_task, loss_front, loss_rear, out = self.loss_terms(model, front, rear, self.adapters, x, y, feats,
-                                                                       distance, teacher_front)
+                                                                       distance, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -571,6 +577,15 @@ class ELFTrainer:
             feats = dsa.apply_geometric(feats, sample, (x.shape[2], x.shape[3]), only=only)  # type: ignore[union-attr]
         return x, y, feats
 
+    @staticmethod
+    def front_target(teacher_front: nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's features ``(B, *F)`` (float32, no gradient) of the augmented batch ``x`` ``(B, C, H, W)``
+        for the front term, when ``teacher_front`` (from :meth:`teacher_front`) is given; else None."""
+        if teacher_front is None:
+            return None
+        with torch.no_grad():
+            return teacher_front(x).float()
+
     def loss_terms(
         self,
         model: nn.Module,
@@ -581,9 +596,13 @@ class ELFTrainer:
         y: torch.Tensor,
         feats: torch.Tensor | None,
         distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        teacher_front: nn.Module | None,
+        target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The weighted loss and its task, front and rear terms (scalars), and the logits ``(B, K)`` of one batch."""
+        """The weighted loss and its task, front and rear terms (scalars), and the logits ``(B, K)`` of one batch.
+
+        ``feats`` ``(B, *F)`` (from :meth:`batch`) are the rear term's input and the front term's target, unless
+        ``target`` ``(B, *F)`` is given for the front term (the teacher on the augmented batch, :meth:`front_target`).
+        """
         p = self.protocol
         zero = x.new_zeros(())
         loss_front = loss_rear = zero
@@ -591,10 +610,7 @@ class ELFTrainer:
             assert front is not None and rear is not None
             h = front(x)
             out = rear(h)
-            if teacher_front is not None:
-                with torch.no_grad():
-                    target = teacher_front(x).float()
-            else:
+            if target is None:
                 assert feats is not None
                 target = feats
             loss_front = distance(adapters.to_teacher(h) if adapters is not None else h, target)

@@ -108,6 +108,7 @@ def test_batchnorm_running_statistics_come_out_per_seed(monkeypatch):
     {},  # ELF: front and rear terms, rear BatchNorm statistics frozen in the rear term
     {"rear_bn_stats_from_features": True},
     {"adapter": "always", "align_targets": True, "distance": "mse", "lambda_task": 0.5},
+    {"features_on_augmented": True},  # the teacher runs on the k augmented batches at once, outside vmap
 ])
 def test_elf_with_bank_split_and_adapters(monkeypatch, extra):
     """ConvNet-BN cut after its first block, so the rear holds BatchNorm layers (frozen_bn_stats matters)."""
@@ -224,7 +225,6 @@ class _Dropped(nn.Module):
 @pytest.mark.parametrize("make, reason", [
     (lambda: _trainer(callbacks=[_Noop()]), "callbacks"),
     (lambda: _trainer(_Dropped), "random numbers"),
-    (lambda: _trainer(teacher=_teacher(), lambda_front=1.0, features_on_augmented=True), "features_on_augmented"),
 ])
 def test_fallback_runs_sequentially_with_a_reason(make, reason, capsys):
     expected = make().run(*TEST, SEEDS)

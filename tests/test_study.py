@@ -402,15 +402,20 @@ def test_also_test_records_the_test_accuracy_of_the_validation_runs(workspace: P
         _config(workspace, "x", also_test=True).check()
 
 
-def test_a_variant_can_run_the_teacher_on_the_augmented_images(workspace: Path) -> None:
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_variant_can_run_the_teacher_on_the_augmented_images(workspace: Path, batched: bool) -> None:
     """`features_on_augmented = true` in a variant: the study hands the trainer the teacher module (it runs on each
-    augmented batch), and the run trains exactly what ELFTrainer(teacher=..., features_on_augmented=True) trains."""
-    cfg = _config(workspace, "on-aug", models=["ConvNetW4D2BN"], seeds=[1], random_real=False,
+    augmented batch), and the run trains exactly what ELFTrainer(teacher=..., features_on_augmented=True) trains;
+    batched cells too (the teacher runs outside vmap, no fallback to one-by-one runs)."""
+    cfg = _config(workspace, f"on-aug-{batched}", models=["ConvNetW4D2BN"], seeds=[1], random_real=False,
+                  batched=batched,
                   overrides={"epochs": 2, "batch_size": 3},
                   variants={"aug": {"features_on_augmented": True, "align_targets": False}, "elf": {"align_targets": False}})
     files = {f.name: json.loads(f.read_text()) for f in run_study(cfg, device="cpu", progress=False, log=lambda _: None)}
     rec = files["noise__ConvNetW4D2BN__aug__s1.json"]
     assert rec["protocol"]["features_on_augmented"] is True
+    if batched:
+        assert rec["batched"]["seeds"] == 1 and "fallback" not in rec["batched"], rec["batched"]
     from elf.io import load_synthetic
     from elf.teacher import load_teacher
 
