@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'--align-targets flip': the flips only")
     g.add_argument("--teacher-on-augmented", action="store_true",
                    help="run the teacher on every augmented batch for the front term's target (features_on_augmented; "
-                        "a teacher forward per step, seeds not batched), instead of its cached features of the "
+                        "a teacher forward per step, shared by --batched seeds), instead of its cached features of the "
                         "un-augmented images; not with --align-targets")
     g.add_argument("--no-augment", action="store_true", help="train without DSA")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")

@@ -116,6 +116,12 @@ def test_train_teacher_then_eval(tmp_path: Path, image_folder: Path, synthetic_f
                  "--out", str(result_file), *common]) == 0
     (row,) = json.loads(result_file.read_text())["results"]
     assert row["elf"]["protocol"]["features_on_augmented"] is True and row["elf"]["accuracies"]
+    # ... and with --batched its seeds train as one vectorized model (one teacher forward per step serves them all)
+    assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
+                 "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "2", "--teacher-on-augmented", "--no-baseline",
+                 "--batched", "--out", str(result_file), *common]) == 0
+    (row,) = json.loads(result_file.read_text())["results"]
+    assert row["elf"]["data"]["batched"]["seeds"] == 2 and len(row["elf"]["accuracies"]) == 2, row["elf"]["data"]
     assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
                  "--teacher-on-augmented", "--align-targets", *common]) == 2  # two ways to match the view: one only
 
