@@ -421,8 +421,9 @@ class ELFTrainer:
 
     def teacher_front(self) -> nn.Module | None:
         """The teacher up to the bank's cut, in eval mode on the trainer's device, when the protocol runs it on every
-        augmented batch (``features_on_augmented``); else None. Its output ``(B, *F)`` is the front term's target."""
-        if not self.protocol.features_on_augmented:
+        augmented batch (``features_on_augmented`` with a front term); else None. Its output ``(B, *F)`` is the front
+        term's target."""
+        if not self.protocol.features_on_augmented or self.protocol.lambda_front <= 0:
             return None
         assert self.teacher is not None and self.feature_bank is not None
         self.teacher.to(self.device).eval()

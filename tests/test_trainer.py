@@ -387,6 +387,12 @@ def test_features_on_augmented_runs_the_teacher_every_step():
     before = len(calls)
     trainer.fit(0)
     assert len(calls) - before == 2 * 3  # 2 epochs x 3 batches
+    # without a front term there is no target to compute: the teacher is not run in the steps
+    trainer = _trainer(x=x, y=y, teacher=teacher, epochs=1, batch_size=2, features_on_augmented=True, lambda_front=0.0,
+                       augment="color_crop_cutout_flip_scale_rotate")
+    before = len(calls)
+    trainer.fit(0)
+    assert len(calls) == before
 
 
 def test_features_on_augmented_runs_the_teacher_of_a_built_bank(tmp_path):
