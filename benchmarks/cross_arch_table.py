@@ -1,14 +1,28 @@
-"""Issue #9's table from a study's run files: baseline, the paper's ELF and one chosen ELF setting per model, with the
-gain and whether the mean ± std intervals are apart (the issue's target: +3 points, intervals that do not overlap).
+"""Issue #9's table from run files: baseline, the paper's ELF and one chosen ELF setting per model, with the gain and
+whether the mean ± std intervals are apart (the issue's target: +3 points, intervals that do not overlap).
 
     python benchmarks/cross_arch_table.py benchmarks/results/gpu-cross-arch-dm --best adapt-sbn-align
+
+``--standings FILE`` instead reads each model's cells from the studies a TOML file names (each model's setting is
+chosen on validation data in its own study; the cells are test accuracies: a run's ``test_accuracy`` from
+``also_test``, or its ``accuracy`` where the study measured on the test split), and names each cell's machine:
+
+    python benchmarks/cross_arch_table.py --standings benchmarks/standings.toml
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 import numpy as np
 
@@ -48,11 +62,103 @@ def table(cells: dict[tuple[str, str, str], list[float]], best: str, baseline: s
     return "\n".join(rows)
 
 
+@dataclass
+class Cell:
+    """Test accuracies (%) of one (study, set, model, variant), the machine they ran on and the test-set size."""
+
+    accuracies: list[float]
+    machine: str
+    test_n: int
+
+    def __str__(self) -> str:
+        n = "" if self.test_n == FULL_TEST else f", {self.test_n} test images"
+        return f"{self.machine} {np.mean(self.accuracies):.2f} ± {np.std(self.accuracies):.2f} ({len(self.accuracies)}{n})"
+
+
+FULL_TEST = 10_000  # CIFAR-10's test split
+
+
+def test_accuracy(record: dict[str, Any]) -> tuple[float, int] | None:
+    """``(test accuracy %, test images)`` of one run record, or None when it has none (a validation-only run)."""
+    if record.get("test_accuracy") is not None:
+        return float(record["test_accuracy"]), int(record.get("test_accuracy_n") or 0)
+    if record.get("accuracy") is not None and str(record.get("measured_on", "test")).startswith("test"):
+        return float(record["accuracy"]), int(record.get("test_n") or 0)
+    return None
+
+
+def machine(record: dict[str, Any]) -> str:
+    env = record.get("environment") or {}
+    name = env.get("device_name") or env.get("device") or "?"
+    return "CPU" if name == "cpu" else str(name).removeprefix("NVIDIA ")
+
+
+def load_cell(study: Path, set_name: str, model: str, variant: str) -> Cell:
+    """The finished runs of ``variant`` for ``model`` on ``set_name`` in ``study`` (a folder with ``runs/``)."""
+    accs, machines, ns = [], set(), set()
+    for f in sorted((study / "runs").glob("*.json")):
+        r = json.loads(f.read_text())
+        run = r.get("run") or {}
+        if (run.get("set"), run.get("model"), run.get("variant")) != (set_name, model, variant):
+            continue
+        got = test_accuracy(r)
+        if got is None:
+            raise SystemExit(f"{f}: no test accuracy (a validation-only run; the study needs also_test = true)")
+        accs.append(got[0])
+        ns.add(got[1])
+        machines.add(machine(r))
+    if not accs:
+        raise SystemExit(f"{study}: no finished run of {set_name} / {model} / {variant}")
+    if len(machines) > 1 or len(ns) > 1:
+        raise SystemExit(f"{study}: {set_name} / {model} / {variant} mixes machines {sorted(machines)} or test sizes "
+                         f"{sorted(ns)}")
+    return Cell(accs, machines.pop(), ns.pop())
+
+
+def compare(a: Cell, b: Cell) -> str:
+    """``a`` against ``b``: the difference of means, whether the intervals are apart, and whether machines differ."""
+    diff = float(np.mean(a.accuracies) - np.mean(b.accuracies))
+    sep = "apart" if apart(a.accuracies, b.accuracies) or apart(b.accuracies, a.accuracies) else "overlapping"
+    return f"{diff:+.2f}, {sep}" + ("" if a.machine == b.machine else " (machines differ)")
+
+
+def standings(spec_path: Path) -> str:
+    """Markdown: model | chosen setting | chosen | baseline | gain, target met | ELF (paper) | vs paper, from the
+    TOML file ``spec_path`` (``set``, then a ``[models.NAME]`` table per model with ``setting``, ``label``, and
+    ``chosen`` / ``baseline`` / ``paper`` as ``"study folder:variant"``, folders relative to the file)."""
+    spec = tomllib.loads(spec_path.read_text())
+    root = spec_path.parent
+
+    def cell(model: str, source: str | None) -> Cell | None:
+        if not source:
+            return None
+        folder, _, variant = source.rpartition(":")
+        return load_cell(root / folder, spec["set"], model, variant)
+
+    rows = ["| model | chosen setting | chosen (test) | baseline (test) | gain; +3 and apart? | ELF (paper), test "
+            "| chosen vs paper |", "|---|---|---|---|---|---|---|"]
+    for model, entry in spec["models"].items():
+        chosen, base, paper = (cell(model, entry.get(k)) for k in ("chosen", "baseline", "paper"))
+        assert chosen is not None and base is not None, f"{model}: chosen and baseline are required"
+        gain = float(np.mean(chosen.accuracies) - np.mean(base.accuracies))
+        met = "yes" if gain >= 3 and apart(chosen.accuracies, base.accuracies) else "no"
+        other = "" if chosen.machine == base.machine else " (machines differ)"
+        rows.append(f"| {entry.get('label', model)} | {entry['setting']} | {chosen} | {base} | {gain:+.2f}; {met}{other} "
+                    f"| {paper if paper else 'n/a'} | {compare(chosen, paper) if paper else '-'} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("studies", nargs="+", type=Path, help="study output folders (with runs/)")
-    ap.add_argument("--best", required=True, help="the variant chosen on validation data")
+    ap.add_argument("studies", nargs="*", type=Path, help="study output folders (with runs/)")
+    ap.add_argument("--best", help="the variant chosen on validation data")
+    ap.add_argument("--standings", type=Path, help="a TOML file naming each model's cells (see the module docstring)")
     args = ap.parse_args(argv)
+    if args.standings:
+        print(standings(args.standings))
+        return
+    if not args.studies or not args.best:
+        ap.error("give study folders and --best, or --standings FILE")
     cells: dict[tuple[str, str, str], list[float]] = {}
     for study in args.studies:
         cells.update(load_cells(study))

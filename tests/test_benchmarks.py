@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from elf.data import CIFAR10_MTT
@@ -18,6 +20,7 @@ def _load(name: str):  # noqa: ANN202
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -163,6 +166,48 @@ def test_cross_arch_table_marks_the_target() -> None:
     assert "| s | N | 31.00 ± 1.00 | n/a | 33.50 ± 1.00 | +2.50 | no | - |" in text
 
 
+def _record(folder: Path, model: str, variant: str, seed: int, **fields: object) -> None:
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    rec = {"run": {"set": "s", "model": model, "variant": variant, "seed": seed}, **fields}
+    (folder / "runs" / f"s__{model}__{variant}__s{seed}.json").write_text(json.dumps(rec))
+
+
+def test_standings_read_test_accuracies_and_name_machines(tmp_path: Path) -> None:
+    table = _load("cross_arch_table")
+    cpu, gpu = {"environment": {"device": "cpu"}}, {"environment": {"device": "cuda", "device_name": "NVIDIA H200"}}
+    val = tmp_path / "val"  # a validation study with also_test: the test numbers are test_accuracy, not accuracy
+    for seed, (v, t) in enumerate([(50.0, 40.0), (52.0, 41.0)]):
+        _record(val, "M", "chosen", seed, accuracy=v, test_accuracy=t, test_accuracy_n=10000,
+                measured_on="validation: 200 per class", **cpu)
+        _record(val, "M", "paper", seed, accuracy=v - 5, test_accuracy=t - 0.5, test_accuracy_n=10000,
+                measured_on="validation: 200 per class", **cpu)
+    test = tmp_path / "test"  # a study measured on the test split: accuracy is the test number
+    for seed, a in enumerate([30.0, 31.0, 32.0]):
+        _record(test, "M", "baseline", seed, accuracy=a, measured_on="test", test_n=10000, **gpu)
+        _record(test, "N", "baseline", seed, accuracy=a, measured_on="test", test_n=2000, **cpu)
+        _record(test, "N", "best", seed, accuracy=a + 2.5, measured_on="test", test_n=2000, **cpu)
+    spec = tmp_path / "standings.toml"
+    spec.write_text('set = "s"\n[models.M]\nlabel = "Model M"\nsetting = "x"\nchosen = "val:chosen"\n'
+                    'baseline = "test:baseline"\npaper = "val:paper"\n'
+                    '[models.N]\nsetting = "y"\nchosen = "test:best"\nbaseline = "test:baseline"\n')
+    text = table.standings(spec)
+    assert ("| Model M | x | CPU 40.50 ± 0.50 (2) | H200 31.00 ± 0.82 (3) | +9.50; yes (machines differ) "
+            "| CPU 40.00 ± 0.50 (2) | +0.50, overlapping |") in text
+    assert ("| N | y | CPU 33.50 ± 0.82 (3, 2000 test images) | CPU 31.00 ± 0.82 (3, 2000 test images) | +2.50; no "
+            "| n/a | - |") in text
+    _record(val, "M", "valonly", 0, accuracy=50.0, measured_on="validation: 200 per class", **cpu)
+    with pytest.raises(SystemExit, match="no test accuracy"):
+        table.load_cell(val, "s", "M", "valonly")
+    with pytest.raises(SystemExit, match="no finished run"):
+        table.load_cell(val, "s", "M", "absent")
+
+
+def test_committed_standings_table_builds() -> None:
+    """benchmarks/standings.toml names cells that exist in the committed results."""
+    text = _load("cross_arch_table").standings(ROOT / "benchmarks" / "standings.toml")
+    assert len(text.splitlines()) == 2 + 8 and "ViT" in text
+
+
 def test_committed_width512_teacher_loads() -> None:
     """The H200's width-512 teacher, committed in fp16 for the CPU studies, passes the checkpoint checksum."""
     import elf
@@ -183,7 +228,9 @@ def test_every_committed_study_file_loads() -> None:
     """A study file that stops loading (e.g. after a stricter check) would only show on the machine that runs it."""
     from elf.study import load_config
 
-    files = sorted((ROOT / "benchmarks").glob("*.toml"))
+    files = sorted((ROOT / "benchmarks").glob("*_study.toml"))
     assert len(files) > 10
+    # every other TOML file there is a table's spec, not a study that would escape this check
+    assert {f.name for f in (ROOT / "benchmarks").glob("*.toml")} - {f.name for f in files} == {"standings.toml"}
     for f in files:
         load_config(f).check(running=True)  # (sets and teachers are read when a study runs; some are made then)
