@@ -27,20 +27,43 @@ else:  # Python 3.10
 import numpy as np
 
 
-def load_cells(study: Path) -> dict[tuple[str, str, str], list[float]]:
-    """``(set, model, variant) -> accuracies`` of the finished runs (not-applicable cells left out)."""
-    cells: dict[tuple[str, str, str], list[float]] = {}
+Key = tuple[str, str, str]  # (set, model, variant)
+
+
+Runs = dict[Key, list[tuple[Path, dict[str, Any]]]]
+
+
+def read_runs(study: Path) -> Runs:
+    """``(set, model, variant) -> [(file, record), ...]`` of a study's finished runs."""
+    runs: Runs = {}
     for f in sorted((study / "runs").glob("*.json")):
         r = json.loads(f.read_text())
-        if r.get("accuracy") is not None:
-            run = r["run"]
-            cells.setdefault((run["set"], run["model"], run["variant"]), []).append(float(r["accuracy"]))
-    return cells
+        run = r.get("run") or {}
+        runs.setdefault((run.get("set"), run.get("model"), run.get("variant")), []).append((f, r))
+    return runs
+
+
+def load_cells(study: Path) -> dict[Key, list[float]]:
+    """``(set, model, variant) -> accuracies`` of the finished runs (not-applicable cells left out)."""
+    cells = {key: [float(r["accuracy"]) for _, r in recs if r.get("accuracy") is not None]
+             for key, recs in read_runs(study).items()}
+    return {key: accs for key, accs in cells.items() if accs}
 
 
 def apart(a: list[float], b: list[float]) -> bool:
     """True when the interval mean ± std of ``a`` lies wholly above that of ``b``."""
     return float(np.mean(a) - np.std(a)) > float(np.mean(b) + np.std(b))
+
+
+def separated(a: list[float], b: list[float]) -> bool:
+    """True when the two mean ± std intervals do not overlap (either above the other)."""
+    return apart(a, b) or apart(b, a)
+
+
+def target(best: list[float], baseline: list[float]) -> tuple[float, str]:
+    """The gain of ``best`` over ``baseline`` and whether it meets the issue's target (+3, intervals apart)."""
+    gain = float(np.mean(best) - np.mean(baseline))
+    return gain, "yes" if gain >= 3 and apart(best, baseline) else "no"
 
 
 def table(cells: dict[tuple[str, str, str], list[float]], best: str, baseline: str = "baseline", official: str = "elf") -> str:
@@ -55,9 +78,8 @@ def table(cells: dict[tuple[str, str, str], list[float]], best: str, baseline: s
         b, o, e = cells.get((s, m, baseline)), cells.get((s, m, official)), cells.get((s, m, best))
         if not (b and e):
             continue
-        gain = float(np.mean(e) - np.mean(b))
-        met = "yes" if gain >= 3 and apart(e, b) else "no"
-        vs = "-" if not o else (f"{np.mean(e) - np.mean(o):+.2f}" + (" (apart)" if apart(e, o) or apart(o, e) else ""))
+        gain, met = target(e, b)
+        vs = "-" if not o else (f"{np.mean(e) - np.mean(o):+.2f}" + (" (apart)" if separated(e, o) else ""))
         rows.append(f"| {s} | {m} | {fmt(b)} | {fmt(o)} | {fmt(e)} | {gain:+.2f} | {met} | {vs} |")
     return "\n".join(rows)
 
@@ -93,14 +115,11 @@ def machine(record: dict[str, Any]) -> str:
     return "CPU" if name == "cpu" else str(name).removeprefix("NVIDIA ")
 
 
-def load_cell(study: Path, set_name: str, model: str, variant: str) -> Cell:
-    """The finished runs of ``variant`` for ``model`` on ``set_name`` in ``study`` (a folder with ``runs/``)."""
+def load_cell(study: Path, set_name: str, model: str, variant: str, runs: Runs | None = None) -> Cell:
+    """The finished runs of ``variant`` for ``model`` on ``set_name`` in ``study`` (a folder with ``runs/``; ``runs``:
+    its :func:`read_runs`, when already read)."""
     accs, machines, ns = [], set(), set()
-    for f in sorted((study / "runs").glob("*.json")):
-        r = json.loads(f.read_text())
-        run = r.get("run") or {}
-        if (run.get("set"), run.get("model"), run.get("variant")) != (set_name, model, variant):
-            continue
+    for f, r in (read_runs(study) if runs is None else runs).get((set_name, model, variant), []):
         got = test_accuracy(r)
         if got is None:
             raise SystemExit(f"{f}: no test accuracy (a validation-only run; the study needs also_test = true)")
@@ -118,7 +137,7 @@ def load_cell(study: Path, set_name: str, model: str, variant: str) -> Cell:
 def compare(a: Cell, b: Cell) -> str:
     """``a`` against ``b``: the difference of means, whether the intervals are apart, and whether machines differ."""
     diff = float(np.mean(a.accuracies) - np.mean(b.accuracies))
-    sep = "apart" if apart(a.accuracies, b.accuracies) or apart(b.accuracies, a.accuracies) else "overlapping"
+    sep = "apart" if separated(a.accuracies, b.accuracies) else "overlapping"
     return f"{diff:+.2f}, {sep}" + ("" if a.machine == b.machine else " (machines differ)")
 
 
@@ -128,20 +147,23 @@ def standings(spec_path: Path) -> str:
     ``chosen`` / ``baseline`` / ``paper`` as ``"study folder:variant"``, folders relative to the file)."""
     spec = tomllib.loads(spec_path.read_text())
     root = spec_path.parent
+    studies: dict[Path, Runs] = {}  # each study folder is read once, however many cells it holds
 
     def cell(model: str, source: str | None) -> Cell | None:
         if not source:
             return None
         folder, _, variant = source.rpartition(":")
-        return load_cell(root / folder, spec["set"], model, variant)
+        study = root / folder
+        if study not in studies:
+            studies[study] = read_runs(study)
+        return load_cell(study, spec["set"], model, variant, studies[study])
 
     rows = ["| model | chosen setting | chosen (test) | baseline (test) | gain; +3 and apart? | ELF (paper), test "
             "| chosen vs paper |", "|---|---|---|---|---|---|---|"]
     for model, entry in spec["models"].items():
         chosen, base, paper = (cell(model, entry.get(k)) for k in ("chosen", "baseline", "paper"))
         assert chosen is not None and base is not None, f"{model}: chosen and baseline are required"
-        gain = float(np.mean(chosen.accuracies) - np.mean(base.accuracies))
-        met = "yes" if gain >= 3 and apart(chosen.accuracies, base.accuracies) else "no"
+        gain, met = target(chosen.accuracies, base.accuracies)
         other = "" if chosen.machine == base.machine else " (machines differ)"
         rows.append(f"| {entry.get('label', model)} | {entry['setting']} | {chosen} | {base} | {gain:+.2f}; {met}{other} "
                     f"| {paper if paper else 'n/a'} | {compare(chosen, paper) if paper else '-'} |")

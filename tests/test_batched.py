@@ -125,6 +125,21 @@ def test_elf_with_bank_split_and_adapters(monkeypatch, extra):
         assert any(k.startswith("adapter.") for k in bat_states[0]) and "adapters" in bat.data
 
 
+def test_the_teacher_on_augmented_batches_runs_once_per_step_for_all_seeds():
+    """features_on_augmented: one teacher forward per step on the k seeds' batches (plus the probe step), not k."""
+    bank = _bank("features.3")
+    batches = []
+    bank.teacher.features[0].register_forward_hook(lambda _m, args, _o: batches.append(args[0].shape[0]))
+    trainer = _trainer("ConvNetW16BN", feature_bank=bank, split_at="features.3", lambda_front=1.0, lambda_rear=1.0,
+                       features_on_augmented=True)
+    result = trainer.run(*TEST, SEEDS, batched=True)
+    assert result.data["batched"]["seeds"] == len(SEEDS)
+    steps = trainer.protocol.total_epochs * 3  # 12 images in batches of 5
+    assert len(batches) == 1 + steps  # the probe, then one per step
+    k = len(SEEDS)
+    assert batches[1:] == [5 * k, 5 * k, 2 * k] * trainer.protocol.total_epochs  # each step: the k batches at once
+
+
 def test_soft_labels(monkeypatch):
     logits = torch.randn(TRAIN[0].shape[0], K, generator=torch.Generator().manual_seed(3))
     seq, seq_states = _run(_trainer(labels=logits, label_kind="logits"), monkeypatch)
