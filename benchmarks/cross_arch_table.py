@@ -3,11 +3,12 @@ whether the mean ± std intervals are apart (the issue's target: +3 points, inte
 
     python benchmarks/cross_arch_table.py benchmarks/results/gpu-cross-arch-dm --best adapt-sbn-align
 
-``--standings FILE`` instead reads each model's cells from the studies a TOML file names (each model's setting is
-chosen on validation data in its own study; the cells are test accuracies: a run's ``test_accuracy`` from
-``also_test``, or its ``accuracy`` where the study measured on the test split), and names each cell's machine:
+``--standings FILE ...`` instead reads each model's cells from the studies a TOML file names, one table per file
+(one synthetic set each; each model's setting is chosen on validation data in its own study; the cells are test
+accuracies: a run's ``test_accuracy`` from ``also_test``, or its ``accuracy`` where the study measured on the test
+split), and names each cell's machine:
 
-    python benchmarks/cross_arch_table.py --standings benchmarks/standings.toml
+    python benchmarks/cross_arch_table.py --standings benchmarks/standings.toml benchmarks/standings_dsa.toml
 """
 
 from __future__ import annotations
@@ -174,10 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="*", type=Path, help="study output folders (with runs/)")
     ap.add_argument("--best", help="the variant chosen on validation data")
-    ap.add_argument("--standings", type=Path, help="a TOML file naming each model's cells (see the module docstring)")
+    ap.add_argument("--standings", type=Path, nargs="+", metavar="FILE",
+                    help="TOML files naming each model's cells, one set each (see the module docstring)")
     args = ap.parse_args(argv)
     if args.standings:
-        print(standings(args.standings))
+        print("\n\n".join(f"Set: {tomllib.loads(f.read_text())['set']}\n\n{standings(f)}" for f in args.standings))
         return
     if not args.studies or not args.best:
         ap.error("give study folders and --best, or --standings FILE")

@@ -202,10 +202,35 @@ def test_standings_read_test_accuracies_and_name_machines(tmp_path: Path) -> Non
         table.load_cell(val, "s", "M", "absent")
 
 
-def test_committed_standings_table_builds() -> None:
-    """benchmarks/standings.toml names cells that exist in the committed results."""
-    text = _load("cross_arch_table").standings(ROOT / "benchmarks" / "standings.toml")
+def test_committed_standings_tables_build(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/standings*.toml name cells that exist in the committed results; one table per set."""
+    table = _load("cross_arch_table")
+    text = table.standings(ROOT / "benchmarks" / "standings.toml")
     assert len(text.splitlines()) == 2 + 8 and "ViT" in text
+    table.main(["--standings", str(ROOT / "benchmarks" / "standings.toml"),
+                str(ROOT / "benchmarks" / "standings_dsa.toml")])
+    out = capsys.readouterr().out
+    assert out.startswith("Set: dm200\n") and "\nSet: dsa\n" in out
+    for model in ("ConvNet-BN", "ResNet-18 (BN)", "VGG-11 (BN)"):  # the issue's models for the second set
+        assert out.split("Set: dsa")[1].count(f"| {model} |") == 1
+
+
+def test_cpu_dsa_study_runs_the_gpu_tables_chosen_settings() -> None:
+    """cpu_dsa_chosen_test_study.toml repeats gpu_chosen_table_study.toml's baseline / paper / chosen settings for its
+    models (same fields, same teacher files): a choice changed in one file and not the other would make the DSA
+    standings compare a setting that is not the table's."""
+    from elf.study import _model_settings, load_config
+
+    cpu = load_config(ROOT / "benchmarks" / "cpu_dsa_chosen_test_study.toml")
+    gpu = load_config(ROOT / "benchmarks" / "gpu_chosen_table_study.toml")
+    assert set(cpu.models) <= set(gpu.models) and set(cpu.variants) == set(gpu.variants)
+    assert cpu.protocol == gpu.protocol and cpu.sets["dsa"] == gpu.sets["dsa"]
+    for model in cpu.models:
+        for variant in cpu.variants:
+            mine, theirs = _model_settings(cpu, variant, model), _model_settings(gpu, variant, model)
+            assert mine == theirs, (model, variant)
+            if "teacher" in mine:
+                assert cpu.teachers[mine["teacher"]] == gpu.teachers[theirs["teacher"]]
 
 
 def test_committed_width512_teacher_loads() -> None:
@@ -231,6 +256,7 @@ def test_every_committed_study_file_loads() -> None:
     files = sorted((ROOT / "benchmarks").glob("*_study.toml"))
     assert len(files) > 10
     # every other TOML file there is a table's spec, not a study that would escape this check
-    assert {f.name for f in (ROOT / "benchmarks").glob("*.toml")} - {f.name for f in files} == {"standings.toml"}
+    assert {f.name for f in (ROOT / "benchmarks").glob("*.toml")} - {f.name for f in files} == {
+        "standings.toml", "standings_dsa.toml"}
     for f in files:
         load_config(f).check(running=True)  # (sets and teachers are read when a study runs; some are made then)
