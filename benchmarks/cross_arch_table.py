@@ -9,6 +9,10 @@ accuracies: a run's ``test_accuracy`` from ``also_test``, or its ``accuracy`` wh
 split), and names each cell's machine:
 
     python benchmarks/cross_arch_table.py --standings benchmarks/standings.toml benchmarks/standings_dsa.toml
+
+With ``--update FILE ...`` the tables replace the text between the lines ``<!-- standings: begin -->`` and
+``<!-- standings: end -->`` in each FILE (README.md, BENCHMARKS.md) instead of being printed; the tests check that
+the committed files hold what the committed runs give.
 """
 
 from __future__ import annotations
@@ -171,15 +175,53 @@ def standings(spec_path: Path) -> str:
     return "\n".join(rows)
 
 
+BEGIN, END = "<!-- standings: begin -->", "<!-- standings: end -->"
+
+
+def standings_tables(spec_paths: list[Path]) -> str:
+    """Markdown: one :func:`standings` table per spec file (one synthetic set each), each under ``Set: NAME``."""
+    def heading(spec: dict[str, Any]) -> str:
+        return f"Set: {spec['set']}" + (f" ({spec['about']})" if spec.get("about") else "")
+
+    return "\n\n".join(f"{heading(tomllib.loads(f.read_text()))}\n\n{standings(f)}" for f in spec_paths)
+
+
+def marked_block(text: str, where: str = "text") -> tuple[int, int]:
+    """Start and end offsets of what lies between the :data:`BEGIN` and :data:`END` marker lines of ``text``."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{where}: needs one line {BEGIN} and, after it, one line {END} around the standings")
+    return text.index(BEGIN) + len(BEGIN) + 1, text.index(END)
+
+
+def update(path: Path, tables: str) -> bool:
+    """Put ``tables`` between the markers of ``path`` (atomically); whether the file changed."""
+    from elf.fileio import atomic_write
+
+    text = path.read_text()
+    start, end = marked_block(text, str(path))
+    new = text[:start] + tables + "\n" + text[end:]
+    if new != text:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(new))
+    return new != text
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="*", type=Path, help="study output folders (with runs/)")
     ap.add_argument("--best", help="the variant chosen on validation data")
     ap.add_argument("--standings", type=Path, nargs="+", metavar="FILE",
                     help="TOML files naming each model's cells, one set each (see the module docstring)")
+    ap.add_argument("--update", type=Path, nargs="+", metavar="FILE",
+                    help="with --standings: write the tables between the standings markers of these files")
     args = ap.parse_args(argv)
+    if args.update and not args.standings:
+        ap.error("--update needs --standings")
     if args.standings:
-        print("\n\n".join(f"Set: {tomllib.loads(f.read_text())['set']}\n\n{standings(f)}" for f in args.standings))
+        tables = standings_tables(args.standings)
+        for path in args.update or []:
+            print(f"{path}: {'updated' if update(path, tables) else 'already up to date'}")
+        if not args.update:
+            print(tables)
         return
     if not args.studies or not args.best:
         ap.error("give study folders and --best, or --standings FILE")

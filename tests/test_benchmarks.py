@@ -210,9 +210,27 @@ def test_committed_standings_tables_build(capsys: pytest.CaptureFixture[str]) ->
     table.main(["--standings", str(ROOT / "benchmarks" / "standings.toml"),
                 str(ROOT / "benchmarks" / "standings_dsa.toml")])
     out = capsys.readouterr().out
-    assert out.startswith("Set: dm200\n") and "\nSet: dsa\n" in out
+    assert out.startswith("Set: dm200 (the bundled DM set") and "\nSet: dsa (DSA" in out
     for model in ("ConvNet-BN", "ResNet-18 (BN)", "VGG-11 (BN)"):  # the issue's models for the second set
         assert out.split("Set: dsa")[1].count(f"| {model} |") == 1
+
+
+def test_readme_and_benchmarks_hold_the_standings_the_runs_give(tmp_path: Path) -> None:
+    """The standings tables in README.md and BENCHMARKS.md are generated (--update); a run file added or changed
+    without regenerating them (or a hand edit of a number) fails here."""
+    table = _load("cross_arch_table")
+    tables = table.standings_tables([ROOT / "benchmarks" / "standings.toml", ROOT / "benchmarks" / "standings_dsa.toml"])
+    for doc in (ROOT / "README.md", ROOT / "benchmarks" / "BENCHMARKS.md"):
+        text = doc.read_text()
+        start, end = table.marked_block(text, str(doc))
+        assert text[start:end] == tables + "\n", f"{doc.name} is stale: run cross_arch_table.py --standings ... --update"
+    doc = tmp_path / "doc.md"  # --update rewrites only the marked block, and says when nothing changed
+    doc.write_text(f"intro\n{table.BEGIN}\nold table\n{table.END}\noutro\n")
+    assert table.update(doc, "new table") and doc.read_text() == f"intro\n{table.BEGIN}\nnew table\n{table.END}\noutro\n"
+    assert not table.update(doc, "new table")
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="standings: begin"):
+        table.update(doc, "new table")
 
 
 def test_cpu_dsa_study_runs_the_gpu_tables_chosen_settings() -> None:
