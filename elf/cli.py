@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-on-augmented", action="store_true",
                    help="run the teacher on every augmented batch for the front term's target (features_on_augmented; "
                         "a teacher forward per step, shared by --batched seeds), instead of its cached features of the "
-                        "un-augmented images; not with --align-targets")
+                        "un-augmented images; it replaces a preset's aligned targets (--protocol elf-cross) and "
+                        "cannot be combined with --align-targets")
     g.add_argument("--no-augment", action="store_true", help="train without DSA")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     g.add_argument("--no-elf", action="store_true", help="skip the ELF runs")
@@ -337,6 +338,8 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["align_targets"] = args.align_targets  # True, or "flip"
     if getattr(args, "teacher_on_augmented", False):
         out["features_on_augmented"] = True
+        if not getattr(args, "align_targets", False):  # replaces a preset's aligned targets (elf-cross); both given: error
+            out["align_targets"] = False
     if getattr(args, "rear_bn_stats", None) is not None:
         out["rear_bn_stats_from_features"] = args.rear_bn_stats == "features"
     return out

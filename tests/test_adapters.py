@@ -733,6 +733,22 @@ def test_align_targets_flip_moves_targets_by_flips_only(data, bank128, monkeypat
         get_protocol("elf", align_targets="crop")
 
 
+def test_cli_teacher_on_augmented_replaces_the_presets_aligned_targets():
+    """`--protocol elf-cross --teacher-on-augmented` runs elf-cross with the teacher on the augmented batches instead
+    of its aligned targets (it used to fail: the preset's align_targets and the flag are two ways to match the view);
+    both options given explicitly still fail."""
+    from elf.cli import _protocol_overrides, build_parser
+
+    parser = build_parser()
+    over = _protocol_overrides(parser.parse_args(["eval", "--images", "s", "--protocol", "elf-cross",
+                                                  "--teacher-on-augmented"]))
+    p = get_protocol("elf-cross", **over)
+    assert p.features_on_augmented and p.align_targets is False and p.adapter == "auto"
+    both = _protocol_overrides(parser.parse_args(["eval", "--images", "s", "--teacher-on-augmented", "--align-targets"]))
+    with pytest.raises(ELFError, match="choose one"):
+        get_protocol("elf", **both)
+
+
 def test_cli_align_targets_flip():
     from elf.cli import _protocol_overrides, build_parser
 
