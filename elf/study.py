@@ -11,6 +11,7 @@ Runs are split across processes with ``shard=(i, n)`` or, under ``torchrun``, by
 
 from __future__ import annotations
 
+
 import csv
 import io
 import json
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,7 @@ class StudyConfig:
                 raise ELFError(f"teacher {name!r}: unknown key(s) {unknown}; a teacher takes {sorted(TEACHER_KEYS)}")
             if "accuracy" in t and not isinstance(t["accuracy"], (int, float)):
                 raise ELFError(f"teacher {name!r}: accuracy must be a number (its test accuracy in %), got {t['accuracy']!r}")
+        self._check_field_names()
         by_case = {m.lower(): m for m in self.models}
         for where, key, names in self.other_models():
             typos = [(n, by_case[n.lower()]) for n in names if n.lower() in by_case]
@@ -169,6 +171,24 @@ class StudyConfig:
                     raise ELFError(f"{where} uses the ELF terms but the study has no [teachers]; add one "
                                    "(checkpoint, model) or set lambda_front = lambda_rear = 0")
 
+
+    def _check_field_names(self) -> None:
+        """Every key of ``overrides`` and of each variant must name a protocol field (or ``teacher`` / ``split_at``)
+        before per-model tables are resolved: a per-model table that names neither the model nor ``"*"`` is left
+        out for that model, so a misplaced table would otherwise vanish without a word. The usual cause is a dot in
+        a variant's name (TOML reads ``[variants.front0.3]`` as variant ``front0`` with a table ``3``)."""
+        from .protocol import Protocol
+
+        allowed = {f.name for f in fields(Protocol)} | {"teacher", "split_at"}
+        for name, changes in [(None, self.overrides), *self.variants.items()]:
+            for key, value in changes.items():
+                if key in allowed:
+                    continue
+                where, hint = "overrides" if name is None else f"variant {name!r}", ""
+                if name is not None and isinstance(value, dict) and value and set(value) <= allowed:
+                    hint = (f" (it holds protocol fields: TOML reads [variants.{name}.{key}] as a table {key!r} inside "
+                            f'variant {name!r}; quote a name with a dot, [variants."{name}.{key}"], or drop the dot)')
+                raise ELFError(f"{where}: unknown field {key!r}{hint}; fields are {sorted(allowed)}")
 
     def other_models(self) -> list[tuple[str, str, list[str]]]:
         """``(where, field, names)`` for per-model tables naming models this study does not have (a table shared

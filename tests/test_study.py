@@ -156,6 +156,25 @@ def test_a_variant_field_can_be_a_table_per_model(workspace: Path) -> None:
         _config(workspace, "x", variants={"v": {"adapter": {"ConvNetW4D2": "nope", "*": "auto"}}}).check()
 
 
+def test_a_dotted_variant_name_is_refused_not_run_as_the_plain_preset(tmp_path: Path) -> None:
+    """TOML reads [variants.front0.3] as variant 'front0' holding a table '3'; resolved per model, a table naming
+    neither the model nor "*" is left out, so the variant used to run as the bare preset (lambda_front 1, not 0.3)
+    under a wrong name. Unknown field names are refused before per-model resolution, with the fix named."""
+    toml = tmp_path / "study.toml"
+    head = 'name = "x"\ndata = "d"\nmodels = ["ConvNetW4D2"]\n[sets]\nnoise = "n.safetensors"\n'
+    toml.write_text(head + "[variants.front0.3]\nlambda_front = 0.3\n")
+    with pytest.raises(elf.ELFError, match=r"""variant 'front0': unknown field '3' .*\[variants."front0.3"\]"""):
+        load_config(toml)
+    toml.write_text(head + '[variants."front0.3"]\nlambda_front = 0.3\n')  # quoted: one variant, as meant
+    assert load_config(toml).variants == {"front0.3": {"lambda_front": 0.3}}
+    toml.write_text(head + "[overrides]\nlamda_front = 0.3\n")  # a misspelt field in overrides
+    with pytest.raises(elf.ELFError, match="overrides: unknown field 'lamda_front'"):
+        load_config(toml)
+    toml.write_text(head + '[variants.v]\nlamda_rear = { "*" = 0.0 }\n')  # misspelt, as a per-model table
+    with pytest.raises(elf.ELFError, match="variant 'v': unknown field 'lamda_rear'"):
+        load_config(toml)
+
+
 def test_baseline_or_elf_follows_each_models_settings(workspace: Path) -> None:
     base = {"lambda_front": 0.0, "lambda_rear": 0.0}
     cfg = _config(workspace, "kinds", variants={"mixed": {"lambda_front": {"ConvNetW4D2": 0.0, "*": 0.0},
