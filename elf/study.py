@@ -11,7 +11,6 @@ Runs are split across processes with ``shard=(i, n)`` or, under ``torchrun``, by
 
 from __future__ import annotations
 
-
 import csv
 import io
 import json
@@ -170,7 +169,6 @@ class StudyConfig:
                 if running and proto.uses_features and not self.teachers:
                     raise ELFError(f"{where} uses the ELF terms but the study has no [teachers]; add one "
                                    "(checkpoint, model) or set lambda_front = lambda_rear = 0")
-
 
     def _check_field_names(self) -> None:
         """Every key of ``overrides`` and of each variant must name a protocol field (or ``teacher`` / ``split_at``)
