@@ -337,9 +337,7 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "align_targets", False):
         out["align_targets"] = args.align_targets  # True, or "flip"
     if getattr(args, "teacher_on_augmented", False):
-        out["features_on_augmented"] = True
-        if not getattr(args, "align_targets", False):  # replaces a preset's aligned targets (elf-cross); both given: error
-            out["align_targets"] = False
+        out["features_on_augmented"] = True  # replaces a preset's aligned targets (Protocol.replace)
     if getattr(args, "rear_bn_stats", None) is not None:
         out["rear_bn_stats_from_features"] = args.rear_bn_stats == "features"
     return out

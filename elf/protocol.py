@@ -20,7 +20,7 @@ import torch
 
 from .errors import ELFError
 
-__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "seed_list", "ADAPTER_MODES", "ALIGN_MODES", "ELF_TERM_FIELDS"]
+__all__ = ["Protocol", "PROTOCOLS", "PROTOCOL_FIELDS", "get_protocol", "seed_list", "ADAPTER_MODES", "ALIGN_MODES", "ELF_TERM_FIELDS"]
 #: Protocol fields that act only through the ELF terms (a baseline run, with both lambdas 0, ignores them).
 ELF_TERM_FIELDS = frozenset({"distance", "features_on_augmented", "rear_bn_stats_from_features", "adapter",
                              "align_targets"})
@@ -148,11 +148,18 @@ class Protocol:
         return self.lambda_front > 0 or self.lambda_rear > 0
 
     def replace(self, **changes: Any) -> Protocol:
-        """A copy with some fields changed; unknown field names raise :class:`ELFError`."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
+        """A copy with some fields changed; unknown field names raise :class:`ELFError`.
+
+        ``align_targets`` and ``features_on_augmented`` are two ways to make the front target match the augmented
+        view: a change that turns one on without naming the other turns the other off (so ``elf-cross``, whose
+        targets are aligned, takes ``features_on_augmented=True``); both turned on at once is an error."""
+        unknown = sorted(set(changes) - PROTOCOL_FIELDS)
         if unknown:
-            raise ELFError(f"unknown protocol field(s) {unknown}; fields are {sorted(names)}")
+            raise ELFError(f"unknown protocol field(s) {unknown}; fields are {sorted(PROTOCOL_FIELDS)}")
+        if changes.get("features_on_augmented") and "align_targets" not in changes:
+            changes["align_targets"] = False
+        if changes.get("align_targets") and "features_on_augmented" not in changes:
+            changes["features_on_augmented"] = False
         return dataclasses.replace(self, **changes)
 
     def baseline(self) -> Protocol:
@@ -170,6 +177,9 @@ class Protocol:
             out["distance"] = getattr(self.distance, "__name__", repr(self.distance))
         return out
 
+
+#: The names of :class:`Protocol`'s fields (what ``get_protocol``/``replace`` and study variants accept).
+PROTOCOL_FIELDS = frozenset(f.name for f in dataclasses.fields(Protocol))
 
 _OFFICIAL = Protocol(name="elf-official", rear_bn_stats_from_features=True,
                      notes="the public ELF evaluation code exactly (Dec 2023): ELF terms on, lr 0.01, 1000 epochs, DSA; "

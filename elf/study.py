@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = ["StudyConfig", "RunSpec", "load_config", "plan_runs", "plan_units", "
            "stale_runs"]
 
 RANDOM_REAL = "random-real"
+VARIANT_KEYS = ("teacher", "split_at")  # what a variant may hold besides protocol fields
 TEACHER_KEYS = {"checkpoint", "model", "point", "accuracy"}  # accuracy: the teacher's test accuracy (%), recorded in runs
 FULL_DATA = "full-data"
 
@@ -116,7 +117,7 @@ class StudyConfig:
         """Refuse, before anything runs, what would fail or mislead later: no seeds or models, a variant whose
         protocol numbers are out of range, a variant naming an unknown teacher; with ``running`` (as
         :func:`run_study` calls it) also an ELF variant in a study without teachers."""
-        from .protocol import get_protocol, seed_list
+        from .protocol import seed_list
 
         self.seeds = seed_list(self.seeds, "study seeds")
         if self.compile and not self.batched:
@@ -157,15 +158,12 @@ class StudyConfig:
             per_model = any(isinstance(v, dict) for v in {**self.overrides, **changes}.values())
             for model in self.models:
                 where = f"variant {variant!r}" + (f" for {model}" if per_model else "")
-                settings = _model_settings(self, variant, model)
-                teacher = settings.pop("teacher", None)
-                settings.pop("split_at", None)
-                if teacher is not None and teacher not in self.teachers:
-                    raise ELFError(f"{where} names teacher {teacher!r}, not one of {sorted(self.teachers)}")
                 try:
-                    proto = get_protocol(self.protocol, **settings)
+                    proto, teacher, _ = _resolved_settings(self, variant, model)
                 except ELFError as e:
                     raise ELFError(f"{where}: {e}") from None
+                if teacher is not None and teacher not in self.teachers:
+                    raise ELFError(f"{where} names teacher {teacher!r}, not one of {sorted(self.teachers)}")
                 if running and proto.uses_features and not self.teachers:
                     raise ELFError(f"{where} uses the ELF terms but the study has no [teachers]; add one "
                                    "(checkpoint, model) or set lambda_front = lambda_rear = 0")
@@ -175,9 +173,9 @@ class StudyConfig:
         before per-model tables are resolved: a per-model table that names neither the model nor ``"*"`` is left
         out for that model, so a misplaced table would otherwise vanish without a word. The usual cause is a dot in
         a variant's name (TOML reads ``[variants.front0.3]`` as variant ``front0`` with a table ``3``)."""
-        from .protocol import Protocol
+        from .protocol import PROTOCOL_FIELDS
 
-        allowed = {f.name for f in fields(Protocol)} | {"teacher", "split_at"}
+        allowed = PROTOCOL_FIELDS | set(VARIANT_KEYS)
         for name, changes in [(None, self.overrides), *self.variants.items()]:
             for key, value in changes.items():
                 if key in allowed:
@@ -434,14 +432,18 @@ class _Resources:
         return self._get(f"banks:{set_name}", make)
 
 
-def _run_settings(run: RunSpec, cfg: StudyConfig) -> tuple[Any, str | None, str | None]:
-    """``(protocol, teacher label, split point)`` the study file gives ``run``: its variant over ``overrides``."""
+def _resolved_settings(cfg: StudyConfig, variant: str, model: str) -> tuple[Any, str | None, str | None]:
+    """``(protocol, teacher label, split point)`` the study file gives ``model`` in ``variant`` (over ``overrides``)."""
     from .protocol import get_protocol
 
-    overrides = _model_settings(cfg, run.variant, run.model)
-    teacher_label = overrides.pop("teacher", None)
-    split_at = overrides.pop("split_at", None)
+    overrides = _model_settings(cfg, variant, model)
+    teacher_label, split_at = (overrides.pop(key, None) for key in VARIANT_KEYS)
     return get_protocol(cfg.protocol, **overrides), teacher_label, split_at
+
+
+def _run_settings(run: RunSpec, cfg: StudyConfig) -> tuple[Any, str | None, str | None]:
+    """:func:`_resolved_settings` of ``run``'s variant and model."""
+    return _resolved_settings(cfg, run.variant, run.model)
 
 
 def _decisive_fields(proto: Any, *, baseline_ignores_elf_terms: bool = False) -> dict[str, Any]:

@@ -733,20 +733,31 @@ def test_align_targets_flip_moves_targets_by_flips_only(data, bank128, monkeypat
         get_protocol("elf", align_targets="crop")
 
 
-def test_cli_teacher_on_augmented_replaces_the_presets_aligned_targets():
-    """`--protocol elf-cross --teacher-on-augmented` runs elf-cross with the teacher on the augmented batches instead
-    of its aligned targets (it used to fail: the preset's align_targets and the flag are two ways to match the view);
-    both options given explicitly still fail."""
+def test_teacher_on_augmented_replaces_a_presets_aligned_targets():
+    """`features_on_augmented=True` over `elf-cross` (aligned targets) runs elf-cross with the teacher on the augmented
+    batches instead (it used to fail: the two are ways to match the view), in the API, the CLI and a study variant;
+    the reverse change likewise; both turned on at once still fails."""
     from elf.cli import _protocol_overrides, build_parser
 
+    p = get_protocol("elf-cross", features_on_augmented=True)
+    assert p.features_on_augmented and p.align_targets is False and p.adapter == "auto"
+    back = p.replace(align_targets="flip")
+    assert back.align_targets == "flip" and not back.features_on_augmented
+    with pytest.raises(ELFError, match="choose one"):
+        get_protocol("elf", align_targets=True, features_on_augmented=True)
     parser = build_parser()
     over = _protocol_overrides(parser.parse_args(["eval", "--images", "s", "--protocol", "elf-cross",
                                                   "--teacher-on-augmented"]))
-    p = get_protocol("elf-cross", **over)
-    assert p.features_on_augmented and p.align_targets is False and p.adapter == "auto"
+    assert get_protocol("elf-cross", **over) == p
     both = _protocol_overrides(parser.parse_args(["eval", "--images", "s", "--teacher-on-augmented", "--align-targets"]))
     with pytest.raises(ELFError, match="choose one"):
         get_protocol("elf", **both)
+    from elf.study import StudyConfig, _resolved_settings
+
+    cfg = StudyConfig(name="x", data="d", sets={"s": "s.safetensors"}, models=["ConvNet"], protocol="elf-cross",
+                      variants={"onaug": {"features_on_augmented": True}})
+    cfg.check()
+    assert _resolved_settings(cfg, "onaug", "ConvNet")[0] == p
 
 
 def test_cli_align_targets_flip():
