@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the teacher's shape (or grid, with --adapter auto); a bare POINT applies to every model")
     g.add_argument("--protocol", default="elf", help="protocol preset: elf (default: official numbers, rear BatchNorm "
                                                    "statistics from the student's path), elf-official (the public code "
-                                                   "exactly), elf-cross (elf + adapters + aligned targets), dsa, dm, dc, "
-                                                   "mtt, glad; see docs/protocols.md. ELF runs always have the ELF terms on")
+                                                   "exactly), elf-cross (elf + adapters + aligned targets), elf-aug (elf + "
+                                                   "adapters + the teacher on each augmented batch), dsa, dm, dc, mtt, "
+                                                   "glad; see docs/protocols.md. ELF runs always have the ELF terms on")
     g.add_argument("--epochs", type=int, default=None, help="the protocol's Epoch (official 1000; the loop runs Epoch+1)")
     g.add_argument("--runs", type=int, default=5, help="runs (seeds 0..runs-1) per model and method")
     g.add_argument("--seed", type=int, default=0, help="first seed")

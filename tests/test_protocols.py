@@ -25,6 +25,10 @@ def test_presets_pin_their_numbers() -> None:
     assert p["elf-official"].replace(name="elf", rear_bn_stats_from_features=False, notes="") == official
     assert p["elf-cross"].adapter == "auto" and p["elf-cross"].align_targets
     assert p["elf-cross"].replace(name="elf", adapter=None, align_targets=False) == official
+    # elf-aug: elf-cross with the teacher run on each augmented batch in place of aligned targets
+    assert p["elf-aug"].features_on_augmented and p["elf-aug"].adapter == "auto" and not p["elf-aug"].align_targets
+    assert p["elf-aug"].replace(name="elf-cross", notes="") == elf.get_protocol(
+        "elf-cross", features_on_augmented=True).replace(notes="")
     for name in ("dsa", "dm", "mtt", "glad"):
         assert not p[name].uses_features and p[name].epochs == 1000 and p[name].augment == official.augment
     assert p["mtt"].learned_lr and p["glad"].learned_lr and not p["dsa"].learned_lr
@@ -128,3 +132,20 @@ def test_after_epoch_decays_once_at_the_decay_epoch(reset: bool) -> None:
         assert (opt is before) == (not reset or epoch != p.decay_epoch)
     assert lr == pytest.approx(0.05) and opt.param_groups[0]["lr"] == pytest.approx(0.05)
     assert made == ([pytest.approx(0.05)] if reset else [])
+
+
+def test_elf_aug_preset_runs_a_student_of_another_shape_with_the_banks_teacher() -> None:
+    """`protocol="elf-aug"` with a bank built in this process: adapters bridge the shapes and the bank's teacher runs
+    on the augmented batches (no teacher= needed); the CLI takes the preset by name."""
+    from elf.cli import _protocol_overrides, build_parser
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(4).repeat_interleave(2)
+    bank = FeatureBank.build(create_model("ConvNetW4D1", num_classes=4, im_size=(16, 16)), x)
+    t = ELFTrainer("ConvNetD2", x, y, feature_bank=bank, protocol="elf-aug", epochs=1, batch_size=4, progress=False,
+                   device="cpu")
+    log = t.fit(0)[-1]
+    assert t.protocol.name == "elf-aug" and t.adapters is not None
+    assert log["front"] > 0 and log["rear"] > 0
+    args = build_parser().parse_args(["eval", "--images", "s", "--protocol", "elf-aug"])
+    assert elf.get_protocol(args.protocol, **_protocol_overrides(args)) == elf.PROTOCOLS["elf-aug"]
