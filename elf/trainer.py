@@ -266,7 +266,8 @@ class ELFTrainer:
         if p.features_on_augmented and teacher is None and feature_bank is not None and feature_bank.teacher is not None:
             teacher = self.teacher = feature_bank.teacher  # the bank's own teacher
         if p.features_on_augmented and teacher is None:
-            raise ELFError("features_on_augmented=True runs the teacher on every augmented batch: pass teacher=, or a "
+            raise ELFError(f"protocol {p.name!r} has features_on_augmented=True, which runs the teacher on every "
+                           "augmented batch: pass teacher=, or a "
                            "feature_bank made in this process by FeatureBank.build / from_checkpoint (a bank read "
                            "from a file does not hold its teacher)")
         if feature_bank is None and teacher is not None and p.uses_features:

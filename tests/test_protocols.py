@@ -147,5 +147,8 @@ def test_elf_aug_preset_runs_a_student_of_another_shape_with_the_banks_teacher()
     log = t.fit(0)[-1]
     assert t.protocol.name == "elf-aug" and t.adapters is not None
     assert log["front"] > 0 and log["rear"] > 0
+    loaded = FeatureBank(bank.features.cpu(), metadata=bank.metadata)  # as read from a file: no teacher
+    with pytest.raises(ELFError, match="'elf-aug' has features_on_augmented=True.*read from a file"):
+        ELFTrainer("ConvNetD2", x, y, feature_bank=loaded, protocol="elf-aug", progress=False, device="cpu")
     args = build_parser().parse_args(["eval", "--images", "s", "--protocol", "elf-aug"])
     assert elf.get_protocol(args.protocol, **_protocol_overrides(args)) == elf.PROTOCOLS["elf-aug"]
