@@ -441,11 +441,6 @@ def _resolved_settings(cfg: StudyConfig, variant: str, model: str) -> tuple[Any,
     return get_protocol(cfg.protocol, **overrides), teacher_label, split_at
 
 
-def _run_settings(run: RunSpec, cfg: StudyConfig) -> tuple[Any, str | None, str | None]:
-    """:func:`_resolved_settings` of ``run``'s variant and model."""
-    return _resolved_settings(cfg, run.variant, run.model)
-
-
 def _decisive_fields(proto: Any, *, baseline_ignores_elf_terms: bool = False) -> dict[str, Any]:
     """The protocol fields that decide a run, JSON-normalized: not ``name`` and ``notes`` (which may be reworded);
     with ``baseline_ignores_elf_terms``, a protocol without ELF terms also leaves out the fields that act only
@@ -461,7 +456,7 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
     holds its teacher module, which runs on every augmented batch when the protocol has ``features_on_augmented``."""
     from .evaluation import choose_bank
 
-    proto, teacher_label, split_at = _run_settings(run, cfg)
+    proto, teacher_label, split_at = _resolved_settings(cfg, run.variant, run.model)
     sset = res.synthetic(run.set)
     bank = None
     if proto.uses_features:
@@ -588,7 +583,7 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
 def _variant_settings(run: RunSpec, cfg: StudyConfig) -> dict[str, Any]:
     """What the study file asks of ``run`` now: its protocol fields that decide the run (not name and notes; for a
     baseline, not the fields of the ELF terms) and its explicit split point."""
-    proto, _, split_at = _run_settings(run, cfg)
+    proto, _, split_at = _resolved_settings(cfg, run.variant, run.model)
     return {"protocol": _decisive_fields(proto, baseline_ignores_elf_terms=True), "split_at": split_at}
 
 

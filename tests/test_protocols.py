@@ -141,12 +141,16 @@ def test_elf_aug_preset_runs_a_student_of_another_shape_with_the_banks_teacher()
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 16, 16), torch.arange(4).repeat_interleave(2)
-    bank = FeatureBank.build(create_model("ConvNetW4D1", num_classes=4, im_size=(16, 16)), x)
+    teacher = create_model("ConvNetW4D1", num_classes=4, im_size=(16, 16))
+    bank = FeatureBank.build(teacher, x)
+    calls = []
+    teacher.features[0].register_forward_hook(lambda *a: calls.append(1))  # (the bank runs a module cut from it)
     t = ELFTrainer("ConvNetD2", x, y, feature_bank=bank, protocol="elf-aug", epochs=1, batch_size=4, progress=False,
                    device="cpu")
     log = t.fit(0)[-1]
     assert t.protocol.name == "elf-aug" and t.adapters is not None
     assert log["front"] > 0 and log["rear"] > 0
+    assert len(calls) == 2 * 2  # the bank's teacher ran on each augmented batch: 2 passes (epochs + 1) x 2 batches
     loaded = FeatureBank(bank.features.cpu(), metadata=bank.metadata)  # as read from a file: no teacher
     with pytest.raises(ELFError, match="'elf-aug' has features_on_augmented=True.*read from a file"):
         ELFTrainer("ConvNetD2", x, y, feature_bank=loaded, protocol="elf-aug", progress=False, device="cpu")
