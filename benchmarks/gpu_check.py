@@ -15,11 +15,13 @@
               teacher of its feature shape, the bundled width-128 ConvNet or the committed width-512 one), 5 seeds
               batched per cell, ``--table5-epochs`` (1000) epochs, all 10,000 test images; sharded by cells over
               ``--procs`` processes; ``results/gpu-table5/``. Its wall time and per-cell times go in gpu-check.json.
-  followups   issue #9's follow-up studies, committed for the CPU (``FOLLOWUPS``), rerun on the GPU with their own
-              settings (data from ``--data``), sharded over ``--followup-procs`` processes in all (in proportion to
-              each study's unfinished runs); results in ``results/gpu-<the study's folder without "cpu-">/`` (never
-              the CPU folders: numerics differ). Among them ``gpu_chosen_table_study.toml``: issue #9's table with
-              each model's setting chosen on validation data (``results/gpu-chosen-table/``).
+  followups   issue #9's follow-up studies named by ``--followups`` (default ``chosen_table``; ``all`` for every one
+              of ``FOLLOWUPS``), rerun on the GPU with their own settings (data from ``--data``), sharded over
+              ``--followup-procs`` processes in all (in proportion to each study's unfinished runs); results in
+              ``results/gpu-<the study's folder without "cpu-">/`` (never the CPU folders: numerics differ).
+              ``chosen_table`` is ``gpu_chosen_table_study.toml``: issue #9's table with each model's setting chosen
+              on validation data, on one machine (``results/gpu-chosen-table/``), the one follow-up the CPU has not
+              answered; the others were answered on the CPU and are there to repeat them on the GPU by name.
   teacher, distill, val, tables   the first call's stages (results committed): train the width-512 ConvNet teacher
               (``elf train-teacher``, time-boxed by ``--teacher-seconds``), distill a DSA set (``elf distill``,
               ``--distill-seconds``), the validation study ``gpu_val_study.toml``, and once teacher and set exist
@@ -66,7 +68,19 @@ TINY_MODELS = {"val": ["ConvNetW64", TINY_VIT], "dm": ["ConvNet", "AlexNet", "to
                "chosen_table": ["ConvNetBN", "VGG11"]}  # w128 exact shape; w512 run on the augmented batches
 STAGES = ["speed", "cuda_tests", "table5", "followups", "teacher", "distill", "val", "tables"]
 DEFAULT_STAGES = "speed,cuda_tests,table5,followups"
-STAGE_STUDIES = {"val": ["val"], "tables": ["dm", "dsa"], "table5": ["table5"], "followups": list(FOLLOWUPS)}
+DEFAULT_FOLLOWUPS = "chosen_table"  # what the CPU could not answer: issue #9's whole table on one machine
+STAGE_STUDIES = {"val": ["val"], "tables": ["dm", "dsa"], "table5": ["table5"]}  # followups: --followups
+
+
+def _followups(value: str) -> list[str]:
+    """``--followups``: a comma list of ``FOLLOWUPS`` names, or ``all``; in ``FOLLOWUPS``' order."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(FOLLOWUPS)
+    unknown = sorted(set(names) - set(FOLLOWUPS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown follow-up(s) {unknown}; names are all, {', '.join(FOLLOWUPS)}")
+    return [n for n in FOLLOWUPS if n in names]
 
 
 def _study_config(name: str, args: argparse.Namespace) -> Any:
@@ -259,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs", type=int, default=8, help="processes for table5 and the DM table (the DSA table gets half)")
     ap.add_argument("--followup-procs", type=int, default=12,
                     help="processes for the follow-up studies in all (split evenly, at most one per unfinished run)")
+    ap.add_argument("--followups", type=_followups, default=DEFAULT_FOLLOWUPS,
+                    help=f"the follow-up studies of the followups stage: a comma list of {', '.join(FOLLOWUPS)}, "
+                         "or all (default: %(default)s)")
     ap.add_argument("--work", default=str(HERE / "work" / "gpu"))
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--tiny", action="store_true", help="toy sizes (the CPU test of this script)")
@@ -291,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     elf = [py, "-m", "elf"]
     common = ["--data", args.data, "--device", args.device, "--no-progress"]
     report: dict[str, Any] = {"script": "benchmarks/gpu_check.py", "argv": sys.argv[1:] if argv is None else argv,
-                              "stages_selected": selected, "budget_s": args.budget, "epochs": args.epochs,
+                              "stages_selected": selected,
+                              "followups_selected": args.followups if "followups" in selected else [],
+                              "budget_s": args.budget, "epochs": args.epochs,
                               "table5_epochs": args.table5_epochs, "tiny": args.tiny,
                               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
                               "stage_summary": {}, "stages": {}}
@@ -338,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if "table5" in selected:
         names["table5"] = _start_study(stage, "table5", args.procs, args, end, study_info)
     if "followups" in selected:
-        todo = {f: len(_units(_study_config(f, args))[1]) for f in FOLLOWUPS}
+        todo = {f: len(_units(_study_config(f, args))[1]) for f in args.followups}
         names["followups"] = [n for f, k in _share(args.followup_procs, todo).items()
                               for n in _start_study(stage, f, k, args, end, study_info)]
 
@@ -408,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         entry.update({"wall_s": stage.span(group), "processes": len(group),
                       "cut_by_budget": any(p["cut_by_budget"] for p in procs.values()),
                       "all_rc_0": all(p["rc"] == 0 for p in procs.values())})
-        for study in STAGE_STUDIES.get(name, []):
+        for study in args.followups if name == "followups" else STAGE_STUDIES.get(name, []):
             cfg = _study_config(study, args)
             if (Path(cfg.out) / "runs").is_dir():
                 summarize(cfg)

@@ -3,8 +3,8 @@
 # (--stages speed,cuda_tests,table5,followups): issue #12's batched-seeds speed section alone on the device; then,
 # with the CUDA-only tests in the background, one Table 5 row block (benchmarks/gpu_table5_study.toml: bundled DM set,
 # six models, baseline and official ELF, 5 batched seeds, 1000 epochs, full test set -> results/gpu-table5/) in
-# parallel with issue #9's follow-up studies (cpu_teacher_choice / followup_vit_val / followup_vit_test /
-# followup_in_models_val / followup_front_scale_val / followup_teacher_on_aug_val, run into results/gpu-*/).
+# parallel with issue #9's table on one machine (gpu_chosen_table_study.toml -> results/gpu-chosen-table/; the other
+# follow-up studies, answered on the CPU, run again on the GPU with --followups NAMES or --followups all).
 # Finished runs are skipped, so a second call continues.
 # The first call's stages (teacher, distill, val, tables) stay selectable with --stages.
 #   bash benchmarks/gpu_check.sh --data PATH/cifar10-jpeg.tar.gz [--budget 540]

@@ -413,7 +413,7 @@ def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, t
         sset.normalization = given
     if args.zca:
         sset.zca = True
-    test = _match_classes(_load_split(args, "test", args.test_per_class), sset, log)
+    test = sset.label_real(_load_split(args, "test", args.test_per_class), "the test split", log)
     test_x, test_y = test.as_float(sset.normalization), test.labels
     if sset.zca:
         log("the set is in ZCA space: fitting ZCA (eps 0.1) on the full real training set (cached)")
@@ -500,6 +500,8 @@ def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], te
     out["images_n"] = len(sset)
     out["normalization"] = norm.to_dict()
     out["teachers"] = [b.metadata.get("teacher_sha256", "") for b in banks]
+    if args.teacher_point:  # only when given (evals saved before it was recorded still resume); omitting it differs
+        out["teacher_points"] = [b.point for b in banks]
     out["test_n"] = int(test_x.shape[0])
     return json.loads(json.dumps(out, default=str))
 
@@ -529,23 +531,6 @@ def _resumable_rows(out: str, previous: dict[str, Any], settings: dict[str, Any]
         raise ELFError(f"--resume: {out} was computed with other settings ({shown}); use the same command, or "
                        "another --out to start over")
     return [ModelComparison.from_dict(r) for r in previous.get("results", [])]
-
-
-def _match_classes(test: Any, sset: Any, log: Any) -> Any:
-    """The test split labelled with the synthetic set's classes, by name; without names, its class count must
-    cover every label of the set (a stray label 12 in a 10-class set is an error, not a 13-class model)."""
-    if sset.classes is not None:
-        matched = test.with_classes(sset.classes, "the test split", "the synthetic set's classes")
-        if matched is not test:
-            log(f"test classes matched to the set's by name: {', '.join(sset.classes)}")
-        return matched
-    k = sset.num_classes
-    if k > test.num_classes or (sset.label_kind != "index" and k != test.num_classes):
-        raise ELFError(f"the synthetic set has {k} classes (labels up to {k - 1}) but the test data has "
-                       f"{test.num_classes} ({', '.join(test.classes)}); check the labels file and --data")
-    if sset.label_kind == "index":
-        sset.classes = list(test.classes)  # the set records no names: the test data's classes name its labels
-    return test
 
 
 def _split_points(items: Sequence[str], models: Sequence[str]) -> dict[str, str]:

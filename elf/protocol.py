@@ -152,7 +152,9 @@ class Protocol:
 
         ``align_targets`` and ``features_on_augmented`` are two ways to make the front target match the augmented
         view: a change that turns one on without naming the other turns the other off (so ``elf-cross``, whose
-        targets are aligned, takes ``features_on_augmented=True``); both turned on at once is an error."""
+        targets are aligned, takes ``features_on_augmented=True``); both turned on at once is an error. Likewise a
+        change of ``lr`` without ``learned_lr`` turns ``learned_lr`` off: the lr you give is the lr that trains
+        (``get_protocol("mtt", lr=0.005)`` ignores a set's learned lr)."""
         unknown = sorted(set(changes) - PROTOCOL_FIELDS)
         if unknown:
             raise ELFError(f"unknown protocol field(s) {unknown}; fields are {sorted(PROTOCOL_FIELDS)}")
@@ -160,6 +162,8 @@ class Protocol:
             changes["align_targets"] = False
         if changes.get("align_targets") and "features_on_augmented" not in changes:
             changes["features_on_augmented"] = False
+        if "lr" in changes and "learned_lr" not in changes:
+            changes["learned_lr"] = False
         return dataclasses.replace(self, **changes)
 
     def baseline(self) -> Protocol:

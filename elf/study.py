@@ -261,11 +261,9 @@ class RunSpec:
 
 
 def _is_elf(cfg: StudyConfig, variant: str) -> bool:
-    """Whether a variant uses the ELF terms for some model of the study (its λ as each model's settings give them)."""
-    def uses_terms(settings: dict[str, Any]) -> bool:
-        return settings.get("lambda_front", 1.0) > 0 or settings.get("lambda_rear", 1.0) > 0
-
-    return any(uses_terms(_model_settings(cfg, variant, m)) for m in cfg.models)
+    """Whether a variant uses the ELF terms for some model of the study (its λ as each model's settings give them,
+    over the study's protocol: under ``protocol = "dsa"``, whose λ are 0, a variant ``{}`` is a baseline)."""
+    return any(_resolved_settings(cfg, variant, m)[0].uses_features for m in cfg.models)
 
 
 def _model_settings(cfg: StudyConfig, variant: str, model: str) -> dict[str, Any]:
@@ -374,22 +372,39 @@ class _Resources:
 
         return self._get(f"real:{split}", make)
 
-    def test(self, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """What runs are measured on: images ``(N, C, H, W)`` (normalized) and labels ``(N,)``. That is the
-        validation split with ``validation_per_class``, unless ``final``: then (and without validation) the
-        dataset's test split (or its ``test_per_class`` subset)."""
+    def test(self, set_name: str, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """What runs on ``set_name`` are measured on: images ``(N, C, H, W)`` in that set's pixel space (its
+        normalization, ZCA-whitened when the set is) and labels ``(N,)`` numbered as the set numbers its classes (by
+        name when it has names, as ``elf eval`` does). That is the validation split with ``validation_per_class``,
+        unless ``final``: then (and without validation) the dataset's test split (or its ``test_per_class`` subset)."""
         validation = bool(self.cfg.validation_per_class) and not final
+        split = "validation" if validation else "test"
 
-        def make() -> tuple[torch.Tensor, torch.Tensor]:
+        def real() -> Any:
             if validation:
-                t = self.real("test")
-            else:  # labels by class name, as the training split has them
-                t = self._load("test").with_classes(self.real("train").classes, "the test split")
-                if self.cfg.test_per_class:
-                    t = t.per_class(self.cfg.test_per_class, torch.Generator().manual_seed(0))
-            return t.as_float(self.norm()), t.labels
+                return self.real("test")
+            t = self._load("test").with_classes(self.real("train").classes, "the test split")  # as training has them
+            if self.cfg.test_per_class:
+                t = t.per_class(self.cfg.test_per_class, torch.Generator().manual_seed(0))
+            return t
 
-        return self._get("validation" if validation else "test", make)
+        images = self._get(f"split:{split}", real)
+        sset = self.synthetic(set_name)
+        norm = sset.normalization
+
+        def in_space() -> torch.Tensor:
+            x = images.as_float(norm)
+            return self.zca(norm).transform(x) if sset.zca else x
+
+        x = self._get(f"images:{split}:{json.dumps([norm.to_dict(), sset.zca])}", in_space)
+        y = self._get(f"labels:{split}:{set_name}", lambda: sset.label_real(images, f"the {split} split", self.log).labels)
+        return x, y
+
+    def zca(self, norm: Any) -> Any:
+        """ZCA (eps 0.1) fit on the dataset's whole training split in ``norm``, as the code bases whiten (cached)."""
+        from .pixel_space import fit_zca_cached
+
+        return self._get(f"zca:{json.dumps(norm.to_dict())}", lambda: fit_zca_cached(self._load("train"), norm, eps=0.1))
 
     def synthetic(self, name: str) -> Any:
         from .io import load_any
@@ -410,9 +425,18 @@ class _Resources:
             sset = load_any(self.cfg.sets[name])
             if sset.normalization is None:
                 sset.normalization = self.norm()
+            # classes that cannot match the real data's fail here, before training; a set without names gets theirs
+            sset.label_real(self.real("train"), "the real training data")
             return sset
 
         return self._get(f"set:{name}", make)
+
+    def set_sha256(self, name: str) -> str:
+        """SHA-256 of a set's images and labels as the runs get them (a replaced file, or a random-real subset drawn
+        from other data, gets another)."""
+        from .fileio import tensor_sha256
+
+        return self._get(f"sha256:{name}", lambda: tensor_sha256(self.synthetic(name).images, self.synthetic(name).labels))
 
     def banks(self, set_name: str) -> dict[str, Any]:
         from .feature_bank import FeatureBank
@@ -478,7 +502,7 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
     return proto, sset, bank, split_at
 
 
-def _record_context(cfg: StudyConfig, res: _Resources, bank: Any, trainer: Any) -> dict[str, Any]:
+def _record_context(cfg: StudyConfig, res: _Resources, set_name: str, bank: Any, trainer: Any) -> dict[str, Any]:
     """The fields every finished run's record shares: teacher and set metadata, environment, code revision, what
     it was measured on, and when it finished."""
     from .evaluation import environment
@@ -486,13 +510,13 @@ def _record_context(cfg: StudyConfig, res: _Resources, bank: Any, trainer: Any) 
     return {"teacher": bank.metadata if bank is not None else None, "data": trainer.data_info,
             "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
             "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
-                           if cfg.validation_per_class else "test", "test_n": int(res.test()[1].shape[0]),
+                           if cfg.validation_per_class else "test", "test_n": int(res.test(set_name)[1].shape[0]),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _final_test(accuracy: float, cfg: StudyConfig, res: _Resources) -> dict[str, Any]:
+def _final_test(accuracy: float, cfg: StudyConfig, res: _Resources, set_name: str) -> dict[str, Any]:
     """A run record's ``also_test`` fields: the accuracy (%) on the dataset's test split and its size."""
-    return {"test_accuracy": accuracy, "test_accuracy_n": int(res.test(final=True)[1].shape[0]),
+    return {"test_accuracy": accuracy, "test_accuracy_n": int(res.test(set_name, final=True)[1].shape[0]),
             "test_accuracy_on": "the dataset's test split" + (f", {cfg.test_per_class} per class"
                                                              if cfg.test_per_class else "")}
 
@@ -521,7 +545,8 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
     proto, sset, bank, split_at = prepared
     ckpt = None
     if cfg.checkpoint_minutes:
-        identity = {"model": run.model, "seed": run.seed, "set": run.set, "protocol": _decisive_fields(proto),
+        identity = {"model": run.model, "seed": run.seed, "set": run.set, "set_sha256": res.set_sha256(run.set),
+                    "protocol": _decisive_fields(proto),
                     "split_at": split_at, "teacher": bank.metadata if bank is not None else None,
                     "channels_last": cfg.channels_last}
         ckpt = RunCheckpoint(_partial_folder(cfg), run.run_id, cfg.checkpoint_minutes * 60, identity, res.log)
@@ -538,8 +563,8 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
                 "protocol": proto.to_dict(), "study": cfg.name,
                 "environment": environment(res.device), "git_revision": res.git_revision,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    acc = trainer.evaluate(*res.test())
-    test = _final_test(trainer.evaluate(*res.test(final=True)), cfg, res) if cfg.also_test else {}
+    acc = trainer.evaluate(*res.test(run.set))
+    test = _final_test(trainer.evaluate(*res.test(run.set, final=True)), cfg, res, run.set) if cfg.also_test else {}
     seconds = time.perf_counter() - t0
     resumed = ckpt.resumed_at if ckpt is not None else []
     if ckpt is not None:
@@ -550,7 +575,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
         "adapters": repr(trainer.adapters) if trainer.adapters is not None else None,
         **({"channels_last": True} if cfg.channels_last else {}),
         **({"resumed_at_epochs": resumed} if resumed else {}), **test, "history": history,
-        **_record_context(cfg, res, bank, trainer),
+        **_record_context(cfg, res, run.set, bank, trainer),
     }
 
 
@@ -566,8 +591,8 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     trainer = ELFTrainer.from_synthetic(runs[0].model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress, channels_last=cfg.channels_last)
     try:
-        result = trainer.run(*res.test(), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile,
-                             also_evaluate={"test": res.test(final=True)} if cfg.also_test else None)
+        result = trainer.run(*res.test(runs[0].set), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile,
+                             also_evaluate={"test": res.test(runs[0].set, final=True)} if cfg.also_test else None)
     except DivergedError:
         return [_execute(r, cfg, res, progress) for r in runs]
     return [{
@@ -575,8 +600,8 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
         "protocol": proto.to_dict(), "split_at": result.data.get("split_at") or split_at,
         "adapters": result.data.get("adapters"), "batched": result.data.get("batched"),
         **({"channels_last": result.data.get("channels_last")} if cfg.channels_last else {}),
-        **(_final_test(result.also["test"][i], cfg, res) if cfg.also_test else {}), "history": result.histories[i],
-        **_record_context(cfg, res, bank, trainer),
+        **(_final_test(result.also["test"][i], cfg, res, r.set) if cfg.also_test else {}), "history": result.histories[i],
+        **_record_context(cfg, res, r.set, bank, trainer),
     } for i, r in enumerate(runs)]
 
 

@@ -7,7 +7,9 @@ publish) is :mod:`elf.io`'s job; this module holds only the type and its validat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -111,6 +113,24 @@ class SyntheticSet:
         if self.classes is not None:
             return len(self.classes)
         return int(self.labels.max()) + 1 if len(self) else 0
+
+    def label_real(self, real: Any, what: str = "the test split", log: Callable[[str], None] | None = None) -> Any:
+        """Real images (an :class:`elf.data.ImageSet`) labelled as this set numbers its classes: by name when the
+        set has names (a test split whose folders sort differently cannot shift the labels); without names, the
+        real data's class count must cover every label of the set, and its names then name the set's labels.
+        Raises :class:`ELFError` naming the classes when they cannot match."""
+        if self.classes is not None:
+            matched = real.with_classes(self.classes, what, "the synthetic set's classes")
+            if matched is not real and log is not None:
+                log(f"{what}: classes matched to the set's by name: {', '.join(self.classes)}")
+            return matched
+        k = self.num_classes
+        if k > real.num_classes or (self.label_kind != "index" and k != real.num_classes):
+            raise ELFError(f"the synthetic set has {k} classes (labels up to {k - 1}) but {what} has "
+                           f"{real.num_classes} ({', '.join(real.classes)}); check the labels file and the data")
+        if self.label_kind == "index":
+            self.classes = list(real.classes)  # the set records no names: the real data's classes name its labels
+        return real
 
     def hard_labels(self) -> Tensor:
         """int64 (N,) class indices (argmax of soft labels)."""

@@ -27,7 +27,7 @@ from .adapters import ELFAdapters, build_adapters
 from .augment import DSA
 from .batchnorm import frozen_bn_stats
 from .errors import DivergedError, ELFError
-from .feature_bank import FeatureBank
+from .feature_bank import FeatureBank, teacher_sha256
 from .fileio import PathLike
 from .losses import check_test_labels, feature_distance, prepare_targets
 from .models import build_model, default_split_point, has_default_split_point
@@ -265,6 +265,13 @@ class ELFTrainer:
         p = self.protocol
         if p.features_on_augmented and teacher is None and feature_bank is not None and feature_bank.teacher is not None:
             teacher = self.teacher = feature_bank.teacher  # the bank's own teacher
+        if p.features_on_augmented and teacher is not None and feature_bank is not None:
+            recorded = feature_bank.metadata.get("teacher_sha256")
+            if recorded and teacher is not feature_bank.teacher and teacher_sha256(teacher) != recorded:
+                raise ELFError("teacher= is not the teacher the feature bank was built with (another architecture or "
+                               "other weights), so the front target and the rear term's features would come from two "
+                               "networks: pass the bank's teacher, or leave teacher= out to use a bank made in this "
+                               "process")
         if p.features_on_augmented and teacher is None:
             raise ELFError(f"protocol {p.name!r} has features_on_augmented=True, which runs the teacher on every "
                            "augmented batch: pass teacher=, or a "
@@ -289,7 +296,8 @@ class ELFTrainer:
         """A trainer for a loaded :class:`~elf.io.SyntheticSet`, carrying its metadata into the results.
 
         Uses the set's label kind; with a protocol whose ``learned_lr`` is on ("mtt", "glad") its learned lr
-        replaces the protocol lr (unless ``lr=`` is given). A feature bank or teacher given here must come from
+        replaces the protocol lr (unless ``lr=`` is given; a protocol made with an explicit ``lr`` has ``learned_lr``
+        off, see :meth:`Protocol.replace`). A feature bank or teacher given here must come from
         the same pixel space (normalization, ZCA) as the set when both record it.
         """
         from .pixel_space import check_same_space, space_metadata
@@ -300,7 +308,7 @@ class ELFTrainer:
             check_same_space(bank.metadata, space, "the feature bank", "the synthetic set")
         proto = get_protocol(kwargs.pop("protocol", "elf"))
         if proto.learned_lr and synthetic.lr is not None and "lr" not in kwargs:
-            kwargs["lr"] = float(synthetic.lr)
+            kwargs.update(lr=float(synthetic.lr), learned_lr=True)  # recorded in the trainer's protocol as used
         kwargs.setdefault("label_kind", synthetic.label_kind)
         kwargs.setdefault("num_classes", synthetic.num_classes)  # class names count even when a class has no image
         trainer = cls(model, synthetic.images, synthetic.labels, protocol=proto, **kwargs)

@@ -435,6 +435,10 @@ def test_eval_resume_with_other_settings(tmp_path: Path, folder: Path, cache: Pa
     capsys.readouterr()
     cli_error(capsys, "eval", argv, "other settings", "epochs: 1 -> 2")
     assert counter.calls == 0 and out.read_text() == before
+    # regression: the teacher's cut was not among the settings, so seeds of two teacher features made one mean
+    cli_error(capsys, "eval", _eval_argv(synthetic, teacher, out, folder, cache, "--resume", "--teacher-point", "features.3"),
+              "other settings", "teacher_points: None -> ['features.3']")
+    assert counter.calls == 0 and out.read_text() == before
     cli_error(capsys, "eval", ["eval", "--images", "x", "--resume", "--no-elf", *common(folder, cache)], "--resume continues")
 
 

@@ -112,16 +112,10 @@ def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) 
     assert t5["whole_block_done"] and t5["wall_s"] > 0 and t5["whole_block_s"] == t5["wall_s"]
     assert t5["studies"]["table5"]["units_done"] == 4 and not t5["cut_by_budget"]
     assert "| dm200 | VGG11BN |" in (results / "gpu-table5" / "summary.md").read_text()
-    # followups: the committed CPU studies, rerun into GPU-named folders
-    folders = {"gpu-teacher-choice-study": 2, "gpu-followup-vit-val-study": 3, "gpu-followup-vit-test-study": 3,
-               "gpu-followup-in-models-val-study": 3, "gpu-followup-front-scale-val-study": 3,
-               "gpu-followup-teacher-on-aug-val-study": 1, "gpu-chosen-table": 2 * 2 * 3}
-    for folder, n in folders.items():
-        assert len(list((results / folder / "runs").glob("*.json"))) == n, folder
-        assert "(cpu, benchmarks/gpu_check.py)" in (results / folder / "summary.md").read_text()
-    assert not list(results.glob("cpu-*"))
-    assert set(summary["followups"]["studies"]) == {"teacher_choice", "vit_val", "vit_test", "in_models_val",
-                                                    "front_scale_val", "onaug_val", "chosen_table"}
+    # followups by default: only issue #9's chosen table (the others were answered on the CPU), in a GPU-named folder
+    assert report["followups_selected"] == ["chosen_table"] and set(summary["followups"]["studies"]) == {"chosen_table"}
+    assert len(list((results / "gpu-chosen-table" / "runs").glob("*.json"))) == 2 * 2 * 3
+    assert not list(results.glob("gpu-followup-*")) and not (results / "gpu-teacher-choice-study").exists()
     # the chosen column: each model's own setting from the per-model tables (toy models: their entries only)
     chosen = {r["run"]["model"]: r for r in (json.loads(f.read_text()) for f in
                                              (results / "gpu-chosen-table" / "runs").glob("dm200__*__chosen__s0.json"))}
@@ -129,6 +123,19 @@ def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) 
     assert chosen["ConvNetBN"]["protocol"]["features_on_augmented"] and not chosen["ConvNetBN"]["protocol"]["align_targets"]
     assert chosen["VGG11"]["teacher"]["teacher_model"] == "ConvNetW512"
     assert chosen["VGG11"]["protocol"]["features_on_augmented"] and not chosen["VGG11"]["protocol"]["align_targets"]
+    # the other follow-ups by name (here: all of them), rerun into GPU-named folders; the chosen table is finished
+    rest = _gpu_check(tmp_path, "--stages", "followups", "--followups", "all", "--followup-procs", "4")
+    assert set(rest["stage_summary"]["followups"]["studies"]) == {"teacher_choice", "vit_val", "vit_test",
+                                                                  "in_models_val", "front_scale_val", "onaug_val",
+                                                                  "chosen_table"}
+    assert rest["stage_summary"]["followups"]["studies"]["chosen_table"]["units_done"] == 2 * 2 * 3
+    folders = {"gpu-teacher-choice-study": 2, "gpu-followup-vit-val-study": 3, "gpu-followup-vit-test-study": 3,
+               "gpu-followup-in-models-val-study": 3, "gpu-followup-front-scale-val-study": 3,
+               "gpu-followup-teacher-on-aug-val-study": 1, "gpu-chosen-table": 2 * 2 * 3}
+    for folder, n in folders.items():
+        assert len(list((results / folder / "runs").glob("*.json"))) == n, folder
+        assert "(cpu, benchmarks/gpu_check.py)" in (results / folder / "summary.md").read_text()
+    assert not list(results.glob("cpu-*"))
     onaug = json.loads(next((results / "gpu-followup-teacher-on-aug-val-study" / "runs").glob("*.json")).read_text())
     assert onaug["protocol"]["features_on_augmented"] is True and onaug["accuracy"] is not None
     vit = [json.loads(f.read_text()) for f in (results / "gpu-followup-vit-test-study" / "runs").glob("*.json")]
@@ -278,6 +285,19 @@ def test_gpu_check_shares_processes_by_unfinished_runs() -> None:
     assert share(12, {"big": 90, "small": 10, "done": 0}) == {"big": 11, "small": 1, "done": 0}
     assert share(4, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}) == {k: 1 for k in "abcde"}  # each unfinished one runs
     assert share(12, {"a": 2, "b": 30}) == {"a": 1, "b": 11}
+
+
+def test_gpu_check_followups_option_names_the_studies() -> None:
+    """--followups: default chosen_table (the one the CPU did not answer), ``all`` or a comma list in FOLLOWUPS'
+    order; an unknown name is refused with the valid names."""
+    import argparse
+
+    gpu_check = _load("gpu_check")
+    assert gpu_check._followups(gpu_check.DEFAULT_FOLLOWUPS) == ["chosen_table"]
+    assert gpu_check._followups("all") == list(gpu_check.FOLLOWUPS)
+    assert gpu_check._followups("chosen_table, vit_val") == ["vit_val", "chosen_table"]
+    with pytest.raises(argparse.ArgumentTypeError, match="names are all, teacher_choice"):
+        gpu_check._followups("vit")
 
 
 def test_every_committed_study_file_loads() -> None:

@@ -279,3 +279,31 @@ def test_register_model_hook(monkeypatch):
     x = _x(16, channel=1)
     assert front(x).shape == (2, 4, 2, 2)
     assert torch.equal(rear(front(x)), model(x))
+
+
+class _WithToken(nn.Module):
+    """A module holding a parameter of its own (like a ViT's class token) next to layers with reset_parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.ones(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)[:, :4] + self.token)
+
+
+def test_a_module_given_as_the_model_warns_about_parameters_it_cannot_reset() -> None:
+    """Regression: a module spec's own parameters (no reset_parameters) silently kept the given values in every seed."""
+    from elf.models.registry import build_model
+
+    given = _WithToken()
+    with pytest.warns(UserWarning, match="token belong to modules without reset_parameters"):
+        fresh = build_model(given, (3, 2, 2), 3)
+    assert torch.equal(fresh.token, given.token) and not torch.equal(fresh.fc.weight, given.fc.weight)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_model(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (3, 2, 2), 3)  # every parameter is reset: silent
+        build_model(_WithToken, (3, 2, 2), 3)  # a factory builds afresh: silent

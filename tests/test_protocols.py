@@ -56,6 +56,23 @@ def test_from_synthetic_uses_learned_lr_only_when_the_protocol_says() -> None:
     assert given.protocol.lr == 0.5
 
 
+def test_an_lr_given_with_a_learned_lr_preset_is_the_lr_that_trains() -> None:
+    """Regression: a protocol made with an explicit lr under "mtt" (a study's overrides, `elf eval --protocol mtt
+    --lr`) still trained with the set's learned lr while its record said the given one."""
+    s = _set()
+    common = dict(epochs=1, augment=None, progress=False, device="cpu", log_every=1)
+    given = elf.get_protocol("mtt", lr=0.005)
+    assert given.learned_lr is False and elf.get_protocol("mtt", lr=0.005, learned_lr=True).learned_lr is True
+    trainer = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol=given, **common)
+    assert trainer.fit(0)[0]["lr"] == pytest.approx(0.005)
+    learned = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="mtt", **common)
+    assert learned.protocol.learned_lr and learned.protocol.lr == pytest.approx(0.03)  # what trained is what is recorded
+    rows = compare_models(["ConvNetW4D1"], s, None, s.images, s.labels, protocol="mtt", lr=0.005, seeds=1, elf=False,
+                          epochs=1, augment=None, progress=False, log=lambda _: None)
+    assert rows[0].baseline.histories[0][0]["lr"] == pytest.approx(0.005)
+    assert rows[0].baseline.protocol["lr"] == 0.005 and rows[0].baseline.protocol["learned_lr"] is False
+
+
 def test_set_metadata_reaches_the_result() -> None:
     s = _set()
     t = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="dsa", epochs=1, augment=None, progress=False, device="cpu")

@@ -184,6 +184,11 @@ def test_baseline_or_elf_follows_each_models_settings(workspace: Path) -> None:
     assert {r.variant for r in plan_runs(cfg) if r.set.startswith("random-real")} == {"off"}  # the first baseline
     # the study's overrides count too: with both λ = 0 there, a variant that sets neither is a baseline
     assert not elf.study._is_elf(_config(workspace, "kinds", overrides={"epochs": 1, **base}, variants={"elf": {}}), "elf")
+    # and so does the protocol (regression: λ were taken as 1 whatever the preset): under "dsa", {} is a baseline and
+    # the random-real references run under it
+    dsa = _config(workspace, "kinds", protocol="dsa", variants={"plain": {}, "elf": {"lambda_front": 1.0, "lambda_rear": 1.0}})
+    assert [v for v in dsa.variants if elf.study._is_elf(dsa, v)] == ["elf"]
+    assert {r.variant for r in plan_runs(dsa) if r.set.startswith("random-real")} == {"plain"}
 
 
 def test_the_summary_averages_only_the_studys_seeds(workspace: Path) -> None:
@@ -352,6 +357,22 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(workspace: Path, monkeypa
     assert any("saved for other settings" in s and "protocol" in s for s in said)
     assert "resumed_at_epochs" not in json.loads(files[0].read_text())
 
+    # regression: a baseline's checkpoint named its set only by name, so it resumed after the set file was replaced
+    syn = workspace / "syn-ck.safetensors"
+    save_synthetic(syn, SyntheticSet(torch.randn(6, 3, 8, 8), torch.arange(3).repeat_interleave(2), normalization=CIFAR10_MTT))
+    base = dict(variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}}, overrides={"epochs": 4, "batch_size": 3},
+                sets={"noise": str(syn)}, **kw)
+    monkeypatch.setattr(RunCheckpoint, "save", save_then_die)
+    with pytest.raises(_Killed):
+        run_study(_config(workspace, "ck-set", **base), device="cpu", progress=False, log=lambda _: None)
+    monkeypatch.setattr(RunCheckpoint, "save", original)
+    save_synthetic(syn, SyntheticSet(torch.full((6, 3, 8, 8), 0.5), torch.arange(3).repeat_interleave(2),
+                                     normalization=CIFAR10_MTT))  # (training reseeds torch: randn would repeat the set)
+    said.clear()
+    files = run_study(_config(workspace, "ck-set", **base), device="cpu", progress=False, log=said.append)
+    assert any("saved for other settings" in s and "set_sha256" in s for s in said), said
+    assert "resumed_at_epochs" not in json.loads(files[0].read_text())
+
     # a state file that no longer matches its SHA-256 is not trusted either
     ck = RunCheckpoint(workspace / "ck-sha", "r", 0, {"a": 1}, log=said.append)
     (workspace / "ck-sha").mkdir()
@@ -447,3 +468,42 @@ def test_a_variant_can_run_the_teacher_on_the_augmented_images(workspace: Path, 
     # the teacher saw other images than the cached bank's: the front loss differs from the bank's run
     plain = files["noise__ConvNetW4D2BN__elf__s1.json"]
     assert rec["history"][0]["front"] != pytest.approx(plain["history"][0]["front"], rel=1e-3)
+
+
+def test_each_set_is_measured_in_its_own_pixel_space_and_class_numbering(workspace: Path, tmp_path: Path) -> None:
+    """Regression: a study measured every set on test images in the study's normalization with labels numbered by the
+    data's folders. Now, as `elf eval` does, each set gets its own normalization, ZCA when it is whitened, and labels
+    numbered by its class names."""
+    from elf.data import load_dataset
+    from elf.pixel_space import IMAGENET, fit_zca_cached
+    from elf.study import _Resources
+
+    x, y = torch.randn(6, 3, 8, 8), torch.arange(3).repeat_interleave(2)
+    sets = {"named": SyntheticSet(x, y, normalization=CIFAR10_MTT, classes=["a", "b", "c"]),
+            "reversed": SyntheticSet(x, 2 - y, normalization=CIFAR10_MTT, classes=["c", "b", "a"]),
+            "imagenet": SyntheticSet(x, y, normalization=IMAGENET),
+            "zca": SyntheticSet(x, y, normalization=CIFAR10_MTT, zca=True)}
+    for name, s in sets.items():
+        save_synthetic(tmp_path / f"{name}.safetensors", s)
+    cfg = _config(workspace, "space", sets={k: str(tmp_path / f"{k}.safetensors") for k in sets})
+    res = _Resources(cfg, None, lambda _: None)
+    real = load_dataset(str(workspace / "data"), "test", progress=False)
+    for final in (False, True):
+        named, rev = res.test("named", final), res.test("reversed", final)
+        assert torch.equal(named[0], rev[0]) and torch.equal(rev[1], 2 - named[1])
+    assert torch.equal(res.test("named")[1], real.labels) and torch.equal(res.test("named")[0], real.as_float(CIFAR10_MTT))
+    assert torch.equal(res.test("imagenet")[0], real.as_float(IMAGENET))
+    zca = fit_zca_cached(load_dataset(str(workspace / "data"), "train", progress=False), CIFAR10_MTT, eps=0.1)
+    assert torch.allclose(res.test("zca")[0], zca.transform(real.as_float(CIFAR10_MTT)))
+
+
+def test_a_set_whose_class_names_are_not_in_the_data_stops_before_training(workspace: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    save_synthetic(tmp_path / "other.safetensors", SyntheticSet(torch.randn(6, 3, 8, 8), torch.arange(3).repeat_interleave(2),
+                                                                normalization=CIFAR10_MTT, classes=["a", "b", "plane"]))
+    fits = []
+    monkeypatch.setattr(elf.ELFTrainer, "fit", lambda *a, **k: fits.append(1))
+    cfg = _config(workspace, "names", sets={"other": str(tmp_path / "other.safetensors")}, random_real=False)
+    with pytest.raises(elf.ELFError, match=r"class\(es\) \['c'\].*\['a', 'b', 'plane'\]"):
+        run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert not fits

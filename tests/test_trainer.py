@@ -411,6 +411,10 @@ def test_features_on_augmented_runs_the_teacher_of_a_built_bank(tmp_path):
     assert loaded.teacher is None
     with pytest.raises(ELFError, match="read from a file"):
         _trainer(feature_bank=loaded, **kw)
+    assert _trainer(feature_bank=loaded, teacher=teacher, **kw).teacher is teacher  # the bank's teacher, given again
+    # regression: another teacher= was taken without a check (front target and rear features from two networks)
+    with pytest.raises(ELFError, match="not the teacher the feature bank was built with"):
+        _trainer(feature_bank=loaded, teacher=_teacher(seed=1), **kw)
     cached = FeatureBank.build(teacher, x, cache_dir=tmp_path / "cache")
     again = FeatureBank.build(teacher, x, cache_dir=tmp_path / "cache")  # read from the cache: still holds its teacher
     assert cached.teacher is teacher and again.teacher is teacher

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -309,10 +310,18 @@ def build_model(spec: str | nn.Module | Callable[[], nn.Module], image_shape: tu
         if not fresh:
             return spec
         model = copy.deepcopy(spec)
-        for m in model.modules():
+        kept = []
+        for prefix, m in model.named_modules():
             reset = getattr(m, "reset_parameters", None)
             if callable(reset):
                 reset()
+            else:
+                kept += [f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False)]
+        if kept:
+            shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+            warnings.warn(f"model given as a module: {shown} belong to modules without reset_parameters(), so every "
+                          "seed starts from the given module's values for them; pass a factory (e.g. "
+                          "lambda: MyNet()) for a fresh initialization per seed", stacklevel=2)
         return model
     if callable(spec):
         model = spec()
