@@ -50,7 +50,8 @@ class ModelComparison:
             if r is None:
                 return None
             return EvalResult(r["model"], list(r["accuracies"]), list(r["seeds"]), dict(r["protocol"]),
-                              list(r.get("wall_time_s", [])), list(r.get("histories", [])), dict(r.get("data", {})))
+                              list(r.get("wall_time_s", [])), list(r.get("histories", [])), dict(r.get("data", {})),
+                              {k: list(v) for k, v in (r.get("also") or {}).items()})
 
         try:
             return cls(d["model"], d.get("split_at"), result(d.get("baseline")), result(d.get("elf")),
@@ -271,7 +272,8 @@ def compare_models(
 def _seed_result(result: EvalResult, i: int) -> EvalResult:
     """The ``i``-th seed of ``result`` as a result of its own."""
     return EvalResult(result.model, [result.accuracies[i]], [result.seeds[i]], result.protocol,
-                      result.wall_time_s[i:i + 1], result.histories[i:i + 1], result.data)
+                      result.wall_time_s[i:i + 1], result.histories[i:i + 1], result.data,
+                      {k: v[i:i + 1] for k, v in result.also.items()})
 
 
 def format_table(rows: Sequence[ModelComparison]) -> str:

@@ -438,6 +438,15 @@ class _Resources:
 
         return self._get(f"sha256:{name}", lambda: tensor_sha256(self.synthetic(name).images, self.synthetic(name).labels))
 
+    def teacher_of(self, set_name: str, bank: Any) -> dict[str, str]:
+        """The study file's label of ``bank``'s teacher and the SHA-256 of its checkpoint file, for the record (a
+        checkpoint replaced later makes the run stale, see :func:`stale_runs`)."""
+        from .fileio import file_sha256
+
+        label = next(k for k, b in self.banks(set_name).items() if b is bank)
+        path = self.cfg.teachers[label]["checkpoint"]
+        return {"teacher_label": label, "teacher_checkpoint_sha256": self._get(f"file:{path}", lambda: file_sha256(path))}
+
     def banks(self, set_name: str) -> dict[str, Any]:
         from .feature_bank import FeatureBank
 
@@ -508,6 +517,7 @@ def _record_context(cfg: StudyConfig, res: _Resources, set_name: str, bank: Any,
     from .evaluation import environment
 
     return {"teacher": bank.metadata if bank is not None else None, "data": trainer.data_info,
+            "set_sha256": res.set_sha256(set_name), **(res.teacher_of(set_name, bank) if bank is not None else {}),
             "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
             "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
                            if cfg.validation_per_class else "test", "test_n": int(res.test(set_name)[1].shape[0]),
@@ -617,10 +627,29 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
 
     A protocol field is compared when both the record and the current protocol have it (fields added to the library
     later are absent from old records), so a changed value (in the file, or a changed library default) is found,
-    while a new field with its default is not. A record's split point is compared when the variant sets one.
+    while a new field with its default is not. A record's split point is compared when the variant sets one; its
+    set's content hash (sets of the file, not the references) and its teacher's checkpoint file hash when the record
+    has them (records written since 2026-12-01): a set or teacher file replaced under the same name is found too.
     """
+    from .fileio import file_sha256, tensor_sha256
+    from .io import load_any
+
     out = Path(cfg.out) / "runs"
     stale = []
+    hashes: dict[str, str] = {}
+
+    def set_hash(name: str) -> str:
+        if name not in hashes:
+            sset = load_any(cfg.sets[name])
+            hashes[name] = tensor_sha256(sset.images, sset.labels)
+        return hashes[name]
+
+    def teacher_hash(label: str) -> str:
+        path = cfg.teachers[label]["checkpoint"]
+        if path not in hashes:
+            hashes[path] = file_sha256(path) if Path(path).is_file() else "(missing)"
+        return hashes[path]
+
     for run in plan_runs(cfg):
         path = out / f"{run.run_id}.json"
         if not path.exists():
@@ -628,14 +657,21 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
         record = json.loads(path.read_text())
         want = _variant_settings(run, cfg)
         saved = record.get("protocol") or {}
-        for key in sorted(set(saved) & set(want["protocol"])):
-            if saved[key] != want["protocol"][key]:
-                stale.append((run.run_id, f"{key}: recorded {saved[key]!r}, study file now {want['protocol'][key]!r}"))
-                break
-        else:
-            if want["split_at"] not in (None, "auto") and "split_at" in record and record["split_at"] != want["split_at"]:
-                stale.append((run.run_id, f"split_at: recorded {record['split_at']!r}, study file now "
-                                          f"{want['split_at']!r}"))
+        why = next((f"{key}: recorded {saved[key]!r}, study file now {want['protocol'][key]!r}"
+                    for key in sorted(set(saved) & set(want["protocol"])) if saved[key] != want["protocol"][key]), None)
+        if why is None and want["split_at"] not in (None, "auto") and "split_at" in record \
+                and record["split_at"] != want["split_at"]:
+            why = f"split_at: recorded {record['split_at']!r}, study file now {want['split_at']!r}"
+        if why is None and "set_sha256" in record and run.set in cfg.sets and record["set_sha256"] != set_hash(run.set):
+            why = f"set {run.set!r}: {cfg.sets[run.set]} now holds other images or labels than the run trained on"
+        label = record.get("teacher_label")
+        if why is None and label is not None and record.get("teacher_checkpoint_sha256"):
+            if label not in cfg.teachers:
+                why = f"teacher {label!r} is no longer in the study file"
+            elif record["teacher_checkpoint_sha256"] != teacher_hash(label):
+                why = f"teacher {label!r}: {cfg.teachers[label]['checkpoint']} is not the checkpoint the run used"
+        if why is not None:
+            stale.append((run.run_id, why))
     return stale
 
 

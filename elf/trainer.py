@@ -136,6 +136,7 @@ class EvalResult:
             "wall_time_s": self.wall_time_s,
             "histories": self.histories,
             "data": self.data,
+            **({"also": self.also} if self.also else {}),
         }
 
 
@@ -669,6 +670,14 @@ class ELFTrainer:
         meta = saved.meta
         if int(meta["seed"]) != seed:
             raise ELFError(f"{path} was saved by a fit with seed {meta['seed']}; resume it with fit(seed={meta['seed']})")
+        if "protocol" in meta:  # what decides training must not change mid-run (evaluation batch size may)
+            ignored = {"name", "notes", "eval_batch_size"}
+            saved_p, now = json.loads(meta["protocol"]), json.loads(json.dumps(self.protocol.to_dict(), default=str))
+            differ = sorted(k for k in set(saved_p) | set(now) if k not in ignored and k in saved_p and saved_p.get(k) != now.get(k))
+            if differ:
+                shown = ", ".join(f"{k}: {saved_p.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
+                raise ELFError(f"{path} was saved by a fit under another protocol ({shown}); resume it with the same "
+                               "protocol, or start over")
         try:
             model.load_state_dict(saved.section("model"))
         except RuntimeError as e:

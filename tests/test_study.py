@@ -418,6 +418,30 @@ def test_finished_runs_made_with_other_settings_stop_the_study(workspace: Path) 
     assert [why.split(":")[0] for _, why in stale_runs(split)] == ["split_at"]
 
 
+def test_a_set_or_teacher_file_replaced_under_the_same_name_makes_its_runs_stale(workspace: Path, tmp_path: Path) -> None:
+    """Regression: finished runs were compared with the study file by protocol and cut only, so a set or a teacher
+    checkpoint replaced under the same name left runs of the old files to be summarized with the new ones."""
+    import shutil
+
+    from elf.study import stale_runs
+
+    syn, ckpt = tmp_path / "syn.safetensors", tmp_path / "teacher.safetensors"
+    shutil.copy(workspace / "syn.safetensors", syn)
+    shutil.copy(workspace / "teacher.safetensors", ckpt)
+    cfg = _config(tmp_path, "out", data=str(workspace / "data"), sets={"noise": str(syn)},
+                  teachers={"w4": {"checkpoint": str(ckpt), "model": "ConvNetW4D2"}}, models=["ConvNetW4D2"], seeds=[0],
+                  random_real=False, variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}})
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    record = json.loads((tmp_path / "out" / "runs" / "noise__ConvNetW4D2__elf__s0.json").read_text())
+    assert record["teacher_label"] == "w4" and len(record["set_sha256"]) == 64
+    assert stale_runs(cfg) == []
+    torch.manual_seed(5)
+    elf.save_checkpoint(elf.create_model("ConvNetW4D2", num_classes=3, im_size=(8, 8)), ckpt)
+    assert stale_runs(cfg) == [("noise__ConvNetW4D2__elf__s0", f"teacher 'w4': {ckpt} is not the checkpoint the run used")]
+    save_synthetic(syn, SyntheticSet(torch.zeros(6, 3, 8, 8), torch.arange(3).repeat_interleave(2), normalization=CIFAR10_MTT))
+    assert sorted(why.split(":")[0] for _, why in stale_runs(cfg)) == ["set 'noise'", "set 'noise'"]
+
+
 def test_also_test_records_the_test_accuracy_of_the_validation_runs(workspace: Path) -> None:
     """`also_test`: a validation study's runs are also tested on the test split, and that number equals what a
     study measured on the test split gives (training does not see the held-out images), batched cells included."""

@@ -741,6 +741,28 @@ def test_state_files_of_0_1_resume(tmp_path):
         assert torch.equal(resumed.model.state_dict()[key], value), key
 
 
+def test_a_state_file_does_not_resume_under_another_protocol(tmp_path):
+    """Regression: resume_from checked the seed and the weights' shapes, not the protocol, so a fit resumed with
+    another lr (or any other training field) continued silently as one run."""
+    x, y = torch.randn(12, 3, 8, 8), torch.arange(12) % 3
+    kw = dict(protocol="elf", lambda_front=0.0, lambda_rear=0.0, epochs=2, batch_size=4, device="cpu", progress=False)
+    ELFTrainer("ConvNetW8D2", x, y, callbacks=[_SaveAfterFirstEpoch(tmp_path / "s.safetensors")], **kw).fit(1)
+    with pytest.raises(ELFError, match=r"another protocol \(lr: 0.01 -> 0.02\)"):
+        ELFTrainer("ConvNetW8D2", x, y, **{**kw, "lr": 0.02}).fit(1, resume_from=tmp_path / "s.safetensors")
+    ELFTrainer("ConvNetW8D2", x, y, **{**kw, "eval_batch_size": 7}).fit(1, resume_from=tmp_path / "s.safetensors")
+
+
+def test_the_also_evaluated_accuracies_survive_to_dict():
+    """Regression: run(also_evaluate=...)'s accuracies were dropped by to_dict (and so from an eval's JSON)."""
+    from elf.evaluation import ModelComparison
+
+    x, y = _data()
+    result = _trainer(x=x, y=y, lambda_front=0.0, lambda_rear=0.0, epochs=1).run(x, y, [0, 1], also_evaluate={"test": (x, y)})
+    assert len(result.also["test"]) == 2
+    row = ModelComparison.from_dict(ModelComparison(result.model, None, result, None, {}).to_dict())
+    assert row.baseline is not None and row.baseline.also == result.also
+
+
 def test_progress_bar_shows_task_loss_and_train_accuracy(capsys):
     """Issue #11: the bar showed the total loss (e.g. loss=233, the soft-target CE's scale), which reads as
     divergence; it shows the task loss and the training accuracy instead."""
