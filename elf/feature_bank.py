@@ -175,6 +175,9 @@ class FeatureBank:
                 bank = cls.load(cache_file, device=dev)
                 if bank.metadata.get("key") == key:
                     bank.teacher = teacher
+                    # the features follow from teacher and pixel values (the key); the space is this call's claim
+                    bank.metadata = {k: v for k, v in bank.metadata.items() if not k.startswith("space_")}
+                    bank.metadata.update(space or {})
                     return bank
                 warnings.warn(f"feature cache {cache_file} holds another key; recomputing", stacklevel=2)
             except ELFError as e:

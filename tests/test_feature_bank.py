@@ -247,6 +247,19 @@ def test_cache_hit_computes_nothing(tmp_path):
     assert _only_file(tmp_path) == cached
 
 
+def test_a_cache_hit_records_the_pixel_space_of_this_call(tmp_path):
+    """Regression: a bank read from the cache kept the space metadata of its first build, so the check that bank and
+    set share a pixel space compared the set with an older claim."""
+    from elf.pixel_space import CIFAR10_MTT, IMAGENET, check_same_space, space_metadata
+
+    teacher, x = _teacher(), _images()
+    FeatureBank.build(teacher, x, cache_dir=tmp_path, space=space_metadata(CIFAR10_MTT, False))
+    again = FeatureBank.build(teacher, x, cache_dir=tmp_path, space=space_metadata(IMAGENET, True))
+    assert again.metadata["space_zca"] == "true" and again.metadata["space_mean"] == space_metadata(IMAGENET, True)["space_mean"]
+    with pytest.raises(ELFError, match="ZCA"):
+        check_same_space(again.metadata, space_metadata(CIFAR10_MTT, False), "the bank", "the set")
+
+
 def test_cache_changed_teacher_or_images_recomputes(tmp_path):
     teacher = _teacher()
     x = _images()
