@@ -432,11 +432,8 @@ class _Resources:
         return self._get(f"set:{name}", make)
 
     def set_sha256(self, name: str) -> str:
-        """SHA-256 of a set's images and labels as the runs get them (a replaced file, or a random-real subset drawn
-        from other data, gets another)."""
-        from .fileio import tensor_sha256
-
-        return self._get(f"sha256:{name}", lambda: tensor_sha256(self.synthetic(name).images, self.synthetic(name).labels))
+        """:func:`_set_sha256` of a set as the runs get it (a random-real subset drawn from other data gets another)."""
+        return self._get(f"sha256:{name}", lambda: _set_sha256(self.synthetic(name)))
 
     def teacher_of(self, set_name: str, bank: Any) -> dict[str, str]:
         """The study file's label of ``bank``'s teacher and the SHA-256 of its checkpoint file, for the record (a
@@ -463,6 +460,14 @@ class _Resources:
             return out
 
         return self._get(f"banks:{set_name}", make)
+
+
+def _set_sha256(sset: Any) -> str:
+    """SHA-256 of a synthetic set's images and labels: what a run trains on (a file replaced under the same name
+    gets another)."""
+    from .fileio import tensor_sha256
+
+    return tensor_sha256(sset.images, sset.labels)
 
 
 def _resolved_settings(cfg: StudyConfig, variant: str, model: str) -> tuple[Any, str | None, str | None]:
@@ -631,24 +636,24 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     set's content hash (sets of the file, not the references) and its teacher's checkpoint file hash when the record
     has them (records written since 2026-12-01): a set or teacher file replaced under the same name is found too.
     """
-    from .fileio import file_sha256, tensor_sha256
+    from .fileio import file_sha256
     from .io import load_any
 
     out = Path(cfg.out) / "runs"
     stale = []
-    hashes: dict[str, str] = {}
+    set_hashes: dict[str, str] = {}
+    file_hashes: dict[str, str] = {}
 
     def set_hash(name: str) -> str:
-        if name not in hashes:
-            sset = load_any(cfg.sets[name])
-            hashes[name] = tensor_sha256(sset.images, sset.labels)
-        return hashes[name]
+        if name not in set_hashes:
+            set_hashes[name] = _set_sha256(load_any(cfg.sets[name]))
+        return set_hashes[name]
 
     def teacher_hash(label: str) -> str:
         path = cfg.teachers[label]["checkpoint"]
-        if path not in hashes:
-            hashes[path] = file_sha256(path) if Path(path).is_file() else "(missing)"
-        return hashes[path]
+        if path not in file_hashes:
+            file_hashes[path] = file_sha256(path) if Path(path).is_file() else "(missing)"
+        return file_hashes[path]
 
     for run in plan_runs(cfg):
         path = out / f"{run.run_id}.json"
