@@ -51,10 +51,13 @@ def recompute_bn_stats(model: nn.Module, images: Tensor, batch_size: int = 256) 
 
     Runs forward passes in train mode under ``no_grad`` with ``momentum=None``: the running stats become the plain
     average of the per-batch statistics (batches weigh equally, so a short last batch counts as much as a full one);
-    returns the model in eval mode. Models without BatchNorm are only switched to eval mode.
+    returns the model in eval mode. Models without BatchNorm are only switched to eval mode. The images are taken in
+    a fixed shuffled order, so class-major inputs (``ImageSet.per_class``) do not give one-class batches, whose
+    variance would leave out the variance between classes.
     """
     bns = batchnorm_layers(model)
     if bns:
+        images = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0)).to(images.device)]
         try:
             device = next(model.parameters()).device
         except StopIteration:

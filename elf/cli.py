@@ -409,7 +409,9 @@ def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, t
         sset = load_any(args.images)
     else:  # MTT files, .npz, image folders: in the given normalization (uint8 images converted with it)
         sset = load_any(args.images, normalization=given)
-    if sset.normalization is None:
+    if sset.normalization is None:  # e.g. a DC/DM result of a dataset without known statistics: said, not silent
+        print(f"elf eval: note: {args.images} records no normalization: assuming {given.name} (mean {given.mean}, "
+              f"std {given.std}); pass --normalization if the set was made with other statistics", file=sys.stderr)
         sset.normalization = given
     if args.zca:
         sset.zca = True

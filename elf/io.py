@@ -144,7 +144,7 @@ def _mtt_paths(images_path: Path, labels_path: PathLike | None, lr_path: PathLik
             found = sorted(p.name for p in d.glob("images_*.pt"))
             raise ELFError(f"{d}: no images_best.pt inside (found: {', '.join(found) or 'no images_*.pt'}); pass the images file itself")
     m = re.fullmatch(r"images(_.*)?\.pt", images_path.name)
-    suffix = m.group(1) or "" if m else "_best"
+    suffix = (m.group(1) or "") if m else "_best"
     if labels_path is None:
         labels_path = images_path.with_name(f"labels{suffix}.pt")
         if not labels_path.is_file():

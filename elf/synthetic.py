@@ -7,6 +7,7 @@ publish) is :mod:`elf.io`'s job; this module holds only the type and its validat
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,8 +129,14 @@ class SyntheticSet:
         if k > real.num_classes or (self.label_kind != "index" and k != real.num_classes):
             raise ELFError(f"the synthetic set has {k} classes (labels up to {k - 1}) but {what} has "
                            f"{real.num_classes} ({', '.join(real.classes)}); check the labels file and the data")
+        names = list(real.classes)
+        if all(c.isdigit() for c in names) and names != sorted(names, key=int):
+            warnings.warn(f"the synthetic set records no class names and {what}'s class folders are numbers sorted as "
+                          f"text ({', '.join(names[:4])}, ...), so the set's label 2 is matched with folder "
+                          f"{names[2]!r}; if the set numbers classes numerically, zero-pad the folder names "
+                          "(or give the set its class names)", stacklevel=2)
         if self.label_kind == "index":
-            self.classes = list(real.classes)  # the set records no names: the real data's classes name its labels
+            self.classes = names  # the set records no names: the real data's classes name its labels
         return real
 
     def hard_labels(self) -> Tensor:

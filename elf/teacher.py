@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ELFError
-from .fileio import PathLike, atomic_write, safe_torch_load
+from .fileio import PathLike, atomic_write, safe_torch_load, tensor_sha256
 from .models import create_model
 from .protocol import Protocol
 from .trainer import Callback, ELFTrainer
@@ -125,7 +125,8 @@ def train_teacher(
         out_dir: where ``epoch_XXX.safetensors``, ``history.json`` and ``resume.safetensors`` go.
         test: optional ``(images, labels)``; test accuracy is reported and recorded after every epoch.
         epochs, momentum, seed: the expert protocol's numbers (see :func:`expert_protocol`).
-        resume: continue from ``resume.safetensors`` when present (same seed and protocol).
+        resume: continue from ``resume.safetensors`` when present (same seed, protocol, training images and
+            ``metadata``, e.g. the pixel space; another is refused).
         metadata: strings stored in every checkpoint (e.g. the dataset's hash and normalization).
     """
     out = Path(out_dir)
@@ -135,10 +136,18 @@ def train_teacher(
     history_file = out / "history.json"
     state_file = out / "resume.safetensors"
     resume_from = state_file if resume and state_file.exists() else None
+    meta = {"model": model, "protocol": json.dumps(protocol.to_dict()), "seed": str(seed),
+            "train_sha256": tensor_sha256(train_images, train_labels), **(metadata or {})}
     if resume_from is not None and history_file.exists():
         old = json.loads(history_file.read_text())
+        before = old.get("meta", {})  # what the saved epochs were trained with (keys it predates are not compared)
+        # (the protocol is the trainer's to compare: more epochs of a constant lr continue the same run)
+        differ = sorted(k for k in meta if k != "protocol" and k in before and before[k] != meta[k])
+        if differ:
+            shown = ", ".join(f"{k}: {before[k]!r} -> {meta[k]!r}" for k in differ[:3])
+            raise ELFError(f"{out} holds a run trained with other data or settings ({shown}); resume with the same "
+                           "data and options, or start over (another output directory, or resume=False / --no-resume)")
         run.test_accuracy = {int(k): v for k, v in old.get("test_accuracy", {}).items()}
-    meta = {"model": model, "protocol": json.dumps(protocol.to_dict()), "seed": str(seed), **(metadata or {})}
     trainer = ELFTrainer(model, train_images, train_labels, protocol=protocol, device=device, progress=progress,
                          callbacks=[_EpochCheckpoints(run, test, meta, log)], log_every=1)
     if resume_from is not None:

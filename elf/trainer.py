@@ -673,6 +673,8 @@ class ELFTrainer:
         if "protocol" in meta:  # what decides training must not change mid-run (evaluation batch size may)
             ignored = {"name", "notes", "eval_batch_size"}
             saved_p, now = json.loads(meta["protocol"]), json.loads(json.dumps(self.protocol.to_dict(), default=str))
+            if all(p.get("lr_decay") == 1.0 or p.get("lr_decay_epoch") is not None for p in (saved_p, now)):
+                ignored.add("epochs")  # the schedule does not depend on it: more epochs continue the same run
             differ = sorted(k for k in set(saved_p) | set(now) if k not in ignored and k in saved_p and saved_p.get(k) != now.get(k))
             if differ:
                 shown = ", ".join(f"{k}: {saved_p.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])

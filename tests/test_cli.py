@@ -139,6 +139,11 @@ def test_train_teacher_resumes(tmp_path: Path, image_folder: Path, capsys: pytes
     full, _ = elf.checkpoint.load_state_dict(tmp_path / "full" / "epoch_003.safetensors")
     part, _ = elf.checkpoint.load_state_dict(tmp_path / "part" / "epoch_003.safetensors")
     assert all(torch.equal(full[k], part[k]) for k in full)
+    # regression: a resume with other data (here a per-class subset) continued the run trained on the first data
+    capsys.readouterr()
+    assert main(["train-teacher", "--out", str(tmp_path / "part"), "--epochs", "4", "--train-per-class", "4", *common]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other data or settings" in err and "train_sha256" in err
 
 
 def test_eval_errors_are_clean(tmp_path: Path, image_folder: Path, synthetic_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,3 +283,16 @@ def test_eval_batched_equals_sequential(tmp_path: Path, image_folder: Path, synt
     capsys.readouterr()
     assert main([*common, "--compile"]) == 2
     assert "add --batched" in capsys.readouterr().err
+
+
+def test_eval_says_which_normalization_it_assumes_for_a_set_without_one(tmp_path: Path, image_folder: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a set recording no normalization (e.g. a DC/DM result of SVHN) got --normalization's default and
+    its test images with it, silently."""
+    imgs = elf.data.load_image_folder(image_folder, "train", cache_dir=tmp_path / "c", progress=False)
+    sub = imgs.per_class(2, torch.Generator().manual_seed(0))
+    path = tmp_path / "bare.safetensors"
+    save_synthetic(path, SyntheticSet(sub.as_float(CIFAR10_MTT), sub.labels))
+    assert main(["eval", "--images", str(path), "--no-elf", "--models", "ConvNetW8D2", "--epochs", "1", "--runs", "1",
+                 "--data", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress", "--device", "cpu"]) == 0
+    assert "records no normalization: assuming cifar10_mtt" in capsys.readouterr().err  # also with --no-progress

@@ -296,3 +296,22 @@ def test_real_cifar10_archive(elf_data_path, tmp_path):
     assert len(train) == 50_000 and train.class_counts().tolist() == [5000] * 10
     mean = train.as_float().mean(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.tensor([0.4913, 0.4821, 0.4465]), atol=2e-3)
+
+
+def test_a_nameless_set_matched_with_numeric_folders_sorted_as_text_warns() -> None:
+    """Folders 0..11 sort as text (0, 1, 10, 11, 2, ...), as torchvision's ImageFolder sorts them: a set without class
+    names is matched by position, so its label 2 meets folder "10". Said, not silent; zero-padded names are quiet."""
+    import warnings
+
+    from elf.data import ImageSet
+    from elf.synthetic import SyntheticSet
+
+    sset = SyntheticSet(torch.zeros(12, 3, 4, 4), torch.arange(12))
+    text = sorted(str(i) for i in range(12))
+    real = ImageSet(torch.zeros(12, 3, 4, 4, dtype=torch.uint8), torch.arange(12), text, "h", "folder")
+    with pytest.warns(UserWarning, match="label 2 is matched with folder '10'"):
+        sset.label_real(real)
+    padded = ImageSet(real.images, real.labels, [f"{i:02d}" for i in range(12)], "h", "folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SyntheticSet(torch.zeros(12, 3, 4, 4), torch.arange(12)).label_real(padded)

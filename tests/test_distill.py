@@ -189,6 +189,9 @@ def test_early_stage_pool_trains_once_then_loads(tmp_path: Path) -> None:
         assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), n.state_dict().values()))
     EarlyStagePool.train(MODEL, x, y, 1, **{**kw, "lr": 0.02})  # other settings: another cache key
     assert sum("trained" in line for line in lines) == 3
+    # regression: the same raw data in another pixel space (normalization) loaded the pool trained in the first
+    EarlyStagePool.train(MODEL, (x - 0.1) / 1.2, y, 1, **kw)
+    assert sum("trained" in line for line in lines) == 4
 
 
 # ---- objectives ----------------------------------------------------------------------------------------------
@@ -268,6 +271,18 @@ def test_resume_is_bit_identical(kind: str, sampler: RealSampler, tmp_path: Path
     assert not torch.equal(full.images, distill(*make(), 6, seed=5, progress=False).images)
     with pytest.raises(ELFError, match="seed"):
         distill(*make(), 6, seed=3, progress=False, checkpoint_dir=part_dir)
+    # regression: a checkpoint resumed under another lr (or pixel space, or init) continued as one run
+    param, obj = make()
+    param.lr = 0.2
+    with pytest.raises(ELFError, match="another pixel space, initialization or optimizer setting"):
+        distill(param, obj, 6, seed=4, progress=False, checkpoint_dir=part_dir)
+    param, obj = make()
+    param.normalization = elf.pixel_space.IMAGENET
+    with pytest.raises(ELFError, match="another pixel space"):
+        distill(param, obj, 6, seed=4, progress=False, checkpoint_dir=part_dir)
+    # and one past the iterations asked for is not exported as that many
+    with pytest.raises(ELFError, match="at step 6, past iterations=4"):
+        distill(*make(), 4, seed=4, progress=False, checkpoint_dir=part_dir)
 
 
 def test_export_round_trip_into_elf_trainer(sampler: RealSampler, tmp_path: Path) -> None:

@@ -266,6 +266,15 @@ def test_recompute_bn_stats():
     # cumulative average of per-batch unbiased variances ~ the overall variance
     assert torch.allclose(bn.running_var, feats.var((0, 2, 3)), rtol=0.05)
     assert not recompute_bn_stats(_small_net(False), x).training
+    # regression: class-major images (as per_class returns them) gave one-class batches, whose variances leave out
+    # the variance between the classes
+    torch.manual_seed(0)
+    classes = torch.arange(3).repeat_interleave(100)
+    x = torch.randn(300, 3, 6, 6) + 4 * classes.view(-1, 1, 1, 1).float()
+    recompute_bn_stats(model, x, batch_size=100)
+    with torch.no_grad():
+        feats = model[0](x)
+    assert torch.allclose(bn.running_var, feats.var((0, 2, 3)), rtol=0.1)
 
 
 # ---------------------------------------------------------------------------------------------- malicious pickles

@@ -62,6 +62,23 @@ def test_expert_architecture_is_checked(expert_dir: Path, tmp_path: Path) -> Non
         expert_trajectory_from_dir(tmp_path, create_model(MODEL, num_classes=K, im_size=(S, S)))
 
 
+def test_experts_of_another_pixel_space_are_refused(tmp_path: Path) -> None:
+    """Regression: MTT matched experts trained on ZCA'd (or otherwise normalized) images against real images in
+    another space, and recorded the new space in the set."""
+    from elf.pixel_space import CIFAR10_MTT, IMAGENET, space_metadata
+
+    x, y, _ = _real_data()
+    zca_dir = tmp_path / "zca"
+    train_teacher(MODEL, x, y, zca_dir, epochs=3, progress=False, log=lambda s: None, batch_size=45,
+                  metadata=space_metadata(CIFAR10_MTT, True))
+    model = create_model(MODEL, num_classes=K, im_size=(S, S))
+    with pytest.raises(ELFError, match="ZCA whitening is true vs false"):
+        ExpertTrajectories.load(zca_dir, model, space_metadata(CIFAR10_MTT, False))
+    with pytest.raises(ELFError, match="normalization mean"):
+        build_mtt_objective(MODEL, zca_dir, num_classes=K, im_size=(S, S), space=space_metadata(IMAGENET, True))
+    assert len(ExpertTrajectories.load(zca_dir, model, space_metadata(CIFAR10_MTT, True))) == 1
+
+
 def test_loss_decreases_and_gradients_reach_images_and_lr(expert_dir: Path) -> None:
     obj = build_mtt_objective(MODEL, expert_dir, num_classes=K, im_size=(S, S), syn_steps=5, expert_epochs=2,
                               max_start_epoch=3, syn_lr=0.05)

@@ -44,9 +44,19 @@ def _fingerprint(param: Parameterization, objective: Objective) -> str:
     return json.dumps({"param": type(param).__name__, "objective": objective.metadata()}, sort_keys=True)
 
 
+def _settings(param: Parameterization, objective: Objective) -> str:
+    """What else decides the run: the set's pixel space, the parameterization's own settings (init, factor, ...) and
+    every optimizer group's lr and momentum (checked on resume when the checkpoint records it)."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in [*param.param_groups(), *objective.param_groups()]]
+    own = param.metadata() if callable(getattr(param, "metadata", None)) else {}
+    norm = param.normalization.to_dict() if param.normalization is not None else None
+    return json.dumps({"normalization": norm, "param": own, "groups": groups}, sort_keys=True, default=str)
+
+
 def _save(path: Path, step: int, seed: int, param: Parameterization, objective: Objective, opt: torch.optim.Optimizer,
           gen: torch.Generator, history: list[dict[str, Any]]) -> None:
     meta = {"step": str(step), "seed": str(seed), "fingerprint": _fingerprint(param, objective),
+            "settings": _settings(param, objective),
             "history": json.dumps(history, default=str)}
     write_state(path, STATE_FORMAT, sections={"param": param.state_dict(), "objective": objective.state_dict()},
                 optimizer=opt, generators={"loop": gen}, meta=meta)
@@ -62,6 +72,10 @@ def _load(path: Path, seed: int, param: Parameterization, objective: Objective, 
     if meta.get("fingerprint") != _fingerprint(param, objective):
         raise ELFError(f"{path} was written with other settings ({meta.get('fingerprint')}); use the same settings, "
                        "another checkpoint_dir, or resume=False")
+    if "settings" in meta and meta["settings"] != _settings(param, objective):  # (older checkpoints lack it)
+        raise ELFError(f"{path} was written with another pixel space, initialization or optimizer setting "
+                       f"({meta['settings']}, now {_settings(param, objective)}); use the same settings, another "
+                       "checkpoint_dir, or resume=False")
     try:
         param.load_state_dict(saved.section("param"))
     except RuntimeError as e:
@@ -124,6 +138,9 @@ def distill(
     start, history = 0, []
     if ckpt is not None and resume and ckpt.exists():
         start, history = _load(ckpt, seed, param, objective, opt, gen, dev)
+        if start > iterations:  # the set is at step `start`: exporting it as `iterations` steps would misstate it
+            raise ELFError(f"{ckpt} is at step {start}, past iterations={iterations}: ask for at least {start} "
+                           "iterations, or start over with resume=False (or another checkpoint_dir)")
     evals: list[dict[str, Any]] = []
 
     def run_eval(step_done: int) -> None:

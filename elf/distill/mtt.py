@@ -40,6 +40,7 @@ from ..checkpoint import load_state_dict
 from ..errors import ELFError
 from ..fileio import PathLike, portable_path, safe_torch_load
 from ..models import create_model
+from ..pixel_space import check_same_space
 from .base import Objective
 
 __all__ = [
@@ -67,7 +68,8 @@ def _epoch_files(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def expert_trajectory_from_dir(directory: PathLike, model: nn.Module) -> list[list[Tensor]]:
+def expert_trajectory_from_dir(directory: PathLike, model: nn.Module,
+                               space: dict[str, str] | None = None) -> list[list[Tensor]]:
     """The per-epoch parameters of one ``elf train-teacher`` run: ``[[tensors of epoch 1], [epoch 2], ...]``.
 
     Each snapshot lists ``model.named_parameters()`` in order (so MTT's ``model.parameters()`` order), read by name
@@ -77,6 +79,8 @@ def expert_trajectory_from_dir(directory: PathLike, model: nn.Module) -> list[li
     Args:
         directory: the ``out_dir`` of :func:`elf.teacher.train_teacher`.
         model: a module of the teacher's architecture (only its parameter names and shapes are used).
+        space: the pixel space of the distillation's real images (:func:`elf.pixel_space.space_metadata`); experts
+            whose checkpoints record another one (normalization, ZCA) are refused.
     """
     d = Path(directory).expanduser()
     files = _epoch_files(d) if d.is_dir() else []
@@ -95,6 +99,8 @@ def expert_trajectory_from_dir(directory: PathLike, model: nn.Module) -> list[li
                 f"{path} was trained as {meta['model']!r}, a different architecture from the student {name!r}; MTT needs "
                 "the experts' architecture (same norm, activation, pooling, width and depth) for the student"
             )
+        if k == 0 and space:
+            check_same_space(meta, space, f"the expert {path}", "the real images of this distillation")
         snap = []
         for name, p in named:
             if name not in state:
@@ -200,7 +206,8 @@ class ExpertTrajectories:
         return cls.from_snapshots(trajs, 0, ", ".join(portable_path(f) for f in files))
 
     @classmethod
-    def from_teacher_dirs(cls, directories: PathLike | Sequence[PathLike], model: nn.Module) -> ExpertTrajectories:
+    def from_teacher_dirs(cls, directories: PathLike | Sequence[PathLike], model: nn.Module,
+                          space: dict[str, str] | None = None) -> ExpertTrajectories:
         """Load ``train-teacher`` runs: each directory holds ``epoch_XXX.safetensors`` (one trajectory) or
         subdirectories that do (one trajectory each, e.g. several seeds). Trajectories start at epoch 1."""
         dirs: list[Path] = []
@@ -215,15 +222,17 @@ class ExpertTrajectories:
                 if not subs:
                     raise ELFError(f"{d}: no epoch_XXX.safetensors here or in its subdirectories; train experts with `elf train-teacher`")
                 dirs += subs
-        trajs = [expert_trajectory_from_dir(d, model) for d in dirs]
+        trajs = [expert_trajectory_from_dir(d, model, space) for d in dirs]
         first = [_epoch_files(d)[0][0] for d in dirs]
         out = cls.from_snapshots(trajs, 1, ", ".join(portable_path(d) for d in dirs))
         out.first_epoch = first
         return out
 
     @classmethod
-    def load(cls, source: PathLike | Sequence[PathLike], model: nn.Module | None = None) -> ExpertTrajectories:
-        """Replay-buffer files / a directory of them, or ``train-teacher`` directories (these need ``model``)."""
+    def load(cls, source: PathLike | Sequence[PathLike], model: nn.Module | None = None,
+             space: dict[str, str] | None = None) -> ExpertTrajectories:
+        """Replay-buffer files / a directory of them, or ``train-teacher`` directories (these need ``model``; with
+        ``space``, their recorded pixel space must be it; replay buffers record none)."""
         items = [source] if isinstance(source, (str, Path)) else list(source)
         paths = [Path(p).expanduser() for p in items]
         buffers = [p for p in paths if p.is_file() or (p.is_dir() and any(_BUFFER_FILE.fullmatch(q.name) for q in p.iterdir()))]
@@ -233,7 +242,7 @@ class ExpertTrajectories:
             raise ELFError("mixing replay-buffer files and train-teacher directories in one expert source is not supported")
         if model is None:
             raise ELFError("reading train-teacher directories needs the model (its parameter names); pass model=")
-        return cls.from_teacher_dirs(paths, model)
+        return cls.from_teacher_dirs(paths, model, space)
 
     def sample(self, generator: torch.Generator, max_start_epoch: int, expert_epochs: int = 2) -> ExpertSegment:
         """Draw a trajectory uniformly and a start index ``t`` uniformly in ``[0, min(max_start_epoch, len - M))``.
@@ -426,6 +435,7 @@ def build_mtt_objective(
     channel: int = 3,
     num_classes: int = 10,
     im_size: tuple[int, int] = (32, 32),
+    space: dict[str, str] | None = None,
     **settings: Any,
 ) -> TrajectoryMatching:
     """The MTT objective for the command line.
@@ -435,11 +445,13 @@ def build_mtt_objective(
         expert_source: a ``train-teacher`` output directory (or a directory of such runs, or a list of them), or MTT
             ``replay_buffer_<n>.pt`` files / a directory holding them.
         channel, num_classes, im_size: the data's shape.
+        space: the real images' pixel space (:func:`elf.pixel_space.space_metadata`); ``train-teacher`` experts
+            recorded in another one are refused.
         settings: :class:`TrajectoryMatching` keywords (syn_steps, expert_epochs, max_start_epoch, syn_lr, lr_lr,
             lr_momentum, batch_syn, dsa, device).
     """
     model = create_model(model_name, channel=channel, num_classes=num_classes, im_size=im_size)
-    trajectories = ExpertTrajectories.load(expert_source, model)
+    trajectories = ExpertTrajectories.load(expert_source, model, space)
     try:
         return TrajectoryMatching(model, trajectories, channel=channel, num_classes=num_classes, im_size=im_size, **settings)
     except TypeError as e:

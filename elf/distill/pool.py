@@ -159,8 +159,9 @@ class EarlyStagePool(ModelPool):
         Acc-DD's settings by default (SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 64, 2 epochs) with crop +
         flip augmentation instead of Acc-DD's augmentation + CutMix. Checkpoints go to
         ``cache_dir/pools/<key>/model_<i>.safetensors`` (default cache: :func:`~elf.data.default_cache_dir`), where
-        the key hashes the data (``source_hash``, default: a hash of the tensors) and every setting; a later call
-        with the same data and settings loads them instead of training.
+        the key hashes the data (``source_hash``, default: a hash of the tensors), the pixel space the images are
+        in (a hash of the first images as given: another normalization or ZCA gets another pool) and every
+        setting; a later call with the same data and settings loads them instead of training.
 
         Args:
             images: real images ``(N, C, H, W)``, normalized like the synthetic set. labels: ``(N,)`` class indices.
@@ -178,7 +179,9 @@ class EarlyStagePool(ModelPool):
         c, h, w = (int(s) for s in images.shape[1:])
         dev = torch.device(device) if device is not None else images.device
         data_hash = source_hash or tensor_sha256(images.detach().cpu(), labels.cpu())
-        settings = {"version": 1, "data": data_hash, "model": model_name, "shape": [c, h, w], "classes": k,
+        # source_hash names the raw data; the first images as given name the pixel space (normalization, ZCA) too
+        space_hash = tensor_sha256(images[:8].detach().cpu())
+        settings = {"version": 2, "data": data_hash, "pixels": space_hash, "model": model_name, "shape": [c, h, w], "classes": k,
                     "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                     "batch_size": batch_size, "augment": augment, "dsa_mode": dsa_mode}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]

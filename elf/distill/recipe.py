@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ELFError
-from ..pixel_space import Normalization
+from ..pixel_space import Normalization, space_metadata
 from .base import Objective, Parameterization
 from .objectives import METHOD_DEFAULTS, DistributionMatching, GradientMatching, dc_loops
 from .pixels import PixelParam
@@ -168,6 +168,7 @@ def build_distillation(
         from .mtt import build_mtt_objective
 
         objective = build_mtt_objective(recipe.model, recipe.experts, channel=c, num_classes=k, im_size=(h, w),  # type: ignore[arg-type]
+                                        space=space_metadata(normalization, False),  # (elf distill does not whiten)
                                         syn_steps=recipe.syn_steps, expert_epochs=recipe.expert_epochs,
                                         max_start_epoch=recipe.max_start_epoch, syn_lr=recipe.syn_lr,
                                         lr_lr=recipe.lr_lr, dsa=dsa, device=device)
