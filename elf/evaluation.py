@@ -214,6 +214,11 @@ def compare_models(
         else:
             build_model(name, image_shape, num_classes)  # type: ignore[arg-type]
     before = {r.model: r for r in previous}
+    for name, bank in chosen.items():  # (before anything trains) earlier ELF seeds must come from the same bank
+        earlier = before.get(name)
+        if earlier is not None and earlier.elf is not None and earlier.bank and earlier.bank != _bank_info(bank):
+            raise ELFError(f"the earlier ELF results of {name} were computed with another feature bank "
+                           f"({earlier.bank} vs {_bank_info(bank)}); start over instead of resuming")
 
     out: list[ModelComparison] = []
 
@@ -258,7 +263,7 @@ def compare_models(
             log(f"[{name}] baseline: {row.baseline}")
         if elf:
             bank = chosen[name]
-            row.bank = {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
+            row.bank = _bank_info(bank)
             log(f"[{name}] ELF with {row.bank['teacher_model']} features {bank.shape}"
                 + (" (adapters where shapes differ)" if elf_proto.adapter else ""))
             evaluate(row, "elf", elf_proto, lambda: trainer(name, elf_proto, feature_bank=bank, split_at=point))
@@ -267,6 +272,11 @@ def compare_models(
             log(f"[{name}] ELF: {row.elf}")
         out.append(row)
     return out
+
+
+def _bank_info(bank: FeatureBank) -> dict[str, str]:
+    """What a comparison row records of its feature bank: teacher, content hashes and cut point."""
+    return {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
 
 
 def _seed_result(result: EvalResult, i: int) -> EvalResult:

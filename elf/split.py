@@ -290,9 +290,10 @@ def _partition(traced: _Traced, cut: int, model: nn.Module) -> SplitModules:
     rear_graph = fx.Graph()
     env = {}
     rear_x = rear_graph.placeholder("x")
-    if any(_is_inplace(u, gm) for u in cut_node.users):
-        # the model modifies this tensor in place right after the cut (e.g. ReLU(inplace=True)); the rear must not
-        # change the front output the caller still holds (ELF's feature loss reads it)
+    if any(_is_inplace(n, gm) for n in traced.nodes[cut + 1 :]):
+        # the rear writes in place somewhere (e.g. ReLU(inplace=True) right after the cut, or Dropout(inplace=True)
+        # on a flattened view of it); it must not change the front output the caller still holds (ELF's feature
+        # loss reads it), so it works on a copy (one copy of the cut tensor per step)
         rear_x = rear_graph.call_method("clone", (rear_x,))
     rear_input = {cut_node: rear_x}
     _copy_nodes(traced, [n for n in traced.nodes[cut + 1 :] if n.op != "get_attr"], rear_input, rear_graph, env)

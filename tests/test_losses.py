@@ -148,6 +148,18 @@ def test_prob_labels():
     assert hard.tolist() == [0, 2]
 
 
+def test_prob_labels_that_passed_through_bfloat16_stay_probabilities():
+    """Regression: rows of bf16 probabilities sum to 1 only within ~4e-3, were read as logits and softmaxed again
+    (near-uniform targets for 100 classes)."""
+    g = torch.Generator().manual_seed(0)
+    for k in (10, 100):
+        probs = torch.softmax(3 * torch.randn(20, k, generator=g), 1)
+        for labels in (probs.bfloat16(), probs.bfloat16().float()):
+            assert infer_label_kind(labels) == "prob"
+            targets, _, _ = prepare_targets(labels)
+            assert torch.allclose(targets.float().max(1).values, probs.max(1).values, atol=1e-2)
+
+
 def test_logit_labels_are_softmaxed():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]], requires_grad=True)  # DATM logits need grad
     assert infer_label_kind(logits) == "logits"

@@ -111,6 +111,12 @@ def test_compare_models_turns_elf_on_for_baseline_presets() -> None:
                             epochs=1, augment=None, device="cpu", progress=False, log=lambda _: None)
     assert row.baseline.protocol["lambda_front"] == 0.0 and row.elf.protocol["lambda_front"] == 1.0
     assert row.elf.data["method"] == "test"
+    # regression: resuming from earlier rows (previous=) checked the protocol only, so ELF seeds of another teacher
+    # were kept and averaged with the new ones
+    other = FeatureBank.build(create_model("ConvNetW4D1", im_size=(8, 8)), s)  # other random weights
+    with pytest.raises(ELFError, match="another feature bank"):
+        compare_models(["ConvNetW4D1BN"], s, None, s.images, s.labels, banks=[other], protocol="mtt", seeds=2, epochs=1,
+                       augment=None, device="cpu", progress=False, log=lambda _: None, previous=[row])
 
 
 def test_validation_split_is_disjoint_and_balanced() -> None:

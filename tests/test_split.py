@@ -195,6 +195,14 @@ def test_rear_does_not_modify_front_output():
     saved = h.clone()
     rear(h)
     assert torch.equal(h, saved)
+    # regression: an in-place op on a *view* of the cut tensor (flatten, then Dropout(inplace=True)) changed it too
+    head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5, inplace=True),
+                         nn.Linear(4, 3)).train()
+    front, rear = split_model(head, "1")
+    h = front(_x(8))
+    saved = h.clone()
+    rear(h)
+    assert torch.equal(h, saved)
 
 
 # ---- list_split_points -------------------------------------------------------------------------------------------
