@@ -50,7 +50,8 @@ def portable_path(path: PathLike, root: PathLike | None = None) -> str:
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` atomically; returns ``path``.
 
-    A crash while writing leaves at most a stray ``*.tmp`` file, never a half-written ``path``.
+    A crash while writing leaves at most a stray ``*.tmp`` file, never a half-written ``path``; the file's bytes are
+    flushed to disk (fsync) before the rename, so a power loss right after it cannot leave an empty ``path`` either.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the final file the usual permissions
         os.replace(tmp, path)
     finally:

@@ -164,3 +164,17 @@ def test_written_files_get_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_atomic_write_flushes_the_file_to_disk_before_the_rename(tmp_path, monkeypatch):
+    """Without fsync, a power loss right after the rename can leave an empty file under the final name."""
+    import os
+
+    from elf.fileio import atomic_write
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    atomic_write(tmp_path / "f.json", lambda p: open(p, "w").write("{}"))
+    assert events == ["fsync", "replace"] and (tmp_path / "f.json").read_text() == "{}"
