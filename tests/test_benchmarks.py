@@ -62,6 +62,9 @@ def test_accdd_time_ratio_reads_study_runs(tmp_path: Path) -> None:
     assert abs(json.loads(out.read_text())["early"]["time_ratio_with_pool"] - 190 / 200) < 1e-9
 
 
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
 def _gpu_check(tmp_path: Path, *extra: str) -> dict:
     """benchmarks/gpu_check.sh on a toy ImageFolder (6 train and 2 test images per class, made on the first call) on
     the CPU, ``--tiny``; the parsed gpu-check.json."""
@@ -74,7 +77,7 @@ def _gpu_check(tmp_path: Path, *extra: str) -> dict:
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 2)) if not (tmp_path / "data").exists() else ():
         for k in range(10):
-            d = tmp_path / "data" / split / f"c{k}"
+            d = tmp_path / "data" / split / CIFAR10_CLASSES[k]  # the DSA set names its classes: as CIFAR-10's
             d.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
