@@ -200,12 +200,13 @@ PROTOCOLS: dict[str, Protocol] = {
                               notes="'elf' + learned adapters (any teacher for any student) + targets aligned with the "
                                     "student's DSA geometry: the best setting on validation data across ResNet-18, "
                                     "VGG-11 and ViT students among the cached-target loops (benchmarks/results/gpu-val-study); "
-                                    "still the choice for the ViT and torchvision's resnet18"),
+                                    "still the choice for the ViT"),
     "elf-aug": _ELF.replace(name="elf-aug", adapter="auto", features_on_augmented=True,
                             notes="'elf' + learned adapters + the teacher run on every augmented batch for the front "
                                   "target (exact for every DSA op; one teacher forward per step): the setting chosen "
-                                  "on validation data for six of the eight models of issue #9's table (ConvNet-BN, "
-                                  "ResNet-18 IN/BN, VGG-11 IN/BN, AlexNet; benchmarks/gpu_chosen_table_study.toml)"),
+                                  "on validation data for seven of the eight models of issue #9's table (ConvNet-BN, "
+                                  "ResNet-18 IN/BN, VGG-11 IN/BN, AlexNet, torchvision's resnet18; "
+                                  "benchmarks/gpu_chosen_table_study.toml)"),
     # the same training with the ELF terms off: how DSA / DM / MTT-era papers evaluate (DSA and DM code: 1000 epochs)
     "dsa": _ELF.replace(name="dsa", lambda_front=0.0, lambda_rear=0.0,
                              notes="DSA sets as DM and ELF evaluate them: lr 0.01, 1000 (+1) epochs, DSA, no ELF terms "
