@@ -675,9 +675,9 @@ class ELFTrainer:
             saved_p, now = json.loads(meta["protocol"]), json.loads(json.dumps(self.protocol.to_dict(), default=str))
             if all(p.get("lr_decay") == 1.0 or p.get("lr_decay_epoch") is not None for p in (saved_p, now)):
                 ignored.add("epochs")  # the schedule does not depend on it: more epochs continue the same run
-            differ = sorted(k for k in set(saved_p) | set(now) if k not in ignored and k in saved_p and saved_p.get(k) != now.get(k))
+            differ = sorted(k for k in saved_p if k not in ignored and saved_p[k] != now.get(k))  # (fields it predates: not)
             if differ:
-                shown = ", ".join(f"{k}: {saved_p.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
+                shown = ", ".join(f"{k}: {saved_p[k]!r} -> {now.get(k)!r}" for k in differ[:4])
                 raise ELFError(f"{path} was saved by a fit under another protocol ({shown}); resume it with the same "
                                "protocol, or start over")
         try:
