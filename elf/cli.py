@@ -525,11 +525,10 @@ def _previous_eval(out: str) -> dict[str, Any] | None:
 
 def _resumable_rows(out: str, previous: dict[str, Any], settings: dict[str, Any]) -> list[Any]:
     from .evaluation import ModelComparison
+    from .resume import changed_settings
 
-    before = previous["settings"]
-    differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-    if differ:
-        shown = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in differ[:4])
+    shown = changed_settings(previous["settings"], settings, new_keys=True)
+    if shown:
         raise ELFError(f"--resume: {out} was computed with other settings ({shown}); use the same command, or "
                        "another --out to start over")
     return [ModelComparison.from_dict(r) for r in previous.get("results", [])]

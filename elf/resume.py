@@ -17,7 +17,17 @@ import torch
 from .errors import ELFError
 from .fileio import PathLike, load_tensors, save_tensors
 
-__all__ = ["SavedState", "read_state", "write_state"]
+__all__ = ["SavedState", "changed_settings", "read_state", "write_state"]
+
+
+def changed_settings(saved: Mapping[str, object], now: Mapping[str, object], ignore: frozenset[str] | set[str] = frozenset(),
+                     *, new_keys: bool = False, shown: int = 4) -> str:
+    """What a resume would change: ``"key: old -> new, ..."`` for the keys of ``saved`` (except ``ignore``) whose
+    value differs in ``now``, sorted, at most ``shown`` of them; ``""`` when none does. Keys ``saved`` predates (new
+    settings absent from an older record) are not compared, unless ``new_keys``."""
+    keys = set(saved) | set(now) if new_keys else set(saved)
+    differ = sorted(k for k in keys if k not in ignore and saved.get(k) != now.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:shown])
 
 
 def write_state(

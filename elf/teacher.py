@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ELFError
+from .resume import changed_settings
 from .fileio import PathLike, atomic_write, safe_torch_load, tensor_sha256
 from .models import create_model
 from .protocol import Protocol
@@ -142,9 +143,8 @@ def train_teacher(
         old = json.loads(history_file.read_text())
         before = old.get("meta", {})  # what the saved epochs were trained with (keys it predates are not compared)
         # (the protocol is the trainer's to compare: more epochs of a constant lr continue the same run)
-        differ = sorted(k for k in meta if k != "protocol" and k in before and before[k] != meta[k])
-        if differ:
-            shown = ", ".join(f"{k}: {before[k]!r} -> {meta[k]!r}" for k in differ[:3])
+        shown = changed_settings({k: v for k, v in before.items() if k in meta}, meta, {"protocol"})
+        if shown:
             raise ELFError(f"{out} holds a run trained with other data or settings ({shown}); resume with the same "
                            "data and options, or start over (another output directory, or resume=False / --no-resume)")
         run.test_accuracy = {int(k): v for k, v in old.get("test_accuracy", {}).items()}

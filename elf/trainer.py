@@ -33,7 +33,7 @@ from .losses import check_test_labels, feature_distance, prepare_targets
 from .models import build_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol
 from .protocol import seed_list as resolve_seeds
-from .resume import SavedState, read_state, write_state
+from .resume import SavedState, changed_settings, read_state, write_state
 from .split import SplitOptions, auto_split_point, list_split_points, split_model
 
 __all__ = ["ELFTrainer", "Callback", "DivergenceWatch", "EvalResult", "ModelSpec"]
@@ -675,9 +675,8 @@ class ELFTrainer:
             saved_p, now = json.loads(meta["protocol"]), json.loads(json.dumps(self.protocol.to_dict(), default=str))
             if all(p.get("lr_decay") == 1.0 or p.get("lr_decay_epoch") is not None for p in (saved_p, now)):
                 ignored.add("epochs")  # the schedule does not depend on it: more epochs continue the same run
-            differ = sorted(k for k in saved_p if k not in ignored and saved_p[k] != now.get(k))  # (fields it predates: not)
-            if differ:
-                shown = ", ".join(f"{k}: {saved_p[k]!r} -> {now.get(k)!r}" for k in differ[:4])
+            shown = changed_settings(saved_p, now, ignored)
+            if shown:
                 raise ELFError(f"{path} was saved by a fit under another protocol ({shown}); resume it with the same "
                                "protocol, or start over")
         try:
