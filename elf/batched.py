@@ -188,6 +188,7 @@ def _prepare(trainer: ELFTrainer, template: _Bundle, params: Tensors, buffers: T
         if failed is None:
             return compiled, {"compile": True}, None
         info["compile"] = f"failed, ran eagerly ({_one_line(failed)})"
+        print(f"{trainer.model_name}: torch.compile of the batched step {info['compile']}", file=sys.stderr)
     error = _probe(step, params, buffers, *probe)
     return step, info, None if error is None else _reason(error)
 

@@ -38,9 +38,10 @@ def _add_test_data(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="real data: 'cifar10' / 'cifar100' (torchvision download), an ImageFolder directory or a "
                         ".tar/.tar.gz archive of one with train/ and test/ folders (default: $ELF_DATA)")
     g.add_argument("--data-root", default="~/.cache/elf-dd/torchvision", help="download root for cifar10/cifar100")
-    g.add_argument("--normalization", default="cifar10_mtt",
+    g.add_argument("--normalization", default=None,
                    help="mean/std used for real images and assumed for the synthetic set: cifar10_mtt (MTT/ELF; also "
-                        "their CIFAR-100 convention), cifar100_dc, imagenet (default: cifar10_mtt, or the set's own)")
+                        "their CIFAR-100 convention), cifar100_dc, imagenet, none (default: the set's own, else "
+                        "cifar10_mtt; with --zca none, as MTT whitens un-normalized images)")
     g.add_argument("--test-per-class", type=int, default=None, help="use a class-balanced test subset of this many per class")
     g.add_argument("--cache-dir", default=None, help="decoded-data and feature cache (default: $ELF_CACHE or ~/.cache/elf-dd)")
 
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default=None, help="real data: 'cifar10' / 'cifar100', an ImageFolder directory or a .tar/.tar.gz "
                                                "archive of one with a train/ folder (default: $ELF_DATA)")
     g.add_argument("--data-root", default="~/.cache/elf-dd/torchvision", help="download root for cifar10/cifar100")
-    g.add_argument("--normalization", default="cifar10_mtt", help="mean/std of the real images and of the set (cifar10_mtt, cifar100_dc, imagenet)")
+    g.add_argument("--normalization", default=None, help="mean/std of the real images and of the set (cifar10_mtt, "
+                                                             "cifar100_dc, imagenet, none; default cifar10_mtt)")
     g.add_argument("--train-per-class", type=int, default=None, help="distill from a class-balanced subset (quick runs)")
     g.add_argument("--cache-dir", default=None, help="decoded-data and pool cache (default: $ELF_CACHE or ~/.cache/elf-dd)")
     _add_device(p)
@@ -394,12 +396,19 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         check_writable(args.out, "--out")
 
 
+def _normalization(args: argparse.Namespace) -> Any:
+    """``--normalization``, else the code bases' default for the pixel space asked for: ``none`` with ``--zca`` (MTT,
+    TESLA and DATM fit and apply ZCA to un-normalized [0, 1] images), else ``cifar10_mtt``."""
+    from .pixel_space import get_normalization
+
+    return get_normalization(args.normalization or ("none" if getattr(args, "zca", False) else "cifar10_mtt"))
+
+
 def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The synthetic set (in its pixel space) and the real test images ``(M, C, H, W)`` and labels, matched to it."""
     from .io import load_any, load_mtt
-    from .pixel_space import get_normalization
 
-    given = get_normalization(args.normalization)
+    given = _normalization(args)
     name = Path(args.images).name.lower()
     if args.labels:
         sset = load_mtt(args.images, args.labels, normalization=given)
@@ -599,12 +608,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
-    from .pixel_space import get_normalization
     from .teacher import train_teacher
 
     from .pixel_space import space_metadata
 
-    norm = get_normalization(args.normalization)
+    norm = _normalization(args)
     train = _load_split(args, "train", args.train_per_class, args.seed)
     test = _load_split(args, "test", args.test_per_class).with_classes(train.classes, "the test split")
     train_x, test_x = train.as_float(norm), test.as_float(norm)
@@ -632,7 +640,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DistillRecipe, RealSampler, build_distillation, distill
     from .fileio import check_writable, portable_path
     from .io import save_synthetic
-    from .pixel_space import get_normalization
 
     log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr))
     recipe = DistillRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillRecipe)})
@@ -645,7 +652,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if default_ckpt and ckpt_dir.exists() and not args.no_resume:
         log(f"resuming from {ckpt_dir} (pass --no-resume to start over)")
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    norm = get_normalization(args.normalization)
+    norm = _normalization(args)
     train = _load_split(args, "train", args.train_per_class, args.seed)
     sampler = RealSampler.from_imageset(train, norm, device)
     c, h, w = sampler.image_shape

@@ -215,6 +215,7 @@ class FeatureBank:
             **(space or {}),
         }
         bank = cls(features, meta)
+        bank.metadata.update(bank._file_stamp())  # what a cache hit reads back, so a miss and a hit describe alike
         bank.teacher = teacher
         if cache_file is not None:
             try:
@@ -260,13 +261,15 @@ class FeatureBank:
         """Write features and metadata to a safetensors file (atomic), with a hash of the features for verification."""
         meta = dict(self.metadata)
         meta.setdefault("format", FORMAT)
-        meta["features_sha256"] = tensor_sha256(self.features)
-        meta["shape"] = ",".join(map(str, self.features.shape))
-        meta["dtype"] = _dtype_name(self.features.dtype)
+        meta.update(self._file_stamp())
+        return save_tensors(path, {"features": self.features}, meta)
+
+    def _file_stamp(self) -> dict[str, str]:
+        """The metadata :meth:`save` derives from the features: hash, shape, dtype, and the writing elf-dd version."""
         from .version import __version__
 
-        meta["elf_version"] = __version__
-        return save_tensors(path, {"features": self.features}, meta)
+        return {"features_sha256": tensor_sha256(self.features), "shape": ",".join(map(str, self.features.shape)),
+                "dtype": _dtype_name(self.features.dtype), "elf_version": __version__}
 
     @classmethod
     def load(cls, path: PathLike, device: torch.device | str = "cpu", verify: bool = True) -> FeatureBank:

@@ -35,7 +35,7 @@ from .data import CIFAR10_CLASSES, decode_image_tree
 from .errors import ELFError
 from .fileio import file_sha256, load_tensors, safe_torch_load, save_tensors
 from .losses import infer_label_kind  # re-exported: was importable from here
-from .pixel_space import CIFAR10_MTT, CIFAR100_DC, Normalization
+from .pixel_space import CIFAR10_MTT, CIFAR100_DC, NO_NORMALIZATION, Normalization
 from .synthetic import LABEL_KINDS, SyntheticSet  # re-exported: lived here before elf.synthetic
 from .teacher import load_expert_buffer, load_parameters_into  # re-exported: lived here before elf.teacher
 
@@ -126,7 +126,14 @@ def float_images(images: Tensor, normalization: Normalization | None, source: An
         return normalization.normalize(images.float() / 255.0)
     if not images.is_floating_point():
         raise ELFError(f"{source}: images must be float (normalized) or uint8 (0-255), got {images.dtype}")
-    return images.float()
+    images = images.float()
+    identity = normalization is not None and all(m == 0 for m in normalization.mean) and all(v == 1 for v in normalization.std)
+    if not identity and images.numel() >= 1000 and images.min() >= 0 and images.max() <= 1:
+        space = f"normalization {normalization.name!r}" if normalization is not None else "a normalized space"
+        warnings.warn(f"{source}: every pixel is in [0, 1]: these look like un-normalized images (e.g. IDC's data.pt), "
+                      f"not images in {space}, whose values go below 0; normalize them first (Normalization.normalize) "
+                      "or load them with normalization=NO_NORMALIZATION if that is the space they were made in", stacklevel=3)
+    return images
 
 
 def _load_tensor(path: Path, what: str) -> Tensor:
@@ -170,8 +177,16 @@ def load_mtt(
 
     A directory finds those names inside it; ``images_<x>.pt`` finds ``labels_<x>.pt`` / ``lr_<x>.pt`` beside it.
     The files do not record the normalization or whether ZCA was used: pass ``normalization`` and ``zca``.
+    With ``zca=True`` the default normalization is :data:`~elf.pixel_space.NO_NORMALIZATION`: these code bases fit
+    and apply ZCA to un-normalized [0, 1] images (another normalization with ``zca=True`` warns).
     uint8 images (0-255) are converted with ``normalization`` (x/255, then normalized), or refused without one.
     """
+    if zca and normalization is None:
+        normalization = NO_NORMALIZATION
+    elif zca and (normalization.mean, normalization.std) != (NO_NORMALIZATION.mean, NO_NORMALIZATION.std):
+        warnings.warn(f"load_mtt: zca=True with normalization {normalization.name!r}: MTT, TESLA and DATM whiten "
+                      "un-normalized images, so their ZCA sets are in normalization 'none' (NO_NORMALIZATION); "
+                      f"{normalization.name!r} is right only for a set whitened after normalizing", stacklevel=2)
     ip, lp, rp = _mtt_paths(Path(images_path).expanduser(), labels_path, lr_path)
     images = float_images(_load_tensor(ip, "images (N, C, H, W)"), normalization, ip)
     labels = _load_tensor(lp, "labels")
@@ -293,8 +308,14 @@ def load_npz(
         x = x.transpose(0, 3, 1, 2)
     elif x.shape[1] not in (1, 3, 4):
         raise ELFError(f"{path}: cannot tell the channel axis of images with shape {x.shape}; expected (N, H, W, C) with C in 1, 3, 4")
-    images = float_images(torch.from_numpy(np.ascontiguousarray(x if x.dtype == np.uint8 else x.astype(np.float32))),
-                          normalization, path)
+    if np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    elif x.dtype != np.uint8:  # int32/int64 0-255 images must not pass as normalized floats (float_images refuses them)
+        raise ELFError(f"{path}: images array {ik!r} is {x.dtype}; expected float (normalized) or uint8 (0-255): "
+                       "convert 0-255 integer images with .astype(np.uint8) first")
+    images = float_images(torch.from_numpy(np.ascontiguousarray(x)), normalization, path)
+    if y.ndim == 2 and y.shape[1] == 1 and np.issubdtype(y.dtype, np.integer):
+        y = y[:, 0]  # a column of class indices, not one-hot rows of one class
     if y.ndim == 2 and np.issubdtype(y.dtype, np.number):
         idx = _one_hot_index(y)
         labels = torch.from_numpy(idx.astype(np.int64)) if idx is not None else torch.from_numpy(y.astype(np.float32))

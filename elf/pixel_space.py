@@ -32,6 +32,7 @@ __all__ = [
     "CIFAR10_MTT",
     "CIFAR100_DC",
     "IMAGENET",
+    "NO_NORMALIZATION",
     "NORMALIZATIONS",
     "get_normalization",
     "ZCA",
@@ -107,11 +108,15 @@ CIFAR100_DC = Normalization((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762), 
 #: The usual ImageNet statistics (torchvision models, Tiny-ImageNet in the DD code bases).
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet")
 
-NORMALIZATIONS: dict[str, Normalization] = {n.name: n for n in (CIFAR10_MTT, CIFAR100_DC, IMAGENET)}
+#: The identity (3 channels): images stay in [0, 1]. MTT (and TESLA, DATM, which build on it) whiten *these* with
+#: ``--zca``: ZCA of un-normalized images, not of normalized ones, so its ZCA sets live in ``NO_NORMALIZATION`` + ZCA.
+NO_NORMALIZATION = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none")
+
+NORMALIZATIONS: dict[str, Normalization] = {n.name: n for n in (CIFAR10_MTT, CIFAR100_DC, IMAGENET, NO_NORMALIZATION)}
 
 
 def get_normalization(name: str) -> Normalization:
-    """Look up a named normalization (``cifar10_mtt``, ``cifar100_dc``, ``imagenet``)."""
+    """Look up a named normalization (``cifar10_mtt``, ``cifar100_dc``, ``imagenet``, ``none``)."""
     key = name.lower().replace("-", "_")
     if key not in NORMALIZATIONS:
         raise ELFError(f"unknown normalization {name!r}; known: {', '.join(sorted(NORMALIZATIONS))}")

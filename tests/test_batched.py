@@ -257,7 +257,7 @@ def test_front_rear_pair_falls_back():
     assert "(front, rear) pair" in result.data["batched"]["fallback"]
 
 
-def test_compile_failure_runs_eagerly(monkeypatch):
+def test_compile_failure_runs_eagerly(monkeypatch, capsys):
     def broken(fn):
         def run(*args):
             raise RuntimeError("no compiler here")
@@ -271,6 +271,7 @@ def test_compile_failure_runs_eagerly(monkeypatch):
     assert resets == [1]  # each compiled run starts from empty caches (dynamo's recompile limit)
     note = result.data["batched"]["compile"]
     assert note.startswith("failed, ran eagerly") and "no compiler" in note
+    assert "torch.compile of the batched step failed, ran eagerly" in capsys.readouterr().err  # said, as vmap's fallback is
     assert result.accuracies == seq.accuracies
 
 

@@ -164,8 +164,8 @@ def test_eval_without_any_data_explains(monkeypatch: pytest.MonkeyPatch, synthet
 
 def test_zca_teacher_and_zca_set(tmp_path: Path, image_folder: Path, synthetic_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
-    assert main(["train-teacher", "--model", "ConvNetW8D2", "--zca", "--out", str(tmp_path / "t"), "--epochs", "1",
-                 "--batch-size", "12", *common]) == 0
+    assert main(["train-teacher", "--model", "ConvNetW8D2", "--zca", "--normalization", "cifar10_mtt", "--out",
+                 str(tmp_path / "t"), "--epochs", "1", "--batch-size", "12", *common]) == 0
     ckpt = tmp_path / "t" / "epoch_001.safetensors"
     _, meta = elf.checkpoint.load_state_dict(ckpt)
     assert meta["space_zca"] == "true" and meta["space_mean"].startswith("0.4914")
@@ -177,6 +177,48 @@ def test_zca_teacher_and_zca_set(tmp_path: Path, image_folder: Path, synthetic_f
     assert main([*ev, "--zca", "--out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["results"][0]["elf"]["data"]["zca"] is True
+
+
+def test_zca_defaults_to_mtts_space_of_unnormalized_images(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """MTT/TESLA/DATM fit ZCA on [0, 1] images: `--zca` without `--normalization` is that space, for the teacher and for
+    an images_best.pt set alike (the test images were whitened after normalizing with cifar10_mtt: other pixels)."""
+    from elf.pixel_space import NO_NORMALIZATION, fit_zca_cached
+
+    cache = tmp_path / "cache"
+    common = ["--data", str(image_folder), "--cache-dir", str(cache), "--no-progress", "--device", "cpu"]
+    assert main(["train-teacher", "--model", "ConvNetW8D2", "--zca", "--out", str(tmp_path / "t"), "--epochs", "1",
+                 "--batch-size", "12", *common]) == 0
+    ckpt = tmp_path / "t" / "epoch_001.safetensors"
+    _, meta = elf.checkpoint.load_state_dict(ckpt)
+    assert meta["space_zca"] == "true" and meta["space_mean"].startswith("0.0") and meta["space_std"].startswith("1.0")
+    train = elf.data.load_image_folder(image_folder, "train", cache_dir=cache, progress=False)
+    zca = fit_zca_cached(train, NO_NORMALIZATION, eps=0.1, cache_dir=cache)
+    sub = train.per_class(2, torch.Generator().manual_seed(0))
+    mtt = tmp_path / "mtt"
+    mtt.mkdir()
+    torch.save(zca.transform(sub.as_float(NO_NORMALIZATION)), mtt / "images_best.pt")
+    torch.save(sub.labels, mtt / "labels_best.pt")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--images", str(mtt / "images_best.pt"), "--zca", "--teacher", str(ckpt), "--teacher-model",
+                 "ConvNetW8D2", "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", "--out", str(out), *common]) == 0
+    assert json.loads(out.read_text())["settings"]["normalization"]["name"] == "none"
+    args = elf.cli.build_parser().parse_args(["eval", "--images", str(mtt / "images_best.pt"), "--zca", *common])
+    sset, test_x, _ = elf.cli._eval_data(args, lambda s: None)
+    test = elf.data.load_image_folder(image_folder, "test", cache_dir=cache, progress=False)
+    assert sset.normalization == NO_NORMALIZATION and sset.zca
+    assert torch.allclose(test_x, zca.transform(test.as_float(NO_NORMALIZATION)), atol=1e-5)
+
+
+def test_load_mtt_zca_assumes_no_normalization(tmp_path: Path) -> None:
+    from elf.io import load_mtt
+    from elf.pixel_space import CIFAR10_MTT, NO_NORMALIZATION
+
+    torch.save(torch.randn(6, 3, 4, 4), tmp_path / "images_best.pt")
+    torch.save(torch.arange(6) % 3, tmp_path / "labels_best.pt")
+    assert load_mtt(tmp_path).normalization is None
+    assert load_mtt(tmp_path, zca=True).normalization == NO_NORMALIZATION
+    with pytest.warns(UserWarning, match="un-normalized"):
+        assert load_mtt(tmp_path, zca=True, normalization=CIFAR10_MTT).normalization == CIFAR10_MTT
 
 
 @pytest.mark.parametrize("model", ["ConvNetW8D2", "ConvNetW8D2BN"])

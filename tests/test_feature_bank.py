@@ -244,6 +244,7 @@ def test_cache_hit_computes_nothing(tmp_path):
     assert counter.calls == 2, "a cache hit must not run the teacher"
     assert torch.equal(second.features, first.features)
     assert second.metadata["key"] == first.metadata["key"]
+    assert second.metadata == first.metadata  # a miss describes its bank as a hit does (hash and version included)
     assert _only_file(tmp_path) == cached
 
 

@@ -105,9 +105,9 @@ def test_load_mtt_hard_soft_logits_lr(tmp_path):
     x = _images()
     torch.save(x, d / "images_best.pt")
     torch.save(_class_major(), d / "labels_best.pt")
-    s = load_mtt(d, normalization=CIFAR10_MTT, zca=True)
+    s = load_mtt(d, zca=True)
     assert torch.equal(s.images, x) and s.label_kind == "index" and s.ipc == IPC and s.lr is None
-    assert s.zca and s.normalization == CIFAR10_MTT and s.metadata["format"] == "mtt"
+    assert s.zca and s.normalization.name == "none" and s.metadata["format"] == "mtt"
 
     # TESLA: (N, K) probabilities
     probs = torch.softmax(torch.randn(N, K), 1)
@@ -190,6 +190,29 @@ def test_load_npz(tmp_path):
     with pytest.raises(ELFError, match="images_key"):
         load_npz(tmp_path / "keys.npz")
     assert load_npz(tmp_path / "keys.npz", images_key="a", labels_key="b").ipc == IPC
+
+
+def test_npz_integer_images_are_not_taken_for_normalized_floats(tmp_path):
+    """int64 0-255 images used to be cast to float and used as normalized images (values up to 255); uint8 converts."""
+    img = np.random.default_rng(0).integers(0, 256, (N, 4, 4, 3)).astype(np.uint8)
+    labels = np.eye(K, dtype=np.float32)[_class_major().numpy()]
+    np.savez(tmp_path / "int.npz", images=img.astype(np.int64), labels=labels)
+    with pytest.raises(ELFError, match=r"int64.*astype\(np.uint8\)"):
+        load_npz(tmp_path / "int.npz", normalization=CIFAR10_MTT)
+    np.savez(tmp_path / "u8.npz", images=img, labels=labels)
+    with pytest.warns(UserWarning, match="uint8"):
+        s = load_npz(tmp_path / "u8.npz", normalization=CIFAR10_MTT)
+    assert s.images.abs().max() < 3.0
+    np.savez(tmp_path / "f64.npz", images=img.astype(np.float64) / 255.0, labels=labels)
+    assert load_npz(tmp_path / "f64.npz").images.dtype == torch.float32
+
+
+def test_npz_label_column_is_class_indices(tmp_path):
+    """(N, 1) integer labels are a column of class indices (they were read as one class of logits)."""
+    x = np.random.default_rng(0).standard_normal((N, 4, 4, 3)).astype(np.float32)
+    np.savez(tmp_path / "col.npz", images=x, labels=_class_major().numpy()[:, None])
+    s = load_npz(tmp_path / "col.npz")
+    assert s.label_kind == "index" and s.labels.tolist() == _class_major().tolist() and s.num_classes == K
 
 
 def test_load_image_dir(tmp_path):
@@ -330,3 +353,22 @@ def test_load_tensor_pair_formats(tmp_path):
     torch.save({"weights": x}, tmp_path / "w.pt")
     with pytest.raises(ELFError, match="expected"):
         load_tensor_pair(tmp_path / "w.pt")
+
+
+def test_float_images_all_in_unit_range_warn(tmp_path):
+    """A float (images, labels) pair in [0, 1] (IDC's data.pt holds un-normalized images) was taken for normalized
+    images without a word; normalized images, and images declared un-normalized, load quietly."""
+    import warnings as w
+
+    from elf.io import load_tensor_pair
+    from elf.pixel_space import get_normalization
+
+    x = torch.rand(20, 3, 8, 8)
+    torch.save([x, torch.arange(20) % K], tmp_path / "data.pt")
+    with pytest.warns(UserWarning, match=r"in \[0, 1\].*un-normalized"):
+        load_tensor_pair(tmp_path / "data.pt", CIFAR10_MTT)
+    with w.catch_warnings():
+        w.simplefilter("error")
+        load_tensor_pair(tmp_path / "data.pt", get_normalization("none"))
+        torch.save([CIFAR10_MTT.normalize(x), torch.arange(20) % K], tmp_path / "norm.pt")
+        load_tensor_pair(tmp_path / "norm.pt", CIFAR10_MTT)
