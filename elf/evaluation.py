@@ -6,6 +6,7 @@ output at its split point (so a ConvNet student gets the width-128 teacher and R
 
 from __future__ import annotations
 
+import difflib
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,10 +120,12 @@ def choose_bank(
     if adapter is not None:
         return banks[0]
     have = ", ".join(f"{b.metadata.get('teacher_model', '?')} {b.shape}" for b in banks)
-    wide = f"ConvNetW{shape[0]}" if isinstance(shape, tuple) and len(shape) == 3 else "another"
+    convnet_grid = tuple(int(s) // 8 for s in tuple(image_shape)[1:])  # a depth-3 ConvNet's last block
+    example = (f" (e.g. ConvNetW{shape[0]})" if isinstance(shape, tuple) and len(shape) == 3 and shape[1:] == convnet_grid
+               else "")
     raise ELFError(
         f"no teacher feature bank matches {model_name}'s front output {shape} (banks: {have}); pass adapter='auto' "
-        f"(--adapter auto) to bridge the shapes with learned adapters, add a teacher of that feature shape (e.g. {wide}), "
+        f"(--adapter auto) to bridge the shapes with learned adapters, add a teacher of that feature shape{example}, "
         "or choose another split point"
     )
 
@@ -181,7 +184,7 @@ def compare_models(
     """
     proto = get_protocol(protocol, **overrides)
     seeds = seed_list(seeds, "seeds")
-    split_at = dict(split_at or {})
+    split_at = _split_points_by_model(split_at or {}, models)
     synthetic = images if isinstance(images, SyntheticSet) else None
     if synthetic is not None:
         images, labels = synthetic.images, synthetic.labels
@@ -271,6 +274,25 @@ def compare_models(
             row.split_at = row.elf.data.get("split_at")
             log(f"[{name}] ELF: {row.elf}")
         out.append(row)
+    return out
+
+
+def _split_points_by_model(split_at: dict[str, str], models: Sequence[str]) -> dict[str, str]:
+    """``split_at`` keyed by the names in ``models``; a key naming no model (a typo, or another capitalization when
+    it matches no model exactly) is refused, not left unused while the model runs at its default cut."""
+    out: dict[str, str] = {}
+    for key, point in split_at.items():
+        if key in models:
+            out[key] = point
+            continue
+        same = [m for m in models if m.lower() == key.lower()]
+        if len(same) != 1:
+            close = difflib.get_close_matches(key, list(models), n=3)
+            raise ELFError(f"split_at names {key!r}, which is none of the models {list(models)}"
+                           + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ""))
+        if same[0] in split_at:
+            raise ELFError(f"split_at gives {same[0]!r} two points ({split_at[same[0]]!r} and, as {key!r}, {point!r})")
+        out[same[0]] = point
     return out
 
 

@@ -13,8 +13,11 @@ well, and is refused. Models with ``forward_features``/``forward_head`` (timm, o
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import io
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -307,6 +310,15 @@ def _same_graph(a: fx.GraphModule, b: fx.GraphModule) -> bool:
     return a.code == b.code
 
 
+def _warn_top_level_hooks(model: nn.Module) -> None:
+    """Hooks registered on ``model`` itself run in ``model(x)`` but not in a front and rear (hooks on submodules do)."""
+    kinds = [k for k, d in (("forward pre-hooks", model._forward_pre_hooks), ("forward hooks", model._forward_hooks)) if d]
+    if kinds:
+        warnings.warn(f"{type(model).__name__} has {' and '.join(kinds)} on the model itself: the front and rear do not "
+                      "run them (training through the cut would differ from model(x)); register them on a submodule, "
+                      "or put what they do into forward", stacklevel=3)
+
+
 def split_model(
     model: nn.Module,
     at: str,
@@ -334,6 +346,7 @@ def split_model(
         ELFError: unknown point (with close matches), a point crossed by more than one tensor (naming them),
             or a model that cannot be traced.
     """
+    _warn_top_level_hooks(model)
     if at == FORWARD_FEATURES:
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise ELFError(f"{type(model).__name__} has no forward_features/forward_head; name a traced split point instead")
@@ -360,7 +373,8 @@ def list_split_points(
     options: SplitOptions | None = None,
     shape: Sequence[int] | None = None,
 ) -> list[SplitPoint]:
-    """Every valid cut of ``model`` (exactly one tensor crosses it), in forward order, with its output shape.
+    """Every valid cut of ``model`` (exactly one tensor crosses it, in eval and train mode), in forward order, with
+    its output shape.
 
     Args:
         model: the model (not modified; it is run once in eval mode on a zero batch of two to record shapes).
@@ -369,17 +383,26 @@ def list_split_points(
         shape: keep only the points whose per-image output shape is this (e.g. a feature bank's ``(512, 4, 4)``).
     """
     in_shape = tuple(input_shape)[-3:] if len(input_shape) >= 3 else tuple(input_shape)
-    traced = _trace(model, False, _options(options, leaf_modules, autowrap_functions))
+    opts = _options(options, leaf_modules, autowrap_functions)
+    traced = _trace(model, False, opts)
+    traced_train = _trace(model, True, opts)
+    same = _same_graph(traced.graph_module, traced_train.graph_module)
     was_training = model.training
     model.eval()
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        with torch.no_grad():
+        # ShapeProp prints a traceback of its own before re-raising: keep it out of the user's terminal
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(traced.graph_module).propagate(torch.zeros((2, *in_shape), device=device, dtype=dtype))
     except Exception as e:
-        raise ELFError(f"running {type(model).__name__} on an input of shape {in_shape} failed ({e}); check input_shape") from e
+        root: BaseException = e
+        while root.__cause__ is not None:  # ShapeProp wraps the model's own error: name that one
+            root = root.__cause__
+        raise ELFError(f"running {type(model).__name__} on an input of shape {in_shape} failed "
+                       f"({type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}); check input_shape "
+                       "(channels, height, width of one image)") from e
     finally:
         model.train(was_training)
     aliases: dict[int, list[str]] = {}
@@ -393,9 +416,15 @@ def list_split_points(
         if len(crossing) != 1 or crossing[0] is not node:
             continue
         meta = node.meta.get("tensor_meta")
-        out_shape = tuple(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else None
+        if meta is None or not hasattr(meta, "shape"):
+            continue  # a tuple (e.g. chunk) or a non-tensor crosses here: a front must return one tensor
         names = sorted(aliases[i], key=lambda s: (s.count("."), len(s)))
-        points.append(SplitPoint(names[0], out_shape, tuple(names[1:])))
+        if not same:  # the train-mode graph differs (e.g. an auxiliary branch): the cut must be valid there too
+            try:
+                _resolve(traced_train, names[0], model)
+            except ELFError:
+                continue
+        points.append(SplitPoint(names[0], tuple(meta.shape[1:]), tuple(names[1:])))
     if shape is not None:
         want = tuple(int(s) for s in shape)
         points = [p for p in points if p.shape == want]

@@ -13,6 +13,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +291,11 @@ class ELFTrainer:
         if feature_bank is not None:
             feature_bank.check_matches(images)
             feature_bank = feature_bank.to(self.device)
+            if p.lambda_front > 0 and p.distance == "ce" and bool((feature_bank.features < 0).any()):
+                warnings.warn(f"the teacher features (point {feature_bank.point!r}) have negative values, but the front "
+                              "term's soft-target CE (distance='ce') weights log-probabilities by them: its loss has no "
+                              "lower bound. Cut the teacher after a ReLU (its default point is), or use distance='mse'",
+                              stacklevel=2)
         self.feature_bank = feature_bank
 
     @classmethod
@@ -362,12 +368,14 @@ class ELFTrainer:
             with torch.no_grad():
                 x = self.images[:2]
                 try:
-                    out = model(x)
+                    out = model(x.clone())  # a copy: a model that edits its input in place must not edit the set
                 except RuntimeError as e:
                     raise ELFError(
                         f"{self.model_name} cannot run on images of shape {tuple(x.shape[1:])} ({e}); build it for "
                         "these images (channels, size) or pass images that fit it"
                     ) from e
+                if not isinstance(out, torch.Tensor):
+                    raise ELFError(_not_logits(self.model_name, out, "in eval mode"))
                 if out.dim() != 2 or out.shape[1] != self.num_classes:
                     raise ELFError(
                         f"{self.model_name} outputs shape {tuple(out.shape)} but the labels have {self.num_classes} classes; "
@@ -375,7 +383,11 @@ class ELFTrainer:
                     )
                 if front is None or self.feature_bank is None:
                     return None
-                got = tuple(front(x).shape[1:])
+                h = front(x.clone())
+                if not isinstance(h, torch.Tensor):
+                    raise ELFError(f"{self.model_name}'s front (cut at {self.split_point!r}) returns a {type(h).__name__}, "
+                                   "not a tensor; cut where one tensor flows (elf.list_split_points lists such points)")
+                got = tuple(h.shape[1:])
                 if got != self.feature_bank.shape and self.protocol.adapter is None:
                     raise ELFError(self._shape_mismatch_message(model, got, self.feature_bank.shape))
                 return got
@@ -383,6 +395,11 @@ class ELFTrainer:
             model.train(was_training)
 
     def _shape_mismatch_message(self, model: nn.Module, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+        if isinstance(model, _Joined):  # a (front, rear) pair: split_at does not apply, the pair itself must change
+            return (f"the given front of {self.model_name} outputs {got} per image, but the teacher features are {want}: "
+                    f"give a front that outputs {want} (and a rear that takes it), pass the whole model with split_at= "
+                    "to cut it by name, use a teacher of this feature shape, or pass adapter='auto' (--adapter auto) "
+                    "to bridge the shapes with learned adapters.")
         point = self.split_point or getattr(model, "elf_split_point", "(given front)")
         msg = f"{self.model_name} cut at {point!r} outputs {got} per image, but the teacher features are {want}."
         try:
@@ -394,7 +411,7 @@ class ELFTrainer:
             msg += f" Split points of {self.model_name} with shape {want}: {', '.join(matches)}."
         else:
             msg += f" No split point of {self.model_name} gives {want}: use a teacher whose feature shape this model can match"
-            msg += " (e.g. ConvNetW512 for 512x4x4), or pass (front, rear) yourself."
+            msg += f" (`elf split-points {self.model_name}` lists its shapes), or pass (front, rear) yourself."
         msg += " Or pass adapter='auto' (--adapter auto) to bridge the shapes with learned adapters."
         return msg
 
@@ -502,8 +519,10 @@ class ELFTrainer:
             model.train()
             sums = torch.zeros(5, device=self.device)  # loss, task, front, rear, correct
             perm = torch.randperm(n, generator=gen, device=self.device)
+            seen = 0  # images trained on this epoch: n, or fewer when a callback stops it after a batch
             for start in range(0, n, bs):
                 idx = perm[start : start + bs]
+                seen += idx.numel()
                 logs = self._step(model, front, rear, opt, idx, dsa, gen, distance, teacher_front)
                 sums += torch.stack([logs["loss"] * idx.numel(), logs["task"] * idx.numel(), logs["front"] * idx.numel(),
                                      logs["rear"] * idx.numel(), logs["correct"]])
@@ -519,8 +538,8 @@ class ELFTrainer:
             logged = epoch % log_every == 0 or epoch == total - 1 or self.stop_training
             if logged:
                 check_diverged()
-            epoch_logs = {"loss": sums[0] / n, "task": sums[1] / n, "front": sums[2] / n, "rear": sums[3] / n,
-                          "train_acc": sums[4] / n * 100, "lr": torch.tensor(epoch_lr, dtype=torch.float64)}
+            epoch_logs = {"loss": sums[0] / seen, "task": sums[1] / seen, "front": sums[2] / seen, "rear": sums[3] / seen,
+                          "train_acc": sums[4] / seen * 100, "lr": torch.tensor(epoch_lr, dtype=torch.float64)}
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, epoch_logs)
             if self.stop_training and not logged:  # stopped by on_epoch_end: this epoch is logged (and checked) too
@@ -627,6 +646,8 @@ class ELFTrainer:
             loss_front = distance(adapters.to_teacher(h) if adapters is not None else h, target)
         else:
             out = model(x)
+        if not isinstance(out, torch.Tensor):  # e.g. torchvision's googlenet/inception: (logits, aux) in train mode
+            raise ELFError(_not_logits(self.model_name, out, "in train mode"))
         loss_task = F.cross_entropy(out, y)
         loss = p.lambda_task * loss_task + p.lambda_front * loss_front
         if p.lambda_rear > 0:
@@ -781,3 +802,8 @@ def _check_images(images: Any, what: str = "images") -> None:
         raise ELFError(f"{what} contain NaN or inf values in {bad} image(s); fix or drop them before training")
 
 
+def _not_logits(model_name: str, out: Any, when: str) -> str:
+    """The error for a model whose forward returns something other than the logits tensor ``(B, K)``."""
+    return (f"{model_name} returns a {type(out).__name__} {when}, not a logits tensor (B, num_classes): ELF trains and "
+            "tests on the logits; wrap the model so that forward returns them (torchvision's googlenet / inception_v3: "
+            "build with aux_logits=False, e.g. 'torchvision.googlenet:aux_logits=False')")

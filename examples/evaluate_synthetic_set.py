@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--feature-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--cache-dir", default=None, help="reuse teacher features computed earlier (content-hashed)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--tiny", action="store_true", help="random tensors and teachers, 2 epochs: a smoke test")
+    ap.add_argument("--tiny", action="store_true", help="random tensors and teachers, 1 epoch, 2 seeds: a smoke test")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--tiny", action="store_true", help="random tensors and a random teacher, 2 epochs")
+    ap.add_argument("--tiny", action="store_true", help="random tensors and a random teacher, 1 epoch, 2 seeds")
     args = ap.parse_args(argv)
 
     images, labels, test_x, test_y, teacher, num_classes = load_inputs(args, ap)

@@ -493,8 +493,14 @@ def test_parse_model_spec():
     for bad in ("m:patch_size", "m:4=4", "m:a=1,b"):
         with pytest.raises(ELFError, match="key=value"):
             parse_model_spec(bad)
-    # built-ins take the keywords too
+    # tuples, lists and strings holding commas are one value each (the commas inside used to split them)
+    assert parse_model_spec("m:depths=(1, 1,1),dims=[8,16],name='a,b',x=2") == (
+        "m", {"depths": (1, 1, 1), "dims": [8, 16], "name": "a,b", "x": 2})
+    # built-ins take the keywords too, and name themselves with them (records said "ConvNet" for a width-32 teacher)
     conv = create_model("ConvNet:width=32,depth=2", num_classes=K, im_size=(16, 16))
+    assert conv.elf_model_name == "ConvNet:width=32,depth=2"
+    assert parse_model_spec(conv.elf_model_name) == ("ConvNet", {"width": 32, "depth": 2})
+    assert FeatureBank.build(conv, torch.zeros(2, 3, 16, 16), "features").metadata["teacher_model"] == conv.elf_model_name
     with torch.no_grad():
         assert split_model(conv, "features").front(torch.zeros(1, 3, 16, 16)).shape == (1, 32, 4, 4)
     with pytest.raises(ELFError):

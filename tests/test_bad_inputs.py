@@ -269,6 +269,21 @@ def test_shape_mismatch_of_a_later_model_before_any_training(xy: tuple[torch.Ten
     assert counter.calls == 0
 
 
+def test_split_point_of_a_model_named_otherwise_is_not_ignored(xy: tuple[torch.Tensor, torch.Tensor],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split point keyed by a typo, or by the model's name in other letters, was dropped without a word: the model
+    ran at its default cut while the record kept the point asked for."""
+    torch.manual_seed(0)
+    bank = FeatureBank.build(create_model(TINY, channel=3, num_classes=3, im_size=(SIDE, SIDE)), xy[0])
+    counter = FitCounter(monkeypatch)
+    run = dict(seeds=1, epochs=1, progress=False, log=lambda s: None)
+    with pytest.raises(ELFError, match=r"'ConvNetW8D3', which is none of the models.*did you mean 'ConvNetW8D2'"):
+        compare_models([TINY], *xy, *xy, banks=[bank], split_at={"ConvNetW8D3": "features.2"}, **run)
+    with pytest.raises(ELFError, match="no teacher feature bank matches"):  # features.2 (8x8x8) is applied, and refused
+        compare_models([TINY], *xy, *xy, banks=[bank], split_at={TINY.lower(): "features.2"}, **run)
+    assert counter.calls == 0
+
+
 def test_cli_shape_mismatch_before_any_training(folder: Path, cache: Path, synthetic: Path, teacher: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     counter = FitCounter(monkeypatch)

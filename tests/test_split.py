@@ -373,3 +373,70 @@ def test_forward_features_point(name):
 def test_forward_features_point_needs_the_methods():
     with pytest.raises(ELFError, match="forward_features"):
         split_model(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), "forward_features")
+
+
+class _TrainOnlyAux(nn.Module):
+    """Deep supervision: in train mode an auxiliary head on ``a``'s output is added to the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.aux = nn.Linear(8, 10)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        out = self.head(torch.flatten(self.b(h), 1))
+        return out + 0.3 * self.aux(h.mean((2, 3))) if self.training else out
+
+
+def test_listed_points_are_valid_in_train_mode_too():
+    """list_split_points traced only the eval graph: it listed cuts (b, flatten) that a training-only branch crosses,
+    which split_model (and auto_split_point's choice) then refused."""
+    model = _TrainOnlyAux()
+    names = [p.name for p in list_split_points(model)]
+    assert names == ["a.0", "a.1", "a"]
+    for name in names:
+        split_model(model, name)
+
+
+def test_a_tuple_valued_cut_is_not_listed():
+    """A cut after chunk() is crossed by one node whose value is a tuple: listed with shape '?', its split failed."""
+
+    class Chunk(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3, padding=1)
+            self.r = nn.ReLU(inplace=True)
+            self.h = nn.Linear(4 * 32 * 32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = self.c(x).chunk(2, 1)
+            return self.h(torch.flatten(self.r(a) + b, 1))
+
+    points = list_split_points(Chunk())
+    assert [p.name for p in points] == ["c", "add", "flatten"] and all(p.shape is not None for p in points)
+
+
+def test_hooks_on_the_model_itself_warn():
+    """fx tracing drops hooks registered on the traced module itself: training through front/rear differed from
+    model(x) (evaluation) without a word; hooks on submodules are kept and do not warn."""
+    import warnings
+
+    model = _TrainOnlyAux()
+    model.a.register_forward_hook(lambda m, i, o: o * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split_model(model, "a")
+    model.register_forward_pre_hook(lambda m, inp: (inp[0].flip(-1),))
+    with pytest.warns(UserWarning, match="forward pre-hooks on the model itself"):
+        split_model(model, "a")
+
+
+def test_a_model_that_cannot_run_on_the_shape_says_why(capsys):
+    """The model's own error (channels) is named, and ShapeProp's traceback is not printed to the terminal."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten())
+    with pytest.raises(ELFError, match=r"\(3, 32, 32\) failed \(RuntimeError: .*to have 1 channels"):
+        list_split_points(model)
+    assert capsys.readouterr().err == ""

@@ -341,6 +341,9 @@ def test_stop_training_in_on_batch_end():
     assert cap.events == ["fit_start", "epoch_start0", "batch0", "batch1", "epoch_end0",
                           "epoch_start1", "batch2", "epoch_end1", "fit_end"]  # fmt: skip
     assert trainer.history[-1]["epoch"] == 1
+    # the stopped epoch's means are over the one batch it trained (they were divided by all 4 images: half the loss)
+    assert trainer.history[-1]["loss"] == pytest.approx(float(cap.steps[2]["loss"]), rel=1e-6)
+    assert trainer.history[-1]["task"] == pytest.approx(float(cap.steps[2]["task"]), rel=1e-6)
     trainer.fit(0)  # the flag is reset for the next fit
     assert len(cap.steps) == 3 + 3
 
@@ -811,3 +814,76 @@ def test_cuda_resume_continues_the_global_rng_for_dropout(tmp_path):
     full, resumed = _resume_dropout_run(tmp_path, "cuda")
     for key, value in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ---- models that are not plain logits functions -----------------------------------------------------------------
+
+
+class _TupleOut(nn.Module):
+    """Returns (logits, features), always or (like torchvision's googlenet with aux_logits) in train mode only."""
+
+    def __init__(self, train_only: bool = False) -> None:
+        super().__init__()
+        self.train_only = train_only
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, K)
+
+    def forward(self, x: torch.Tensor):
+        h = self.body(x)
+        if self.train_only and not self.training:
+            return self.head(h)
+        return self.head(h), h
+
+
+@pytest.mark.parametrize("train_only", [False, True])
+def test_a_model_returning_a_tuple_is_a_clear_error(train_only):
+    """A tuple output raised AttributeError ('tuple' object has no attribute 'dim') or, when only the train-mode
+    forward returns one (torchvision's googlenet), a TypeError from cross_entropy in the first step."""
+    with pytest.raises(ELFError, match="returns a tuple in (eval|train) mode, not a logits tensor.*aux_logits=False"):
+        _trainer(_TupleOut(train_only), lambda_front=0, lambda_rear=0, epochs=1).fit(0)
+
+
+def test_a_model_editing_its_input_in_place_leaves_the_set_alone():
+    """The pre-training shape check ran the model on a view of the training images: a forward that edits its input
+    in place shifted the set by 0.5 per check, and later seeds trained on other images."""
+
+    class Shift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, K))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.sub_(0.5) if not self.training else x - 0.5)
+
+    x, y = _data()
+    before = x.clone()
+    trainer = _trainer(Shift(), x=x, y=y, lambda_front=0, lambda_rear=0, epochs=1)
+    trainer.fit(0)
+    trainer.fit(1)
+    assert torch.equal(trainer.images.cpu(), before) and torch.equal(x, before)
+
+
+def test_a_pair_whose_front_misses_the_bank_is_told_to_change_the_pair():
+    """The advice for a (front, rear) pair used to name split points of the pair, which split_at cannot select."""
+    x, y = _data()
+    bank = _bank(x)  # 16x2x2
+    front = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(8))  # 8x2x2
+    rear = nn.Sequential(nn.Flatten(), nn.Linear(32, K))
+    with pytest.raises(ELFError, match=r"the given front of .* outputs \(8, 2, 2\).*give a front that outputs \(16, 2, 2\)") as e:
+        _trainer((front, rear), x=x, y=y, feature_bank=bank, epochs=1).fit(0)
+    assert "Split points of" not in str(e.value)
+
+
+def test_negative_teacher_features_with_the_soft_target_ce_warn():
+    """A teacher cut before its ReLU gives negative targets: the soft-target CE has no lower bound there (the front
+    loss fell below zero without a word); the default cut (after ReLU and pooling) and distance='mse' are quiet."""
+    import warnings
+
+    x, y = _data()
+    teacher = _teacher()
+    with pytest.warns(UserWarning, match="negative values.*no lower bound"):
+        _trainer(x=x, y=y, feature_bank=FeatureBank.build(teacher, x, "features.0"), split_at="features.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _trainer(x=x, y=y, feature_bank=_bank(x, teacher=teacher))
+        _trainer(x=x, y=y, feature_bank=FeatureBank.build(teacher, x, "features.0"), split_at="features.0", distance="mse")

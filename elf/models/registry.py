@@ -12,7 +12,7 @@ import difflib
 import inspect
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -288,8 +288,16 @@ def create_model(name: str, channel: int = 3, num_classes: int = 10, im_size: tu
             model = builder(channel, num_classes, im)
         except TypeError as e:
             raise ELFError(f"{name}: bad ConvNet argument ({e}); ConvNet takes width, depth, activation, norm, pooling") from e
-    model.elf_model_name = canonical  # type: ignore[assignment]
+    # the spec that builds it again: its constructor arguments too (records name "ConvNet:width=32", not "ConvNet")
+    model.elf_model_name = model_spec(canonical, kwargs)  # type: ignore[assignment]
     return model
+
+
+def model_spec(name: str, kwargs: Mapping[str, object] | None = None) -> str:
+    """``"NAME:key=value,..."`` (values as Python literals), the inverse of :func:`parse_model_spec`."""
+    if not kwargs:
+        return name
+    return f"{name}:" + ",".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
 def build_model(spec: str | nn.Module | Callable[[], nn.Module], image_shape: tuple[int, int, int], num_classes: int,
@@ -343,7 +351,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, object]]:
         return spec, {}
     name, _, rest = spec.partition(":")
     kwargs: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
+    for item in filter(None, (part.strip() for part in _top_level_items(rest))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip().isidentifier():
             raise ELFError(f"model spec {spec!r}: expected NAME:key=value[,key=value...], got {item!r}")
@@ -352,6 +360,25 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, object]]:
         except (ValueError, SyntaxError):
             kwargs[key.strip()] = value.strip()
     return name, kwargs
+
+
+def _top_level_items(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and quotes (``depths=(1, 1),x=2`` -> two items)."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
 
 
 def _flat(name: str) -> str:
@@ -382,6 +409,8 @@ def default_split_point(model: nn.Module) -> str:
     if isinstance(point, str):
         return point
     raise ELFError(
-        f"{type(model).__name__} has no default ELF split point: pass split_at= (or teacher_point=) explicitly; "
-        "elf.list_split_points(model, input_shape) lists the valid points and their output shapes"
+        f"{type(model).__name__} has no default ELF split point: name the cut explicitly (a student: split_at=; "
+        "a teacher: FeatureBank.build(point=), ELFTrainer(teacher_point=), --teacher-point), or declare one with "
+        "register_model(..., split_point=); elf.list_split_points(model, input_shape) lists the valid points and "
+        "their output shapes"
     )
