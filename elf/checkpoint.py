@@ -52,8 +52,14 @@ def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True) -> nn
         raise ELFError(f"{path}: the weights do not match the checksum stored in the file; it is corrupt, recreate it")
     try:
         result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ELFError(f"{path} does not fit {type(model).__name__}: {e}") from e
+    except RuntimeError as e:  # shape mismatches: one line naming the first few, not torch's one line per tensor
+        own = model.state_dict()
+        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+               if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        detail = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else str(e).splitlines()[0]
+        raise ELFError(f"{path} does not fit {type(model).__name__} (shapes, file vs model: {detail}); was it saved "
+                       f"from another model (file says: {meta.get('model', meta.get('class', 'unknown'))})? Build the "
+                       "model it was saved from (e.g. --teacher-model with its width)") from e
     problems = []
     if strict and result.missing_keys:
         problems.append(f"missing {result.missing_keys[:5]}")

@@ -294,6 +294,10 @@ def _cmd_split_points(args: argparse.Namespace) -> int:
         print(f"  {point}{mark}")
     if shape and not points:
         print(f"  (none: no point of {args.model} outputs {shape}; adapters bridge other shapes: --adapter auto)")
+    if isinstance(default, str) and not shape and not any(default == p.name or default in p.aliases for p in points):
+        print(f"elf split-points: warning: {args.model}'s default ELF point {default!r} (its registration's split_point) "
+              "is not among its valid points: ELF runs without --split-at will fail; register one listed here",
+              file=sys.stderr)
     return 0
 
 

@@ -29,7 +29,7 @@ from .augment import DSA
 from .batchnorm import frozen_bn_stats
 from .errors import DivergedError, ELFError
 from .feature_bank import FeatureBank, teacher_sha256
-from .fileio import PathLike
+from .fileio import PathLike, tensor_sha256
 from .losses import check_test_labels, feature_distance, prepare_targets
 from .models import build_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol
@@ -263,6 +263,7 @@ class ELFTrainer:
         self.split_point: str | None = None
         self.history: list[dict[str, float]] = []
         self._loop: _LoopState | None = None
+        self._inputs_sha256: str | None = None
         self.data_info: dict[str, Any] = {}
         p = self.protocol
         if p.features_on_augmented and teacher is None and feature_bank is not None and feature_bank.teacher is not None:
@@ -671,11 +672,23 @@ class ELFTrainer:
         if self.adapters is not None:
             sections["adapter"] = self.adapters.state_dict()
         meta = {"epoch": str(loop.epoch), "lr": repr(loop.lr), "seed": str(loop.seed),
-                "model": self.model_name, "protocol": json.dumps(self.protocol.to_dict(), default=str)}
+                "model": self.model_name, "protocol": json.dumps(self.protocol.to_dict(), default=str),
+                **self._run_inputs()}
         return write_state(path, STATE_FORMAT, sections=sections, optimizer=loop.optimizer,
                            generators={"batches": loop.generator, "dsa": loop.dsa.op_generator if loop.dsa else None,
                                        **self._global_generators()},
                            meta=meta)
+
+    def _run_inputs(self) -> dict[str, str]:
+        """What a saved state was trained on besides the protocol: the set's content hash (images and labels), the
+        cut, and the teacher feature (hash and point) when the protocol uses one."""
+        if self._inputs_sha256 is None:  # the set does not change during the trainer's life: hashed once
+            self._inputs_sha256 = tensor_sha256(self.images, self.targets)
+        out = {"inputs_sha256": self._inputs_sha256, "split_at": str(self.split_point)}
+        if self.feature_bank is not None and self.protocol.uses_features:
+            out["teacher_sha256"] = str(self.feature_bank.metadata.get("teacher_sha256", ""))
+            out["teacher_point"] = str(self.feature_bank.point)
+        return out
 
     def _global_generators(self) -> dict[str, torch.Generator]:
         """torch's global generators a fit draws from (dropout, drop-path): CPU, and the fit's CUDA device."""
@@ -700,6 +713,13 @@ class ELFTrainer:
             if shown:
                 raise ELFError(f"{path} was saved by a fit under another protocol ({shown}); resume it with the same "
                                "protocol, or start over")
+        now_inputs = self._run_inputs()
+        what = {"inputs_sha256": "synthetic set (images, labels)", "split_at": "split point", "teacher_sha256": "teacher",
+                "teacher_point": "teacher's cut"}
+        differ = [what[k] for k in what if k in meta and meta[k] != now_inputs.get(k)]  # older files lack them: not checked
+        if differ:
+            raise ELFError(f"{path} was saved by a fit on another {', '.join(differ)}; resume it with the same inputs, "
+                           "or start over")
         try:
             model.load_state_dict(saved.section("model"))
         except RuntimeError as e:
@@ -784,6 +804,10 @@ class ELFTrainer:
         result.data["split_at"] = self.split_point
         if self.adapters is not None:
             result.data["adapters"] = repr(self.adapters)
+        if self.feature_bank is not None and self.protocol.uses_features:  # which teacher feature it trained against
+            result.data["teacher"] = {k: self.feature_bank.metadata[k] for k in
+                                      ("teacher_model", "teacher_sha256", "point", "shape", "images_sha256")
+                                      if k in self.feature_bank.metadata}
         return result
 
 

@@ -157,6 +157,17 @@ def test_shape_filter_on_the_command_line(capsys: pytest.CaptureFixture[str]) ->
     assert "512x4x4" in capsys.readouterr().err
 
 
+def test_a_registered_default_point_that_is_no_valid_point_is_flagged(capsys: pytest.CaptureFixture[str]) -> None:
+    """A registration whose split_point names no point was listed with nothing marked and no word of it."""
+    register_model("TypoNet", lambda: GatedNet(), split_point="bodyy", leaf_modules=[Gate])
+    assert main(["split-points", "TypoNet"]) == 0
+    err = capsys.readouterr().err
+    assert "default ELF point 'bodyy'" in err and "not among its valid points" in err
+    register_model("GoodNet", lambda: GatedNet(), split_point="body", leaf_modules=[Gate])
+    assert main(["split-points", "GoodNet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 PLUGIN_SOURCE = textwrap.dedent('''
     """A model package elf-dd has never seen: registers PlugNet (with its default cut) on import."""
     import torch

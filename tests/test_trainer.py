@@ -755,6 +755,21 @@ def test_a_state_file_does_not_resume_under_another_protocol(tmp_path):
     ELFTrainer("ConvNetW8D2", x, y, **{**kw, "eval_batch_size": 7}).fit(1, resume_from=tmp_path / "s.safetensors")
 
 
+def test_a_state_file_does_not_resume_on_other_inputs(tmp_path):
+    """resume_from checked seed, protocol and weight shapes: a state saved on one set, cut or teacher continued on
+    another as one run."""
+    x, y = torch.randn(12, 3, 16, 16), torch.arange(12) % 3
+    bank = _bank(x)
+    kw = dict(protocol="elf", epochs=2, batch_size=4, device="cpu", progress=False, augment=None)
+    state = tmp_path / "s.safetensors"
+    ELFTrainer("ConvNetW16", x, y, feature_bank=bank, callbacks=[_SaveAfterFirstEpoch(state)], **kw).fit(1)
+    with pytest.raises(ELFError, match="another synthetic set"):
+        ELFTrainer("ConvNetW16", x + 1, y, feature_bank=_bank(x + 1), **kw).fit(1, resume_from=state)
+    with pytest.raises(ELFError, match="another teacher"):
+        ELFTrainer("ConvNetW16", x, y, feature_bank=_bank(x, teacher=_teacher(seed=7)), **kw).fit(1, resume_from=state)
+    ELFTrainer("ConvNetW16", x, y, feature_bank=bank, **kw).fit(1, resume_from=state)
+
+
 def test_the_also_evaluated_accuracies_survive_to_dict():
     """Regression: run(also_evaluate=...)'s accuracies were dropped by to_dict (and so from an eval's JSON)."""
     from elf.evaluation import ModelComparison
@@ -887,3 +902,13 @@ def test_negative_teacher_features_with_the_soft_target_ce_warn():
         warnings.simplefilter("error")
         _trainer(x=x, y=y, feature_bank=_bank(x, teacher=teacher))
         _trainer(x=x, y=y, feature_bank=FeatureBank.build(teacher, x, "features.0"), split_at="features.0", distance="mse")
+
+
+def test_an_elf_result_names_the_teacher_feature_it_trained_against():
+    """EvalResult.data said where the student was cut, not which teacher feature it was trained to match."""
+    x, y = _data()
+    bank = _bank(x)
+    result = _trainer(x=x, y=y, feature_bank=bank, epochs=1).run(x, y, [0])
+    assert result.data["teacher"] == {k: bank.metadata[k] for k in ("teacher_model", "teacher_sha256", "point", "shape",
+                                                                   "images_sha256")}
+    assert "teacher" not in _trainer(x=x, y=y, feature_bank=bank, lambda_front=0, lambda_rear=0, epochs=1).run(x, y, [0]).data
