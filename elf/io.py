@@ -152,6 +152,12 @@ def _mtt_paths(images_path: Path, labels_path: PathLike | None, lr_path: PathLik
             raise ELFError(f"{d}: no images_best.pt inside (found: {', '.join(found) or 'no images_*.pt'}); pass the images file itself")
     m = re.fullmatch(r"images(_.*)?\.pt", images_path.name)
     suffix = (m.group(1) or "") if m else "_best"
+    zca_view = re.fullmatch(r"images_zca_(\d+)\.pt", images_path.name)
+    if zca_view:  # MTT's distill.py writes these with the whitening undone, for viewing: not what the student trained on
+        it = zca_view.group(1)
+        raise ELFError(f"{images_path}: MTT writes images_zca_<it>.pt with the ZCA whitening undone (for viewing), not "
+                       f"the whitened images it trained on: load images_{it}.pt (with labels_{it}.pt) and zca=True "
+                       "(elf eval: --zca) instead")
     if labels_path is None:
         labels_path = images_path.with_name(f"labels{suffix}.pt")
         if not labels_path.is_file():

@@ -372,3 +372,12 @@ def test_float_images_all_in_unit_range_warn(tmp_path):
         load_tensor_pair(tmp_path / "data.pt", get_normalization("none"))
         torch.save([CIFAR10_MTT.normalize(x), torch.arange(20) % K], tmp_path / "norm.pt")
         load_tensor_pair(tmp_path / "norm.pt", CIFAR10_MTT)
+
+
+def test_mtts_images_zca_view_files_are_refused(tmp_path):
+    """MTT's images_zca_<it>.pt hold inverse-ZCA images (for viewing); following the missing-labels advice loaded
+    them as whitened images."""
+    torch.save(_images(), tmp_path / "images_zca_5000.pt")
+    torch.save(_class_major(), tmp_path / "labels_5000.pt")
+    with pytest.raises(ELFError, match=r"whitening undone.*images_5000.pt"):
+        load_mtt(tmp_path / "images_zca_5000.pt", tmp_path / "labels_5000.pt", zca=True)
