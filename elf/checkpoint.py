@@ -54,8 +54,8 @@ def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True) -> nn
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches: one line naming the first few, not torch's one line per tensor
         own = model.state_dict()
-        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-               if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()  # in the model's order
+               if k in state and tuple(state[k].shape) != tuple(v.shape)]
         detail = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else str(e).splitlines()[0]
         raise ELFError(f"{path} does not fit {type(model).__name__} (shapes, file vs model: {detail}); was it saved "
                        f"from another model (file says: {meta.get('model', meta.get('class', 'unknown'))})? Build the "
