@@ -21,7 +21,7 @@ from .models import build_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol, seed_list
 from .split import SplitOptions, list_split_points, split_model
 from .synthetic import SyntheticSet
-from .trainer import ELFTrainer, EvalResult
+from .trainer import ELFTrainer, EvalResult, protocol_for_set
 
 __all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "choose_bank", "format_table", "environment",
            "git_revision"]
@@ -228,11 +228,13 @@ def compare_models(
     def evaluate(row: ModelComparison, method: str, p: Protocol, make: Callable[[], ELFTrainer]) -> EvalResult:
         """Run the seeds of one (model, method) not found in ``previous``, reporting after each one."""
         old = getattr(before.get(row.model), method, None)
-        if old is not None and old.protocol != p.to_dict():
+        trained = protocol_for_set(p, synthetic.lr if synthetic is not None else None)  # the lr that trains, recorded
+        # (results written before the learned lr was recorded carry the preset's: the same training)
+        if old is not None and old.protocol not in (trained.to_dict(), p.to_dict()):
             raise ELFError(f"the earlier {method} results of {row.model} were computed with another protocol; "
                            "start over instead of resuming")
         done = {s: i for i, s in enumerate(old.seeds)} if old is not None else {}
-        result = EvalResult(row.model, [], [], p.to_dict(), data=dict(old.data) if old is not None else {})
+        result = EvalResult(row.model, [], [], trained.to_dict(), data=dict(old.data) if old is not None else {})
         setattr(row, method, result)
         made: ELFTrainer | None = None
         todo = [s for s in seeds if s not in done]

@@ -494,8 +494,11 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
     holds its teacher module, which runs on every augmented batch when the protocol has ``features_on_augmented``."""
     from .evaluation import choose_bank
 
+    from .trainer import protocol_for_set
+
     proto, teacher_label, split_at = _resolved_settings(cfg, run.variant, run.model)
     sset = res.synthetic(run.set)
+    proto = protocol_for_set(proto, sset.lr)  # with a learned-lr preset, the set's lr: what trains and is recorded
     bank = None
     if proto.uses_features:
         banks = res.banks(run.set)
@@ -620,10 +623,14 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     } for i, r in enumerate(runs)]
 
 
-def _variant_settings(run: RunSpec, cfg: StudyConfig) -> dict[str, Any]:
+def _variant_settings(run: RunSpec, cfg: StudyConfig, set_lr: float | None = None) -> dict[str, Any]:
     """What the study file asks of ``run`` now: its protocol fields that decide the run (not name and notes; for a
-    baseline, not the fields of the ELF terms) and its explicit split point."""
+    baseline, not the fields of the ELF terms), the set's learned lr under a learned-lr preset (``set_lr``), and its
+    explicit split point."""
+    from .trainer import protocol_for_set
+
     proto, _, split_at = _resolved_settings(cfg, run.variant, run.model)
+    proto = protocol_for_set(proto, set_lr)
     return {"protocol": _decisive_fields(proto, baseline_ignores_elf_terms=True), "split_at": split_at}
 
 
@@ -642,12 +649,23 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     out = Path(cfg.out) / "runs"
     stale = []
     set_hashes: dict[str, str] = {}
+    set_lrs: dict[str, float | None] = {}
     file_hashes: dict[str, str] = {}
 
-    def set_hash(name: str) -> str:
+    def load_set(name: str) -> None:
         if name not in set_hashes:
-            set_hashes[name] = _set_sha256(load_any(cfg.sets[name]))
+            sset = load_any(cfg.sets[name])
+            set_hashes[name], set_lrs[name] = _set_sha256(sset), sset.lr
+
+    def set_hash(name: str) -> str:
+        load_set(name)
         return set_hashes[name]
+
+    def set_lr(name: str) -> float | None:
+        if name not in cfg.sets:  # the random-real references: no learned lr
+            return None
+        load_set(name)
+        return set_lrs[name]
 
     def teacher_hash(label: str) -> str:
         path = cfg.teachers[label]["checkpoint"]
@@ -660,7 +678,7 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
         if not path.exists():
             continue
         record = json.loads(path.read_text())
-        want = _variant_settings(run, cfg)
+        want = _variant_settings(run, cfg, set_lr(run.set))
         saved = record.get("protocol") or {}
         why = next((f"{key}: recorded {saved[key]!r}, study file now {want['protocol'][key]!r}"
                     for key in sorted(set(saved) & set(want["protocol"])) if saved[key] != want["protocol"][key]), None)

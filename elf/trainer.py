@@ -315,8 +315,8 @@ class ELFTrainer:
         if bank is not None:
             check_same_space(bank.metadata, space, "the feature bank", "the synthetic set")
         proto = get_protocol(kwargs.pop("protocol", "elf"))
-        if proto.learned_lr and synthetic.lr is not None and "lr" not in kwargs:
-            kwargs.update(lr=float(synthetic.lr), learned_lr=True)  # recorded in the trainer's protocol as used
+        if "lr" not in kwargs:  # an explicit lr wins over the set's learned one
+            proto = protocol_for_set(proto, synthetic.lr)  # recorded in the trainer's protocol as used
         kwargs.setdefault("label_kind", synthetic.label_kind)
         kwargs.setdefault("num_classes", synthetic.num_classes)  # class names count even when a class has no image
         trainer = cls(model, synthetic.images, synthetic.labels, protocol=proto, **kwargs)
@@ -824,6 +824,14 @@ def _check_images(images: Any, what: str = "images") -> None:
     if not bool(torch.isfinite(images).all()):
         bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
         raise ELFError(f"{what} contain NaN or inf values in {bad} image(s); fix or drop them before training")
+
+
+def protocol_for_set(protocol: Protocol, learned_lr: float | None) -> Protocol:
+    """The protocol a run on a set trains with: with ``learned_lr`` on (presets "mtt", "glad") and a set that
+    learned its lr (``SyntheticSet.lr``), that lr; else ``protocol`` as it is. Records store this one."""
+    if protocol.learned_lr and learned_lr is not None:
+        return protocol.replace(lr=float(learned_lr), learned_lr=True)
+    return protocol
 
 
 def _not_logits(model_name: str, out: Any, when: str) -> str:

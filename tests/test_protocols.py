@@ -73,6 +73,45 @@ def test_an_lr_given_with_a_learned_lr_preset_is_the_lr_that_trains() -> None:
     assert rows[0].baseline.protocol["lr"] == 0.005 and rows[0].baseline.protocol["learned_lr"] is False
 
 
+def test_the_learned_lr_that_trains_is_the_one_compare_models_and_studies_record(tmp_path) -> None:
+    """compare_models (elf eval --out) recorded the preset's protocol (lr 0.01) while the set's learned lr (0.03)
+    trained; a study recorded the same way (and must not call its own record stale for it)."""
+    from elf.evaluation import ModelComparison
+
+    s = _set()
+    kw = dict(seeds=1, elf=False, epochs=1, augment=None, progress=False, log=lambda _: None)
+    rows = compare_models(["ConvNetW4D1"], s, None, s.images, s.labels, protocol="mtt", **kw)
+    assert rows[0].baseline.histories[0][0]["lr"] == pytest.approx(0.03)
+    assert rows[0].baseline.protocol["lr"] == pytest.approx(0.03) and rows[0].baseline.protocol["learned_lr"] is True
+    # an eval written before the learned lr was recorded (the preset's protocol) still resumes: it trained the same
+    old = ModelComparison.from_dict(rows[0].to_dict())
+    assert old.baseline is not None
+    old.baseline.protocol = elf.get_protocol("mtt", epochs=1, augment=None).baseline().to_dict()
+    more = compare_models(["ConvNetW4D1"], s, None, s.images, s.labels, protocol="mtt", previous=[old],
+                          **{**kw, "seeds": 2})
+    assert more[0].baseline.seeds == [0, 1]
+
+
+def test_a_study_records_the_learned_lr_that_trains(tmp_path, make_image_folder) -> None:
+    from elf.io import save_synthetic
+    from elf.study import StudyConfig, run_study, stale_runs
+
+    folder = make_image_folder(tmp_path / "data", 8, 4, 4, "abc")
+    s = _set()
+    s.classes = ["a", "b", "c"]
+    save_synthetic(tmp_path / "s.safetensors", s)
+    cfg = StudyConfig.from_dict({"sets": {"s": str(tmp_path / "s.safetensors")}, "models": ["ConvNetW4D1"],
+                                 "data": str(folder), "protocol": "mtt", "seeds": 1, "random_real": False,
+                                 "variants": {"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}},
+                                 "overrides": {"epochs": 1, "augment": None}, "out": str(tmp_path / "out")})
+    import json
+
+    (path,) = run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    record = json.loads(path.read_text())
+    assert record["protocol"]["lr"] == pytest.approx(0.03) and record["history"][0]["lr"] == pytest.approx(0.03)
+    assert stale_runs(cfg) == []
+
+
 def test_set_metadata_reaches_the_result() -> None:
     s = _set()
     t = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="dsa", epochs=1, augment=None, progress=False, device="cpu")
