@@ -396,6 +396,9 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         raise ELFError("--resume continues the eval saved in --out: pass --out FILE")
     if args.runs < 1:
         raise ELFError(f"--runs must be >= 1, got {args.runs}")
+    from .protocol import get_protocol
+
+    get_protocol(args.protocol, **_protocol_overrides(args))  # its numbers (--lr nan, --lambda-front inf) checked now
     if args.out:
         check_writable(args.out, "--out")
 

@@ -173,6 +173,14 @@ def test_eval_numbers(argv: list[str], fragment: str, folder: Path, cache: Path,
     assert counter.calls == 0 and not out.exists()  # "--runs 0" must not print "nan ± nan" and exit 0
 
 
+def test_eval_protocol_numbers_before_any_data_or_teacher(folder: Path, cache: Path, synthetic: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--lr nan was found only after the test data was decoded and the teacher features built (here the teacher file
+    is missing: the lr is named first, as cli.md promises)."""
+    cli_error(capsys, "eval", ["eval", "--images", str(synthetic), "--teacher", str(tmp_path / "missing.safetensors"),
+                               "--models", TINY, "--lr", "nan", *common(folder, cache)], "lr must be a finite number")
+
+
 @pytest.mark.parametrize("seeds, message", [(0, "must be >= 1"), (-2, "must be >= 1"), ([], "empty"), ([0, 0], "repeat"),
                                             ([0.5], "whole numbers")])
 def test_seeds(seeds: Any, message: str, xy: tuple[torch.Tensor, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
