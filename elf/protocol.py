@@ -44,8 +44,10 @@ class Protocol:
         augment: DSA strategy for the student's images, ``None`` for none. dsa_mode: "S" one op per batch.
         lambda_task, lambda_front, lambda_rear: loss weights; 0 switches a term off (λ_front = λ_rear = 0 is the
             plain baseline). distance: "ce" | "mse" | "mae" | "cos" or a callable ``(pred, target) -> scalar``.
-        features_on_augmented: compute teacher features on the augmented images every step (teacher in the loop)
-            instead of once on the un-augmented images (official). Needs the teacher module, not only a bank.
+        features_on_augmented: the front term's target is the teacher run on each augmented batch (teacher in the
+            loop) instead of the features computed once on the un-augmented images (official); the rear term still
+            reads those. Needs the teacher module, not only a bank (not for a baseline: with λ_front = 0 the
+            teacher never runs).
         rear_bn_stats_from_features: True: the rear's pass on the teacher features F(x) also updates the running
             statistics of BatchNorm layers in the rear (what a train-mode call does; the official loop,
             preset ``"elf-official"``). False (library default, chosen on validation data; docs/protocols.md):

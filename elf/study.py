@@ -527,8 +527,7 @@ def _record_context(cfg: StudyConfig, res: _Resources, set_name: str, bank: Any,
     return {"teacher": bank.metadata if bank is not None else None, "data": trainer.data_info,
             "set_sha256": res.set_sha256(set_name), **(res.teacher_of(set_name, bank) if bank is not None else {}),
             "environment": environment(res.device), "git_revision": res.git_revision, "study": cfg.name,
-            "measured_on": f"validation: {cfg.validation_per_class} per class held out of the training data"
-                           if cfg.validation_per_class else "test", "test_n": int(res.test(set_name)[1].shape[0]),
+            "measured_on": _measured_on(cfg), "test_n": int(res.test(set_name)[1].shape[0]),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -623,15 +622,23 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     } for i, r in enumerate(runs)]
 
 
+def _measured_on(cfg: StudyConfig) -> str:
+    """What a run's ``accuracy`` is measured on, as its record says: held-out validation images or the test split."""
+    if cfg.validation_per_class:
+        return f"validation: {cfg.validation_per_class} per class held out of the training data"
+    return "test"
+
+
 def _variant_settings(run: RunSpec, cfg: StudyConfig, set_lr: float | None = None) -> dict[str, Any]:
     """What the study file asks of ``run`` now: its protocol fields that decide the run (not name and notes; for a
     baseline, not the fields of the ELF terms), the set's learned lr under a learned-lr preset (``set_lr``), and its
     explicit split point."""
     from .trainer import protocol_for_set
 
-    proto, _, split_at = _resolved_settings(cfg, run.variant, run.model)
+    proto, teacher_label, split_at = _resolved_settings(cfg, run.variant, run.model)
     proto = protocol_for_set(proto, set_lr)
-    return {"protocol": _decisive_fields(proto, baseline_ignores_elf_terms=True), "split_at": split_at}
+    return {"protocol": _decisive_fields(proto, baseline_ignores_elf_terms=True), "split_at": split_at,
+            "teacher_label": teacher_label if proto.uses_features else None}
 
 
 def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
@@ -639,9 +646,11 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
 
     A protocol field is compared when both the record and the current protocol have it (fields added to the library
     later are absent from old records), so a changed value (in the file, or a changed library default) is found,
-    while a new field with its default is not. A record's split point is compared when the variant sets one; its
+    while a new field with its default is not. A record's split point is compared when the variant sets one, its
+    teacher label when the variant names a teacher, and what its accuracy was measured on (validation or test); its
     set's content hash (sets of the file, not the references) and its teacher's checkpoint file hash when the record
-    has them (records written since 2026-12-01): a set or teacher file replaced under the same name is found too.
+    has them (records written since the evening of 2026-12-01; older ones are not compared on these): a set or
+    teacher file replaced under the same name is found too.
     """
     from .fileio import file_sha256
     from .io import load_any
@@ -654,6 +663,9 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
 
     def load_set(name: str) -> None:
         if name not in set_hashes:
+            if not Path(cfg.sets[name]).exists():  # a set file not at hand (e.g. under benchmarks/work/): not compared
+                set_hashes[name], set_lrs[name] = "", None
+                return
             sset = load_any(cfg.sets[name])
             set_hashes[name], set_lrs[name] = _set_sha256(sset), sset.lr
 
@@ -685,7 +697,12 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
         if why is None and want["split_at"] not in (None, "auto") and "split_at" in record \
                 and record["split_at"] != want["split_at"]:
             why = f"split_at: recorded {record['split_at']!r}, study file now {want['split_at']!r}"
-        if why is None and "set_sha256" in record and run.set in cfg.sets and record["set_sha256"] != set_hash(run.set):
+        if why is None and "measured_on" in record and record["measured_on"] != _measured_on(cfg):
+            why = f"measured on {record['measured_on']!r}, the study file now asks for {_measured_on(cfg)!r}"
+        if why is None and want["teacher_label"] is not None and record.get("teacher_label") not in (None, want["teacher_label"]):
+            why = f"teacher: recorded {record['teacher_label']!r}, study file now {want['teacher_label']!r}"
+        if why is None and "set_sha256" in record and run.set in cfg.sets and set_hash(run.set) \
+                and record["set_sha256"] != set_hash(run.set):
             why = f"set {run.set!r}: {cfg.sets[run.set]} now holds other images or labels than the run trained on"
         label = record.get("teacher_label")
         if why is None and label is not None and record.get("teacher_checkpoint_sha256"):

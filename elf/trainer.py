@@ -266,16 +266,17 @@ class ELFTrainer:
         self._inputs_sha256: str | None = None
         self.data_info: dict[str, Any] = {}
         p = self.protocol
-        if p.features_on_augmented and teacher is None and feature_bank is not None and feature_bank.teacher is not None:
+        runs_teacher = p.features_on_augmented and p.lambda_front > 0  # a baseline (λ = 0) never runs the teacher
+        if runs_teacher and teacher is None and feature_bank is not None and feature_bank.teacher is not None:
             teacher = self.teacher = feature_bank.teacher  # the bank's own teacher
-        if p.features_on_augmented and teacher is not None and feature_bank is not None:
+        if runs_teacher and teacher is not None and feature_bank is not None:
             recorded = feature_bank.metadata.get("teacher_sha256")
             if recorded and teacher is not feature_bank.teacher and teacher_sha256(teacher) != recorded:
                 raise ELFError("teacher= is not the teacher the feature bank was built with (another architecture or "
                                "other weights), so the front target and the rear term's features would come from two "
                                "networks: pass the bank's teacher, or leave teacher= out to use a bank made in this "
                                "process")
-        if p.features_on_augmented and teacher is None:
+        if runs_teacher and teacher is None:
             raise ELFError(f"protocol {p.name!r} has features_on_augmented=True, which runs the teacher on every "
                            "augmented batch: pass teacher=, or a "
                            "feature_bank made in this process by FeatureBank.build / from_checkpoint (a bank read "

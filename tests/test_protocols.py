@@ -218,3 +218,17 @@ def test_elf_aug_preset_runs_a_student_of_another_shape_with_the_banks_teacher()
         ELFTrainer("ConvNetD2", x, y, feature_bank=loaded, protocol="elf-aug", progress=False, device="cpu")
     args = build_parser().parse_args(["eval", "--images", "s", "--protocol", "elf-aug"])
     assert elf.get_protocol(args.protocol, **_protocol_overrides(args)) == elf.PROTOCOLS["elf-aug"]
+
+
+def test_elf_aug_baselines_need_no_teacher() -> None:
+    """compare_models(protocol="elf-aug") crashed on its baseline: proto.baseline() keeps features_on_augmented,
+    and the trainer asked for a teacher that a run with both lambdas 0 never uses."""
+    s = _set()
+    teacher = create_model("ConvNetW4D1", im_size=(8, 8))
+    bank = FeatureBank.build(teacher, s)
+    kw = dict(epochs=1, augment=None, progress=False, device="cpu")
+    ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="elf-aug", lambda_front=0.0, lambda_rear=0.0, **kw).fit(0)
+    rows = compare_models(["ConvNetW4D1"], s, None, s.images, s.labels, banks=[bank], protocol="elf-aug", seeds=1,
+                          log=lambda _: None, **kw)
+    assert rows[0].baseline is not None and rows[0].elf is not None
+    assert rows[0].elf.protocol["features_on_augmented"] is True

@@ -442,6 +442,27 @@ def test_a_set_or_teacher_file_replaced_under_the_same_name_makes_its_runs_stale
     assert sorted(why.split(":")[0] for _, why in stale_runs(cfg)) == ["set 'noise'", "set 'noise'"]
 
 
+def test_runs_of_another_teacher_label_or_another_split_of_the_data_are_stale(workspace: Path, tmp_path: Path) -> None:
+    """A variant switched to another teacher (both still in the file), or a study switched between validation and
+    test, left its finished runs to be skipped and summarized under the new setting (the test table's heading over
+    validation numbers)."""
+    from elf.study import stale_runs
+
+    teachers = {"w4": {"checkpoint": str(workspace / "teacher.safetensors"), "model": "ConvNetW4D2"},
+                "w4b": {"checkpoint": str(workspace / "teacher.safetensors"), "model": "ConvNetW4D2"}}
+    kw = dict(teachers=teachers, models=["ConvNetW4D2"], seeds=[0], random_real=False, validation_per_class=2)
+    cfg = _config(tmp_path, "out", data=str(workspace / "data"), sets={"noise": str(workspace / "syn.safetensors")},
+                  variants={"elf": {"teacher": "w4"}}, **kw)
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert stale_runs(cfg) == []
+    other = _config(tmp_path, "out", data=str(workspace / "data"), sets={"noise": str(workspace / "syn.safetensors")},
+                    variants={"elf": {"teacher": "w4b"}}, **kw)
+    assert stale_runs(other) == [("noise__ConvNetW4D2__elf__s0", "teacher: recorded 'w4', study file now 'w4b'")]
+    on_test = _config(tmp_path, "out", data=str(workspace / "data"), sets={"noise": str(workspace / "syn.safetensors")},
+                      variants={"elf": {"teacher": "w4"}}, **{**kw, "validation_per_class": None})
+    assert [why.split(" '")[0] for _, why in stale_runs(on_test)] == ["measured on"]
+
+
 def test_also_test_records_the_test_accuracy_of_the_validation_runs(workspace: Path) -> None:
     """`also_test`: a validation study's runs are also tested on the test split, and that number equals what a
     study measured on the test split gives (training does not see the held-out images), batched cells included."""
