@@ -91,11 +91,13 @@ def table(cells: dict[tuple[str, str, str], list[float]], best: str, baseline: s
 
 @dataclass
 class Cell:
-    """Test accuracies (%) of one (study, set, model, variant), the machine they ran on and the test-set size."""
+    """Test accuracies (%) of one (study, set, model, variant), the machine they ran on, the test-set size and the
+    seeds (in the order of ``accuracies``)."""
 
     accuracies: list[float]
     machine: str
     test_n: int
+    seeds: list[int] | None = None
 
     def __str__(self) -> str:
         n = "" if self.test_n == FULL_TEST else f", {self.test_n} test images"
@@ -120,30 +122,79 @@ def machine(record: dict[str, Any]) -> str:
     return "CPU" if name == "cpu" else str(name).removeprefix("NVIDIA ")
 
 
-def load_cell(study: Path, set_name: str, model: str, variant: str, runs: Runs | None = None) -> Cell:
+def load_cell(study: Path, set_name: str, model: str, variant: str, runs: Runs | None = None,
+              check: StudyCheck | None = None) -> Cell:
     """The finished runs of ``variant`` for ``model`` on ``set_name`` in ``study`` (a folder with ``runs/``; ``runs``:
-    its :func:`read_runs`, when already read)."""
-    accs, machines, ns = [], set(), set()
+    its :func:`read_runs`, when already read). With ``check`` (the study file's seeds and stale runs), records of
+    seeds the study no longer has are left out and a stale record stops the table."""
+    accs, machines, ns, seeds = [], set(), set(), []
     for f, r in (read_runs(study) if runs is None else runs).get((set_name, model, variant), []):
+        seed = (r.get("run") or {}).get("seed")
+        if check is not None and seed not in check.seeds:
+            continue  # a leftover of an earlier seed list: not part of the study now
+        if check is not None and r.get("run_id") in check.stale:
+            raise SystemExit(f"{f}: made with other settings than {check.path.name} asks for now "
+                             f"({check.stale[r['run_id']]}); rerun it or restore the study file")
+        if r.get("failed"):
+            raise SystemExit(f"{f}: the run failed ({str(r['failed']).splitlines()[0][:100]}); a cell with a failed "
+                             "run is not reported as if its other seeds were all there")
         got = test_accuracy(r)
         if got is None:
             raise SystemExit(f"{f}: no test accuracy (a validation-only run; the study needs also_test = true)")
         accs.append(got[0])
         ns.add(got[1])
+        seeds.append(seed)
         machines.add(machine(r))
     if not accs:
         raise SystemExit(f"{study}: no finished run of {set_name} / {model} / {variant}")
     if len(machines) > 1 or len(ns) > 1:
         raise SystemExit(f"{study}: {set_name} / {model} / {variant} mixes machines {sorted(machines)} or test sizes "
                          f"{sorted(ns)}")
-    return Cell(accs, machines.pop(), ns.pop())
+    return Cell(accs, machines.pop(), ns.pop(), seeds)
+
+
+@dataclass
+class StudyCheck:
+    """What the study file behind a results folder asks for now: its seeds, and its stale runs (id -> why)."""
+
+    path: Path
+    seeds: set[int]
+    stale: dict[str, str]
+
+
+def study_check(folder: Path, where: Path) -> StudyCheck | None:
+    """The :class:`StudyCheck` of the study file in ``where`` whose ``out`` is ``folder``, or None without one."""
+    from elf.study import load_config, stale_runs
+
+    for f in sorted(where.glob("*.toml")):
+        try:
+            out = tomllib.loads(f.read_text()).get("out")
+        except tomllib.TOMLDecodeError:
+            continue
+        if isinstance(out, str) and (where / out).resolve() == folder.resolve():
+            cfg = load_config(f)
+            return StudyCheck(f, set(cfg.seeds), dict(stale_runs(cfg)))
+    return None
+
+
+def shown_difference(a: list[float], b: list[float]) -> float:
+    """The difference of the two means as printed (2 decimals each), so a row's numbers add up as read."""
+    return round(float(np.mean(a)), 2) - round(float(np.mean(b)), 2)
+
+
+def paired(a: Cell, b: Cell) -> str:
+    """A note when two cells were not run on the same seeds (their difference then mixes seed effects)."""
+    if a.seeds is None or b.seeds is None or sorted(a.seeds) == sorted(b.seeds):
+        return ""
+    return f" (seeds differ: {sorted(a.seeds)} vs {sorted(b.seeds)})"
 
 
 def compare(a: Cell, b: Cell) -> str:
-    """``a`` against ``b``: the difference of means, whether the intervals are apart, and whether machines differ."""
-    diff = float(np.mean(a.accuracies) - np.mean(b.accuracies))
+    """``a`` against ``b``: the difference of means, whether the intervals are apart, and whether machines or seeds
+    differ."""
+    diff = shown_difference(a.accuracies, b.accuracies)
     sep = "apart" if separated(a.accuracies, b.accuracies) else "overlapping"
-    return f"{diff:+.2f}, {sep}" + ("" if a.machine == b.machine else " (machines differ)")
+    return f"{diff:+.2f}, {sep}" + ("" if a.machine == b.machine else " (machines differ)") + paired(a, b)
 
 
 def standings(spec_path: Path) -> str:
@@ -152,7 +203,7 @@ def standings(spec_path: Path) -> str:
     ``chosen`` / ``baseline`` / ``paper`` as ``"study folder:variant"``, folders relative to the file)."""
     spec = tomllib.loads(spec_path.read_text())
     root = spec_path.parent
-    studies: dict[Path, Runs] = {}  # each study folder is read once, however many cells it holds
+    studies: dict[Path, tuple[Runs, StudyCheck | None]] = {}  # each study folder is read (and checked) once
 
     def cell(model: str, source: str | None) -> Cell | None:
         if not source:
@@ -160,16 +211,18 @@ def standings(spec_path: Path) -> str:
         folder, _, variant = source.rpartition(":")
         study = root / folder
         if study not in studies:
-            studies[study] = read_runs(study)
-        return load_cell(study, spec["set"], model, variant, studies[study])
+            studies[study] = (read_runs(study), study_check(study, root))
+        runs, check = studies[study]
+        return load_cell(study, spec["set"], model, variant, runs, check)
 
     rows = ["| model | chosen setting | chosen (test) | baseline (test) | gain; +3 and apart? | ELF (paper), test "
             "| chosen vs paper |", "|---|---|---|---|---|---|---|"]
     for model, entry in spec["models"].items():
         chosen, base, paper = (cell(model, entry.get(k)) for k in ("chosen", "baseline", "paper"))
         assert chosen is not None and base is not None, f"{model}: chosen and baseline are required"
-        gain, met = target(chosen.accuracies, base.accuracies)
-        other = "" if chosen.machine == base.machine else " (machines differ)"
+        _, met = target(chosen.accuracies, base.accuracies)
+        gain = shown_difference(chosen.accuracies, base.accuracies)
+        other = ("" if chosen.machine == base.machine else " (machines differ)") + paired(chosen, base)
         rows.append(f"| {entry.get('label', model)} | {entry['setting']} | {chosen} | {base} | {gain:+.2f}; {met}{other} "
                     f"| {paper if paper else 'n/a'} | {compare(chosen, paper) if paper else '-'} |")
     return "\n".join(rows)

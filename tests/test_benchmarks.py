@@ -178,7 +178,8 @@ def test_cross_arch_table_marks_the_target() -> None:
 
 def _record(folder: Path, model: str, variant: str, seed: int, **fields: object) -> None:
     (folder / "runs").mkdir(parents=True, exist_ok=True)
-    rec = {"run": {"set": "s", "model": model, "variant": variant, "seed": seed}, **fields}
+    rec = {"run": {"set": "s", "model": model, "variant": variant, "seed": seed}, "run_id": f"s__{model}__{variant}__s{seed}",
+           **fields}
     (folder / "runs" / f"s__{model}__{variant}__s{seed}.json").write_text(json.dumps(rec))
 
 
@@ -201,13 +202,25 @@ def test_standings_read_test_accuracies_and_name_machines(tmp_path: Path) -> Non
                     'baseline = "test:baseline"\npaper = "val:paper"\n'
                     '[models.N]\nsetting = "y"\nchosen = "test:best"\nbaseline = "test:baseline"\n')
     text = table.standings(spec)
-    assert ("| Model M | x | CPU 40.50 ± 0.50 (2) | H200 31.00 ± 0.82 (3) | +9.50; yes (machines differ) "
-            "| CPU 40.00 ± 0.50 (2) | +0.50, overlapping |") in text
+    assert ("| Model M | x | CPU 40.50 ± 0.50 (2) | H200 31.00 ± 0.82 (3) | +9.50; yes (machines differ) (seeds "
+            "differ: [0, 1] vs [0, 1, 2]) | CPU 40.00 ± 0.50 (2) | +0.50, overlapping |") in text
     assert ("| N | y | CPU 33.50 ± 0.82 (3, 2000 test images) | CPU 31.00 ± 0.82 (3, 2000 test images) | +2.50; no "
             "| n/a | - |") in text
     _record(val, "M", "valonly", 0, accuracy=50.0, measured_on="validation: 200 per class", **cpu)
     with pytest.raises(SystemExit, match="no test accuracy"):
         table.load_cell(val, "s", "M", "valonly")
+    _record(test, "N", "broken", 0, accuracy=None, failed="diverged: loss is nan at epoch 3", **cpu)
+    with pytest.raises(SystemExit, match="the run failed .diverged"):  # was: "no test accuracy (a validation-only run"
+        table.load_cell(test, "s", "N", "broken")
+    # gains are the difference of the printed means; cells on other seeds say so; leftover seeds are left out
+    _record(test, "N", "other", 5, accuracy=40.0, measured_on="test", test_n=2000, **cpu)
+    cell = table.load_cell(test, "s", "N", "other")
+    assert table.paired(cell, table.load_cell(test, "s", "N", "baseline")) == " (seeds differ: [5] vs [0, 1, 2])"
+    check = table.StudyCheck(spec, {0, 1}, {})
+    assert table.load_cell(test, "s", "N", "baseline", check=check).accuracies == [30.0, 31.0]
+    with pytest.raises(SystemExit, match="made with other settings"):
+        table.load_cell(test, "s", "N", "baseline", check=table.StudyCheck(spec, {0, 1}, {"s__N__baseline__s1": "lr: 0.01 -> 0.02"}))
+    assert table.shown_difference([33.006, 33.0], [30.0]) == pytest.approx(3.0)
     with pytest.raises(SystemExit, match="no finished run"):
         table.load_cell(val, "s", "M", "absent")
 
@@ -223,6 +236,13 @@ def test_committed_standings_tables_build(capsys: pytest.CaptureFixture[str]) ->
     assert out.startswith("Set: dm200 (the bundled DM set") and "\nSet: dsa (DSA" in out
     for model in ("ConvNet-BN", "ResNet-18 (BN)", "VGG-11 (BN)"):  # the models for the second set
         assert out.split("Set: dsa")[1].count(f"| {model} |") == 1
+    # every results folder the standings read has its study file next to them (its seeds and stale runs are checked)
+    for spec in ("standings.toml", "standings_dsa.toml"):
+        data = table.tomllib.loads((ROOT / "benchmarks" / spec).read_text())
+        folders = {v.rpartition(":")[0] for m in data["models"].values() for k, v in m.items()
+                   if k in ("chosen", "baseline", "paper")}
+        for folder in folders:
+            assert table.study_check(ROOT / "benchmarks" / folder, ROOT / "benchmarks") is not None, folder
 
 
 def test_readme_and_benchmarks_hold_the_standings_the_runs_give(tmp_path: Path) -> None:
