@@ -881,7 +881,7 @@ def summarize(cfg: StudyConfig) -> Path:
         lines += ["", "Test accuracy (%) of the same runs (`also_test`) on the dataset's test split"
                   + (f" ({cfg.test_per_class} images per class)" if cfg.test_per_class else " (all of it)")
                   + ": for reporting; settings are chosen on the validation table above.", ""]
-        lines += _table(cfg, test_acc, set_names, not_applicable, {})
+        lines += _table(cfg, test_acc, set_names, not_applicable, failed)
     atomic_write(out / "summary.md", lambda t: Path(t).write_text("\n".join(lines) + "\n"))
     _plot(cfg, acc, set_names, out / "summary.png")
     return out / "summary.md"
@@ -890,7 +890,8 @@ def summarize(cfg: StudyConfig) -> Path:
 def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_names: list[str],
            not_applicable: set[tuple[str, str, str]], failed: dict[tuple[str, str, str], int]) -> list[str]:
     """Markdown rows: one per set and model, mean ± std per variant, and the ELF gain (first ELF variant minus the
-    first baseline variant). A cell with fewer finished runs than the study has seeds says how many it averages."""
+    first baseline variant). A cell with fewer finished runs than the study has seeds says how many it averages,
+    and a gain over cells with different numbers of runs says so."""
     variants = list(cfg.variants)
     baseline = next((v for v in variants if not _is_elf(cfg, v)), None)
     elf_variant = next((v for v in variants if _is_elf(cfg, v)), None)
@@ -909,6 +910,8 @@ def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_n
             if gain:
                 b, e = acc.get((s, m, baseline)), acc.get((s, m, elf_variant))
                 row += f" | {np.mean(e) - np.mean(b):+.2f}" if b and e else " | -"
+                if b and e and len(b) != len(e):  # not the same seeds on both sides: the gain mixes seed effects
+                    row += f" ({len(e)} vs {len(b)} runs)"
             lines.append(row + " |")
     return lines
 
@@ -932,7 +935,7 @@ def _plot(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_na
         ax.bar(np.arange(len(rows)) + j * width, means, width, yerr=stds, label=v, capsize=2)
     ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
     ax.set_xticklabels([f"{s}\n{m}" for s, m in rows], fontsize=7)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)" if cfg.validation_per_class else "test accuracy (%)")
     ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=120))

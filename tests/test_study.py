@@ -552,3 +552,16 @@ def test_a_set_whose_class_names_are_not_in_the_data_stops_before_training(works
     with pytest.raises(elf.ELFError, match=r"class\(es\) \['c'\].*\['a', 'b', 'plane'\]"):
         run_study(cfg, device="cpu", progress=False, log=lambda _: None)
     assert not fits
+
+
+def test_a_gain_over_cells_of_different_run_counts_says_so(workspace: Path) -> None:
+    """summary.md's gain compared a 2-run cell with a 3-run one without a word; the also_test table also showed
+    "(2 of 3 seeds)" where the validation table said "(1 failed)"."""
+    from elf.study import _table
+
+    cfg = _config(workspace, "gain", models=["M"], seeds=[0, 1, 2],
+                  variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}})
+    acc = {("s", "M", "baseline"): [30.0, 31.0, 32.0], ("s", "M", "elf"): [40.0, 41.0]}
+    row = _table(cfg, acc, ["s"], set(), {("s", "M", "elf"): 1})[-1]
+    assert row.endswith("| +9.50 (2 vs 3 runs) |") and "(1 failed)" in row
+    assert _table(cfg, {**acc, ("s", "M", "elf"): [40.0, 41.0, 42.0]}, ["s"], set(), {})[-1].endswith("| +10.00 |")
