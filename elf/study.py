@@ -493,7 +493,6 @@ def _prepare(run: RunSpec, cfg: StudyConfig, res: _Resources) -> tuple[Any, Any,
     """``(protocol, set, bank, split_at)`` of a run, or its record when the paper's ELF cannot fill its cell. A bank
     holds its teacher module, which runs on every augmented batch when the protocol has ``features_on_augmented``."""
     from .evaluation import choose_bank
-
     from .trainer import protocol_for_set
 
     proto, teacher_label, split_at = _resolved_settings(cfg, run.variant, run.model)
