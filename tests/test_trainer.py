@@ -560,8 +560,9 @@ def test_non_finite_images():
 def test_elf_protocol_without_features():
     with pytest.raises(ELFError, match="feature_bank"):
         _trainer()
-    with pytest.raises(ELFError, match="teacher"):
-        _trainer(lambda_front=0, lambda_rear=0, features_on_augmented=True)
+    with pytest.raises(ELFError, match="features_on_augmented=True, which runs the teacher"):
+        _trainer(features_on_augmented=True)
+    _trainer(lambda_front=0, lambda_rear=0, features_on_augmented=True)  # a baseline never runs the teacher
 
 
 def test_unknown_protocol_field_and_preset():
