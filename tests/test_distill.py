@@ -386,3 +386,24 @@ def test_base_export_is_a_copy_not_a_view() -> None:
     with torch.no_grad():
         p.x.add_(1.0)
     assert exported.images.abs().sum() == 0
+
+
+def test_a_glad_run_does_not_resume_with_another_generator_or_latent_init(sampler: RealSampler, tmp_path: Path) -> None:
+    """GLaD's settings were not fingerprinted: a checkpoint resumed with another generator (or latents) continued the
+    old run while the exported set recorded the new generator."""
+    from elf.distill.generators import SmallGenerator
+    from elf.distill.glad import GeneratorLatentParam
+
+    def make(gen_seed: int = 0, latent_seed: int = 0) -> tuple[GeneratorLatentParam, object]:
+        torch.manual_seed(gen_seed)
+        gen = SmallGenerator(z_dim=8, width=8, image_size=SIDE)
+        param = GeneratorLatentParam(gen, None, K, 1, None, seed=latent_seed, generator_kind="random")
+        return param, DistributionMatching(sampler, _fixed_pool(), batch_real=6)
+
+    part_dir = tmp_path / "ck"
+    first = distill(*make(), 1, seed=4, progress=False, checkpoint_dir=part_dir, checkpoint_every=1)
+    assert first.metadata["generator_sha256"] == make()[0].generator_sha256 and first.metadata["lr_features"]
+    distill(*make(), 2, seed=4, progress=False, checkpoint_dir=part_dir)  # the same settings resume
+    for other in (make(gen_seed=1), make(latent_seed=1)):
+        with pytest.raises(ELFError, match="another pixel space, initialization or optimizer setting"):
+            distill(*other, 3, seed=4, progress=False, checkpoint_dir=part_dir)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ELFError
+from ..fileio import state_dict_sha256
 from ..pixel_space import Normalization
 from ..split import split_model
 from ..synthetic import SyntheticSet
@@ -145,6 +146,9 @@ class GeneratorLatentParam(Parameterization):
         self.chunk_size = int(chunk_size)
         self.momentum = float(momentum)
         self.generator_kind = generator_kind
+        # which generator (its weights) and which starting latents: a resumed run must continue the same ones
+        self.generator_sha256 = state_dict_sha256(generator)
+        self.latent_init = "given latents" if latents is not None else f"noise (seed {seed})"
         self.method = method
         lr_f, lr_s = glad_lrs(method) if method else (None, None)
         if (lr_features if lr_features is not None else lr_f) is None or (lr_style if lr_style is not None else lr_s) is None:
@@ -218,20 +222,30 @@ class GeneratorLatentParam(Parameterization):
             groups.append({"params": [self.styles], "lr": self.lr_style, "momentum": self.momentum, "name": "styles"})
         return groups
 
-    @torch.no_grad()
-    def export(self, metadata: dict[str, str] | None = None, lr: float | None = None) -> SyntheticSet:
-        """The rendered set as a :class:`~elf.io.SyntheticSet`; metadata records parameterization "GLaD", the generator
-        (class and kind), the split point and the shape of the learned feature maps."""
-        meta = {
+    def metadata(self) -> dict[str, str]:
+        """The settings (constant during a run; the distillation loop refuses to resume a checkpoint written with
+        others, e.g. another generator or latent init): generator class, kind and weights' hash, split point, learned
+        shapes, latent init, chunk size, lrs and momentum."""
+        return {
             "parameterization": "GLaD",
             "generator": type(self.generator).__name__,
             "generator_kind": self.generator_kind,
+            "generator_sha256": self.generator_sha256,
             "split_at": self.split_at,
             "feature_shape": "x".join(str(s) for s in self.features.shape[1:]),
             "style": str(self.styles is not None),
-            **(metadata or {}),
+            "latent_init": self.latent_init,
+            "chunk_size": str(self.chunk_size),
+            "lr_features": repr(self.lr_features),
+            "lr_style": repr(self.lr_style),
+            "momentum": repr(self.momentum),
         }
-        return super().export(meta, lr)
+
+    @torch.no_grad()
+    def export(self, metadata: dict[str, str] | None = None, lr: float | None = None) -> SyntheticSet:
+        """The rendered set as a :class:`~elf.io.SyntheticSet`; metadata records :meth:`metadata` (parameterization
+        "GLaD", the generator's class, kind and weights' hash, the split point, the learned shapes, the lrs)."""
+        return super().export({**self.metadata(), **(metadata or {})}, lr)
 
 
 def build_glad_param(
