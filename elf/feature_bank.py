@@ -219,7 +219,7 @@ class FeatureBank:
         bank.teacher = teacher
         if cache_file is not None:
             try:
-                bank.save(cache_file)
+                bank._write(cache_file)  # stamped just above: no second hash of the features
             except (OSError, ELFError) as e:  # the features are computed: keep them, say the cache is not written
                 warnings.warn(f"could not write the feature cache {cache_file} ({e}); the features are kept in memory "
                               "and will be recomputed next time", stacklevel=2)
@@ -259,10 +259,12 @@ class FeatureBank:
     # ---- files ----------------------------------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:
         """Write features and metadata to a safetensors file (atomic), with a hash of the features for verification."""
-        meta = dict(self.metadata)
-        meta.setdefault("format", FORMAT)
-        meta.update(self._file_stamp())
-        return save_tensors(path, {"features": self.features}, meta)
+        self.metadata.update(self._file_stamp())
+        return self._write(path)
+
+    def _write(self, path: PathLike) -> Path:
+        """Write features and the metadata as they are (stamped by :meth:`_file_stamp`), atomically."""
+        return save_tensors(path, {"features": self.features}, {"format": FORMAT, **self.metadata})
 
     def _file_stamp(self) -> dict[str, str]:
         """The metadata :meth:`save` derives from the features: hash, shape, dtype, and the writing elf-dd version."""

@@ -127,7 +127,7 @@ def float_images(images: Tensor, normalization: Normalization | None, source: An
     if not images.is_floating_point():
         raise ELFError(f"{source}: images must be float (normalized) or uint8 (0-255), got {images.dtype}")
     images = images.float()
-    identity = normalization is not None and all(m == 0 for m in normalization.mean) and all(v == 1 for v in normalization.std)
+    identity = normalization is not None and normalization.is_identity
     if not identity and images.numel() >= 1000 and images.min() >= 0 and images.max() <= 1:
         space = f"normalization {normalization.name!r}" if normalization is not None else "a normalized space"
         warnings.warn(f"{source}: every pixel is in [0, 1]: these look like un-normalized images (e.g. IDC's data.pt), "
@@ -189,7 +189,7 @@ def load_mtt(
     """
     if zca and normalization is None:
         normalization = NO_NORMALIZATION
-    elif zca and (normalization.mean, normalization.std) != (NO_NORMALIZATION.mean, NO_NORMALIZATION.std):
+    elif zca and not normalization.is_identity:
         warnings.warn(f"load_mtt: zca=True with normalization {normalization.name!r}: MTT, TESLA and DATM whiten "
                       "un-normalized images, so their ZCA sets are in normalization 'none' (NO_NORMALIZATION); "
                       f"{normalization.name!r} is right only for a set whitened after normalizing", stacklevel=2)

@@ -67,6 +67,11 @@ class Normalization:
         """Number of channels C."""
         return len(self.mean)
 
+    @property
+    def is_identity(self) -> bool:
+        """Whether it leaves [0, 1] images as they are (mean 0, std 1 everywhere; :data:`NO_NORMALIZATION`)."""
+        return all(m == 0 for m in self.mean) and all(v == 1 for v in self.std)
+
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() < 3 or x.shape[-3] != self.channels:
             raise ELFError(

@@ -714,13 +714,12 @@ class ELFTrainer:
             if shown:
                 raise ELFError(f"{path} was saved by a fit under another protocol ({shown}); resume it with the same "
                                "protocol, or start over")
-        now_inputs = self._run_inputs()
-        what = {"inputs_sha256": "synthetic set (images, labels)", "split_at": "split point", "teacher_sha256": "teacher",
-                "teacher_point": "teacher's cut"}
-        differ = [what[k] for k in what if k in meta and meta[k] != now_inputs.get(k)]  # older files lack them: not checked
-        if differ:
-            raise ELFError(f"{path} was saved by a fit on another {', '.join(differ)}; resume it with the same inputs, "
-                           "or start over")
+        now_inputs = self._run_inputs()  # keys an older file lacks are not compared
+        keys = ("inputs_sha256", "split_at", "teacher_sha256", "teacher_point")
+        shown = changed_settings({k: meta[k] for k in keys if k in meta}, now_inputs)
+        if shown:
+            raise ELFError(f"{path} was saved by a fit on other inputs (set: inputs_sha256, cut: split_at, teacher: "
+                           f"teacher_sha256 / teacher_point; {shown}); resume it with the same inputs, or start over")
         try:
             model.load_state_dict(saved.section("model"))
         except RuntimeError as e:
