@@ -194,6 +194,24 @@ def test_early_stage_pool_trains_once_then_loads(tmp_path: Path) -> None:
     assert sum("trained" in line for line in lines) == 4
 
 
+
+def test_early_stage_pool_keeps_its_optimizer_through_long_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the pool's constant-lr protocol re-created SGD (momentum dropped) at the evaluation protocol's
+    lr-decay point (epoch epochs // 2 + 1), which runs of >= 5 epochs reach."""
+    from elf.trainer import ELFTrainer
+
+    made: list[float] = []
+    original = ELFTrainer._optimizer
+
+    def counting(self: ELFTrainer, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        made.append(lr)
+        return original(self, model, lr)
+
+    monkeypatch.setattr(ELFTrainer, "_optimizer", counting)
+    x, y = _real_data()
+    EarlyStagePool.train(MODEL, x, y, 1, epochs=5, batch_size=12, cache_dir=tmp_path, source_hash="tiny", device="cpu")
+    assert made == [0.01]  # one optimizer for the whole run, at the constant lr
+
 # ---- objectives ----------------------------------------------------------------------------------------------
 def test_siamese_dsa_gives_real_and_synthetic_the_same_augmentation(sampler: RealSampler) -> None:
     obj = DistributionMatching(sampler, _fixed_pool(), batch_real=8)

@@ -181,15 +181,17 @@ class EarlyStagePool(ModelPool):
         data_hash = source_hash or tensor_sha256(images.detach().cpu(), labels.cpu())
         # source_hash names the raw data; the first images as given name the pixel space (normalization, ZCA) too
         space_hash = tensor_sha256(images[:8].detach().cpu())
-        settings = {"version": 2, "data": data_hash, "pixels": space_hash, "model": model_name, "shape": [c, h, w], "classes": k,
+        # version 3: the optimizer (and its momentum) is kept through the whole run (version 2 re-created it at epoch
+        # epochs // 2 + 1, the evaluation protocol's lr-decay point, although the pool's lr is constant)
+        settings = {"version": 3, "data": data_hash, "pixels": space_hash, "model": model_name, "shape": [c, h, w], "classes": k,
                     "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                     "batch_size": batch_size, "augment": augment, "dsa_mode": dsa_mode}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
         folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         folder = folder / "pools" / key
         protocol = Protocol(name="early-stage-pool", epochs=epochs, extra_epoch=False, lr=lr, momentum=momentum,
-                            weight_decay=weight_decay, batch_size=batch_size, lr_decay=1.0, augment=augment,
-                            dsa_mode=dsa_mode, lambda_front=0.0, lambda_rear=0.0,
+                            weight_decay=weight_decay, batch_size=batch_size, lr_decay=1.0,
+                            reset_optimizer_at_decay=False, augment=augment, dsa_mode=dsa_mode, lambda_front=0.0, lambda_rear=0.0,
                             notes="Acc-DD early-stage pool: a few epochs on real data (no CutMix)")
         say = log if callable(log) else (lambda s: None)
         models: list[nn.Module] = []
