@@ -14,7 +14,7 @@ common=(--data "$D" --ipc 10 --seed 0 --no-progress)
 dsa=(--method dsa --train-per-class 1000 --batch-real 64 --outer-loop 10 --inner-loop 10 --iterations 100 --snapshot-every 20)
 case "$1" in
   teacher_w512)   # feature model for ResNet-18 / VGG-11 students: ConvNet width 512, one epoch on all 50,000 images
-    elf train-teacher --data "$D" --model ConvNetW512 --epochs 1 --momentum 0.9 --out "$W/teacher_w512" \
+    elf train-teacher --data "$D" --model ConvNetW512 --epochs 1 --momentum 0.9 --weight-decay 5e-4 --out "$W/teacher_w512" \
       --test-per-class 100 --no-progress ;;
   dsa_random)     # DSA, fresh random ConvNets (DC/DSA)
     elf distill "${dsa[@]}" "${common[@]}" --out "$W/sets/dsa_random.safetensors" --checkpoint-dir "$W/ck/dsa_random" ;;

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             from elf.cli import main as cli
 
             cli(["train-teacher", "--data", args.data, "--model", model, "--epochs", str(args.teacher_epochs),
-                 "--momentum", "0.9", "--out", str(tdir)])
+                 "--momentum", "0.9", "--weight-decay", "5e-4", "--out", str(tdir)])
         teachers[label] = {"checkpoint": str(ckpt), "model": model}
     if world > 1:
         import torch.distributed as dist

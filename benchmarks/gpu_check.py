@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     # the first call's stages: teacher, DSA set, validation study; then the tables
     if "teacher" in selected:
         tiny_teacher = ["--train-per-class", "5", "--test-per-class", "2", "--epochs", "1"] if args.tiny else ["--epochs", "50"]
-        stage.start("teacher_w512", elf + ["train-teacher", "--model", "ConvNetW512", "--momentum", "0.9", "--out",
-                                           str(work / "teacher_w512"), *tiny_teacher, *common],
+        stage.start("teacher_w512", elf + ["train-teacher", "--model", "ConvNetW512", "--momentum", "0.9", "--weight-decay", "5e-4",
+                                           "--out", str(work / "teacher_w512"), *tiny_teacher, *common],
                     min(end, time.time() + args.teacher_seconds))
         names["teacher"] = ["teacher_w512"]
     if "distill" in selected:

@@ -2,7 +2,7 @@
 
     python benchmarks/make_demo_assets.py --data ../shared/data/cifar10-jpeg.tar.gz --teacher-dir runs/demo-teacher
 
-1. Teacher: ``elf train-teacher --model ConvNet --momentum 0.9`` on the full training set (``--teacher-epochs``;
+1. Teacher: ``elf train-teacher --model ConvNet --momentum 0.9 --weight-decay 5e-4`` on the full training set (``--teacher-epochs``;
    resumable, so an existing run in ``--teacher-dir`` is reused); its last checkpoint becomes demo_teacher.safetensors.
 2. Synthetic set: DM (distribution matching) with elf-dd's distiller, 10 images per class, initialized from real
    images, random-init ConvNet pool, official DSA, ``--dm-iterations`` iterations.
@@ -60,14 +60,14 @@ def main() -> None:
     # 1. teacher
     t0 = time.perf_counter()
     assert cli(["train-teacher", "--data", args.data, "--model", "ConvNet", "--epochs", str(args.teacher_epochs),
-                "--momentum", "0.9", "--out", args.teacher_dir, "--no-progress"]) == 0
+                "--momentum", "0.9", "--weight-decay", "5e-4", "--out", args.teacher_dir, "--no-progress"]) == 0
     history = json.loads((Path(args.teacher_dir) / "history.json").read_text())
     ckpt = Path(args.teacher_dir) / f"epoch_{args.teacher_epochs:03d}.safetensors"
     teacher = load_teacher("ConvNet", ckpt)
     save_checkpoint(teacher, out / "demo_teacher.safetensors", {"model": "ConvNet", "epochs": str(args.teacher_epochs),
                                                                 "space_zca": "false", **_space()})
     info["teacher"] = {"model": "ConvNet (width 128, depth 3, instance norm)", "epochs": args.teacher_epochs,
-                       "momentum": 0.9, "test_accuracy_per_epoch": history["test_accuracy"],
+                       "momentum": 0.9, "weight_decay": 5e-4, "test_accuracy_per_epoch": history["test_accuracy"],
                        "train_wall_time_s_this_call": time.perf_counter() - t0}
 
     # 2. DM set

@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ConvNet", help="model name (ConvNet for ConvNet students, ConvNetW512 for ResNet-18/VGG-11)")
     p.add_argument("--out", required=True, help="output directory for epoch_XXX.safetensors and history.json")
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (MTT default 0; the ELF paper's feature models 0.9)")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (MTT's experts 0; the ELF paper's feature models 0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="SGD weight decay (MTT's experts 0; the ELF paper's feature models 5e-4)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -632,7 +634,7 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     meta = {"data_source": train.source_hash, "normalization": json.dumps(norm.to_dict()), "classes": json.dumps(train.classes),
             **space_metadata(norm, args.zca)}
     run = train_teacher(args.model, train_x, train.labels, args.out, test=(test_x, test.labels),
-                        epochs=args.epochs, momentum=args.momentum, seed=args.seed, device=args.device,
+                        epochs=args.epochs, momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, device=args.device,
                         progress=not args.no_progress, resume=not args.no_resume, metadata=meta, **changes)
     last = max(run.test_accuracy) if run.test_accuracy else None
     if last is not None:

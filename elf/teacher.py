@@ -43,20 +43,24 @@ __all__ = [
 ]
 
 
-def expert_protocol(epochs: int = 50, momentum: float = 0.0, **changes: Any) -> Protocol:
-    """The MTT expert-training protocol as a :class:`Protocol` (no ELF terms, constant lr, no extra epoch)."""
+def expert_protocol(epochs: int = 50, momentum: float = 0.0, weight_decay: float = 0.0, **changes: Any) -> Protocol:
+    """The MTT expert-training protocol as a :class:`Protocol` (no ELF terms, constant lr, no extra epoch).
+
+    MTT's ``buffer.py`` trains its experts with plain SGD (momentum 0, weight decay 0), the defaults here; the ELF
+    paper's feature models use momentum 0.9 and weight decay 5e-4 (``expert_protocol(momentum=0.9,
+    weight_decay=5e-4)``)."""
     base = Protocol(
         name="mtt-expert",
         epochs=epochs,
         extra_epoch=False,
         lr=0.01,
         momentum=momentum,
-        weight_decay=5e-4,
+        weight_decay=weight_decay,
         batch_size=256,
         lr_decay=1.0,
         lambda_front=0.0,
         lambda_rear=0.0,
-        notes="MTT buffer.py expert training: SGD lr 0.01, wd 5e-4, batch 256, DSA on real images",
+        notes="MTT buffer.py expert training: SGD lr 0.01, no momentum, no weight decay, batch 256, DSA on real images",
     )
     return base.replace(**changes) if changes else base
 
@@ -111,6 +115,7 @@ def train_teacher(
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     epochs: int = 50,
     momentum: float = 0.0,
+    weight_decay: float = 0.0,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -125,14 +130,15 @@ def train_teacher(
         train_images: real images ``(N, C, H, W)``, normalized. train_labels: ``(N,)`` class indices.
         out_dir: where ``epoch_XXX.safetensors``, ``history.json`` and ``resume.safetensors`` go.
         test: optional ``(images, labels)``; test accuracy is reported and recorded after every epoch.
-        epochs, momentum, seed: the expert protocol's numbers (see :func:`expert_protocol`).
+        epochs, momentum, weight_decay, seed: the expert protocol's numbers (see :func:`expert_protocol`; MTT's
+            experts: momentum 0 and weight decay 0; the ELF paper's feature models: 0.9 and 5e-4).
         resume: continue from ``resume.safetensors`` when present (same seed, protocol, training images and
             ``metadata``, e.g. the pixel space; another is refused).
         metadata: strings stored in every checkpoint (e.g. the dataset's hash and normalization).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    protocol = expert_protocol(epochs, momentum, **protocol_changes)
+    protocol = expert_protocol(epochs, momentum, weight_decay, **protocol_changes)
     run = TeacherRun(out, model)
     history_file = out / "history.json"
     state_file = out / "resume.safetensors"

@@ -79,6 +79,9 @@ def test_train_teacher_then_eval(tmp_path: Path, image_folder: Path, synthetic_f
     assert ckpt.exists() and (tmp_path / "t" / "epoch_001.safetensors").exists()
     history = json.loads((tmp_path / "t" / "history.json").read_text())
     assert set(history["test_accuracy"]) == {"1", "2"}
+    # MTT's buffer.py trains experts with plain SGD: no momentum, no weight decay (regression: weight decay was 5e-4)
+    trained = json.loads(history["meta"]["protocol"])
+    assert (trained["momentum"], trained["weight_decay"]) == (0.0, 0.0)
 
     result_file = tmp_path / "res.json"
     assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",

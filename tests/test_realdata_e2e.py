@@ -35,12 +35,15 @@ def test_train_teacher_and_eval_on_cifar10(elf_data_path: Path, tmp_path: Path, 
               "--no-progress", "--device", "cpu"]
     # width-128 teacher for ConvNet students, width-512 teacher for ResNet-18 / VGG-11 (the paper's pairing)
     assert main(["train-teacher", "--model", "ConvNet", "--out", str(tmp_path / "t128"), "--epochs", "2",
-                 "--momentum", "0.9", "--train-per-class", "200", *common]) == 0
+                 "--momentum", "0.9", "--weight-decay", "5e-4", "--train-per-class", "200", *common]) == 0
     assert main(["train-teacher", "--model", "ConvNetW512", "--out", str(tmp_path / "t512"), "--epochs", "1",
-                 "--momentum", "0.9", "--train-per-class", "40", *common]) == 0
+                 "--momentum", "0.9", "--weight-decay", "5e-4", "--train-per-class", "40", *common]) == 0
     teacher_log = capsys.readouterr().out
-    t128 = json.loads((tmp_path / "t128" / "history.json").read_text())["test_accuracy"]
+    t128_history = json.loads((tmp_path / "t128" / "history.json").read_text())
+    t128 = t128_history["test_accuracy"]
     assert t128["2"] > 20.0, teacher_log  # the teacher learned something real
+    trained = json.loads(t128_history["meta"]["protocol"])
+    assert (trained["momentum"], trained["weight_decay"]) == (0.9, 5e-4)  # the ELF paper's feature-model SGD
 
     out = tmp_path / "result.json"
     assert main(["eval", "--images", str(syn),
