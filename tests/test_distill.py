@@ -289,6 +289,28 @@ def test_resume_is_bit_identical(kind: str, sampler: RealSampler, tmp_path: Path
     assert not torch.equal(full.images, distill(*make(), 6, seed=5, progress=False).images)
     with pytest.raises(ELFError, match="seed"):
         distill(*make(), 6, seed=3, progress=False, checkpoint_dir=part_dir)
+    # regression: the log window in progress was not checkpointed: a run killed mid-window logged (and exported as
+    # final_loss) the average of the steps since the resume only
+    class Killed(Exception):
+        pass
+
+    param, obj = make()
+    loss = obj.loss
+
+    def dies_at_step_5(images: torch.Tensor, labels: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+        if step == 5:
+            raise Killed
+        return loss(images, labels, step, generator)
+
+    obj.loss = dies_at_step_5  # type: ignore[method-assign]
+    kill_dir = tmp_path / "killed"
+    with pytest.raises(Killed):
+        distill(param, obj, 7, seed=4, progress=False, checkpoint_dir=kill_dir, checkpoint_every=2, log_every=7)
+    whole = distill(*make(), 7, seed=4, progress=False, log_every=7)
+    again = distill(*make(), 7, seed=4, progress=False, checkpoint_dir=kill_dir, checkpoint_every=2, log_every=7)
+    assert torch.equal(whole.images, again.images)
+    assert again.metadata["final_loss"] == whole.metadata["final_loss"]
+    assert _history(again) == _history(whole)
     # regression: a checkpoint resumed under another lr (or pixel space, or init) continued as one run
     param, obj = make()
     param.lr = 0.2

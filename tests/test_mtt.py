@@ -194,3 +194,17 @@ def test_glad_latents_with_mtt_in_the_shared_loop_resume_exactly(expert_dir: Pat
     param, obj = make()
     resumed = distill(param, obj, 4, seed=1, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
     assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
+
+
+def test_the_dsa_op_generator_of_a_gpu_run_is_checkpointed(expert_dir: Path) -> None:
+    """Regression: with images on a GPU, DSA picks its ops with a CPU generator seeded from the loop's first draw;
+    it was not in the objective's state, so a resumed run re-seeded it (one more draw from the loop's generator) and
+    every later segment, batch and augmentation differed from an uninterrupted run."""
+    obj = build_mtt_objective(MODEL, expert_dir, num_classes=K, im_size=(S, S), syn_steps=2)
+    obj._op_gen = torch.Generator().manual_seed(7)  # as _augment leaves it on a GPU (that branch needs CUDA)
+    torch.rand(3, generator=obj._op_gen)
+    state = obj.state_dict()
+    again = build_mtt_objective(MODEL, expert_dir, num_classes=K, im_size=(S, S), syn_steps=2)
+    again.load_state_dict(state)
+    assert again._op_gen is not None
+    assert torch.equal(torch.rand(5, generator=again._op_gen), torch.rand(5, generator=obj._op_gen))

@@ -54,16 +54,18 @@ def _settings(param: Parameterization, objective: Objective) -> str:
 
 
 def _save(path: Path, step: int, seed: int, param: Parameterization, objective: Objective, opt: torch.optim.Optimizer,
-          gen: torch.Generator, history: list[dict[str, Any]]) -> None:
+          gen: torch.Generator, history: list[dict[str, Any]], window: tuple[float, int]) -> None:
+    """``window``: the loss sum and step count of the log window in progress (so that a resumed run logs the same
+    averages as an uninterrupted one)."""
     meta = {"step": str(step), "seed": str(seed), "fingerprint": _fingerprint(param, objective),
             "settings": _settings(param, objective),
-            "history": json.dumps(history, default=str)}
+            "history": json.dumps(history, default=str), "loss_window": json.dumps(list(window))}
     write_state(path, STATE_FORMAT, sections={"param": param.state_dict(), "objective": objective.state_dict()},
                 optimizer=opt, generators={"loop": gen}, meta=meta)
 
 
 def _load(path: Path, seed: int, param: Parameterization, objective: Objective, opt: torch.optim.Optimizer,
-          gen: torch.Generator, device: torch.device) -> tuple[int, list[dict[str, Any]]]:
+          gen: torch.Generator, device: torch.device) -> tuple[int, list[dict[str, Any]], tuple[float, int]]:
     saved = read_state(path, STATE_FORMAT, what="a distillation checkpoint; delete it or pass resume=False", device=device)
     meta = saved.meta
     if meta.get("seed") != str(seed):
@@ -83,7 +85,8 @@ def _load(path: Path, seed: int, param: Parameterization, objective: Objective, 
     saved.restore_momentum(opt)
     saved.restore_generator("loop", gen)
     objective.load_state_dict(saved.section("objective"))
-    return int(meta["step"]), json.loads(meta.get("history", "[]"))
+    loss_sum, count = json.loads(meta.get("loss_window", "[0.0, 0]"))  # (older checkpoints: the window restarts)
+    return int(meta["step"]), json.loads(meta.get("history", "[]")), (float(loss_sum), int(count))
 
 
 def distill(
@@ -135,9 +138,9 @@ def distill(
     gen.manual_seed(seed)
     opt = make_optimizer(param, objective)
     ckpt = Path(checkpoint_dir).expanduser() / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    start, history = 0, []
+    start, history, window = 0, [], (0.0, 0)
     if ckpt is not None and resume and ckpt.exists():
-        start, history = _load(ckpt, seed, param, objective, opt, gen, dev)
+        start, history, window = _load(ckpt, seed, param, objective, opt, gen, dev)
         if start > iterations:  # the set is at step `start`: exporting it as `iterations` steps would misstate it
             raise ELFError(f"{ckpt} is at step {start}, past iterations={iterations}: ask for at least {start} "
                            "iterations, or start over with resume=False (or another checkpoint_dir)")
@@ -159,8 +162,8 @@ def distill(
         bar = tqdm(steps, desc=f"distill {objective.name}", unit="it", initial=start, total=iterations, leave=False)
         steps = bar
     t0 = time.perf_counter()
-    loss_sum = torch.zeros((), device=dev)
-    count = 0
+    loss_sum = torch.tensor(window[0], device=dev)
+    count = window[1]
     last_loss: float | None = next((h["loss"] for h in reversed(history) if "loss" in h), None)
     for step in steps:
         x = param.images_for_loss()
@@ -184,7 +187,7 @@ def distill(
         if eval_fn is not None and eval_every is not None and done % eval_every == 0 and done != iterations:
             run_eval(done)
         if ckpt is not None and (done % checkpoint_every == 0 or done == iterations):
-            _save(ckpt, done, seed, param, objective, opt, gen, history)
+            _save(ckpt, done, seed, param, objective, opt, gen, history, (float(loss_sum), count))
     if bar is not None:
         bar.close()
     if eval_fn is not None:

@@ -401,13 +401,20 @@ class TrajectoryMatching(Objective):
         return float(self.syn_lr.detach())
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"syn_lr": self.syn_lr.detach().clone()}
+        """The learned lr and, once drawn (images on a GPU), the CPU generator DSA picks its ops with."""
+        state = {"syn_lr": self.syn_lr.detach().clone()}
+        if self._op_gen is not None:
+            state["op_rng"] = self._op_gen.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if "syn_lr" not in state:
             raise ELFError("MTT state has no 'syn_lr'; it was saved by another objective")
         with torch.no_grad():
             self.syn_lr.copy_(state["syn_lr"].reshape(()))
+        if "op_rng" in state:  # (without it, as before 2026-12-02, a resumed GPU run re-seeds it from the loop's draws)
+            self._op_gen = torch.Generator()
+            self._op_gen.set_state(state["op_rng"].cpu())
 
     def metadata(self) -> dict[str, str]:
         """The settings (constant during a run: the distillation loop fingerprints checkpoints with them); the learned
