@@ -27,6 +27,7 @@ import torch
 
 from .errors import DivergedError, ELFError
 from .fileio import PathLike, atomic_write
+from .run_lock import RunLock
 
 __all__ = ["StudyConfig", "RunSpec", "load_config", "plan_runs", "plan_units", "run_study", "summarize", "distributed_shard",
            "stale_runs"]
@@ -148,6 +149,7 @@ class StudyConfig:
             if "accuracy" in t and not isinstance(t["accuracy"], (int, float)):
                 raise ELFError(f"teacher {name!r}: accuracy must be a number (its test accuracy in %), got {t['accuracy']!r}")
         self._check_field_names()
+        self._check_run_names()
         by_case = {m.lower(): m for m in self.models}
         for where, key, names in self.other_models():
             typos = [(n, by_case[n.lower()]) for n in names if n.lower() in by_case]
@@ -167,6 +169,32 @@ class StudyConfig:
                 if running and proto.uses_features and not self.teachers:
                     raise ELFError(f"{where} uses the ELF terms but the study has no [teachers]; add one "
                                    "(checkpoint, model) or set lambda_front = lambda_rear = 0")
+
+    def _check_run_names(self) -> None:
+        """Every run needs a file of its own: names with ``__`` (the run id's separator), a set named like a reference
+        (``full-data``, ``random-real:...``: its runs would train on real data) and two names that give one run id
+        (``/`` becomes ``-`` in file names; case is ignored, as on macOS and Windows file systems) are refused."""
+        for kind, names in (("set", list(self.sets)), ("model", list(self.models)), ("variant", list(self.variants))):
+            bad = next((n for n in names if "__" in str(n)), None)
+            if bad is not None:
+                raise ELFError(f"{kind} name {bad!r} contains '__', which separates the parts of run ids "
+                               f"(SET__MODEL__VARIANT__sSEED): rename it")
+        reserved = next((s for s in self.sets if s.lower() == FULL_DATA or s.lower().startswith(RANDOM_REAL + ":")), None)
+        if reserved is not None:
+            raise ELFError(f"set name {reserved!r} is the name of a reference the study plans itself ({FULL_DATA!r}, "
+                           f"{random_real_name(10)!r}, ...): its runs would train on real data; rename the set")
+        seen: dict[str, tuple[str, str, str]] = {}
+        for s in self.sets:
+            for m in self.models:
+                for v in self.variants:
+                    key = RunSpec(s, m, v, 0).run_id.casefold()
+                    if key in seen and seen[key] == (s, m, v):
+                        raise ELFError(f"model {m!r} is listed twice in models")
+                    if key in seen:
+                        raise ELFError(f"(set, model, variant) {seen[key]} and {(s, m, v)} give the same run file "
+                                       f"({RunSpec(s, m, v, 0).run_id}.json: '/' is written '-', case is ignored); "
+                                       "rename one")
+                    seen[key] = (s, m, v)
 
     def _check_field_names(self) -> None:
         """Every key of ``overrides`` and of each variant must name a protocol field (or ``teacher`` / ``split_at``)
@@ -316,13 +344,25 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
     return runs
 
 
+DISTRIBUTED_TIMEOUT_S = 7 * 24 * 3600  # how long rank 0 waits at the end for the other ranks' runs
+
+
 def distributed_shard() -> tuple[int, int]:
-    """``(rank, world_size)`` from torch.distributed (initialized from torchrun's environment), else ``(0, 1)``."""
+    """``(rank, world_size)`` from torch.distributed (initialized from torchrun's environment, each rank on
+    ``cuda:LOCAL_RANK`` when CUDA is available), else ``(0, 1)``.
+
+    The process group is made with a timeout of :data:`DISTRIBUTED_TIMEOUT_S` (torch's default, 10-30 minutes,
+    would end rank 0's wait for slower ranks at the end of a study, and torchrun would then stop them mid-run)."""
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=DISTRIBUTED_TIMEOUT_S))
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -438,11 +478,14 @@ class _Resources:
     def teacher_of(self, set_name: str, bank: Any) -> dict[str, str]:
         """The study file's label of ``bank``'s teacher and the SHA-256 of its checkpoint file, for the record (a
         checkpoint replaced later makes the run stale, see :func:`stale_runs`)."""
+        label = next(k for k, b in self.banks(set_name).items() if b is bank)
+        return {"teacher_label": label, "teacher_checkpoint_sha256": self.file_sha256(self.cfg.teachers[label]["checkpoint"])}
+
+    def file_sha256(self, path: str) -> str:
+        """SHA-256 of a file (a teacher checkpoint), hashed once per process."""
         from .fileio import file_sha256
 
-        label = next(k for k, b in self.banks(set_name).items() if b is bank)
-        path = self.cfg.teachers[label]["checkpoint"]
-        return {"teacher_label": label, "teacher_checkpoint_sha256": self._get(f"file:{path}", lambda: file_sha256(path))}
+        return self._get(f"file:{path}", lambda: file_sha256(path))
 
     def banks(self, set_name: str) -> dict[str, Any]:
         from .feature_bank import FeatureBank
@@ -568,7 +611,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
         ckpt = RunCheckpoint(_partial_folder(cfg), run.run_id, cfg.checkpoint_minutes * 60, identity, res.log)
     trainer = ELFTrainer.from_synthetic(run.model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress, channels_last=cfg.channels_last,
-                                        callbacks=[ckpt] if ckpt is not None else None)
+                                        callbacks=[ckpt] if ckpt is not None else ())
     t0 = time.perf_counter()
     try:
         history = trainer.fit(run.seed, resume_from=ckpt.load() if ckpt is not None else None)
@@ -576,7 +619,7 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
         seconds = time.perf_counter() - t0
         return {"run": asdict(run), "run_id": run.run_id, "accuracy": None, "failed": str(e),
                 "wall_time_s": ckpt.total_seconds(seconds) if ckpt is not None else seconds,
-                "protocol": proto.to_dict(), "study": cfg.name,
+                "protocol": proto.to_dict(), "study": cfg.name, **(res.teacher_of(run.set, bank) if bank is not None else {}),
                 "environment": environment(res.device), "git_revision": res.git_revision,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     acc = trainer.evaluate(*res.test(run.set))
@@ -640,6 +683,39 @@ def _variant_settings(run: RunSpec, cfg: StudyConfig, set_lr: float | None = Non
             "teacher_label": teacher_label if proto.uses_features else None}
 
 
+def _teacher_signature(cfg: StudyConfig, label: str, file_hash: Callable[[str], str]) -> dict[str, Any]:
+    """What decides a teacher's features: its model, feature point and checkpoint file's SHA-256."""
+    t = cfg.teachers[label]
+    return {"model": t.get("model", "ConvNet"), "point": t.get("point"), "checkpoint_sha256": file_hash(t["checkpoint"])}
+
+
+def _data_name(spec: str) -> str:
+    """The real data as a record names it: ``cifar10`` / ``cifar100``, else the file or folder name (a study moved
+    to another folder keeps its records)."""
+    return spec.lower() if spec.lower() in ("cifar10", "cifar100") else Path(spec).name
+
+
+def _asked(cfg: StudyConfig, run: RunSpec, used_teacher: str | None, file_hash: Callable[[str], str]) -> dict[str, Any]:
+    """What the study file asked of ``run`` beyond its protocol, for its record (``asked``) and :func:`stale_runs`:
+    the split point as written (``None``: the model's default), the real data's name, the normalization and
+    ``test_per_class``; for an ELF run, the teachers its choice of teacher depended on (label and
+    :func:`_teacher_signature`): the one a variant names, else the teachers tried in order up to the one used (all
+    of them for a run no teacher fits)."""
+    proto, named, split_at = _resolved_settings(cfg, run.variant, run.model)
+    asked: dict[str, Any] = {"split_at": split_at, "data": _data_name(cfg.data), "normalization": cfg.normalization,
+                             "test_per_class": cfg.test_per_class}
+    if proto.uses_features:
+        labels = list(cfg.teachers)
+        if named is not None:
+            considered = [named] if named in labels else []
+        elif used_teacher in labels:
+            considered = labels[:labels.index(used_teacher) + 1]  # the first teacher that fits is used
+        else:
+            considered = labels
+        asked["teachers"] = [[label, _teacher_signature(cfg, label, file_hash)] for label in considered]
+    return asked
+
+
 def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     """Finished runs whose record disagrees with the study file as it is now: ``(run id, first difference)``.
 
@@ -649,7 +725,10 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     teacher label when the variant names a teacher, and what its accuracy was measured on (validation or test); its
     set's content hash (sets of the file, not the references) and its teacher's checkpoint file hash when the record
     has them (records written since the evening of 2026-12-01; older ones are not compared on these): a set or
-    teacher file replaced under the same name is found too.
+    teacher file replaced under the same name is found too. Records written since 2026-12-02 also hold what the study
+    file ``asked`` (:func:`_asked`), compared in full: a split point set back to the default, another teacher list
+    where the library chose the teacher (a teacher added before the one used, or one that now fits a run no teacher
+    fitted), a teacher's ``point`` or model, other real data, normalization or ``test_per_class``.
     """
     from .fileio import file_sha256
     from .io import load_any
@@ -678,11 +757,13 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
         load_set(name)
         return set_lrs[name]
 
-    def teacher_hash(label: str) -> str:
-        path = cfg.teachers[label]["checkpoint"]
+    def teacher_file_hash(path: str) -> str:
         if path not in file_hashes:
             file_hashes[path] = file_sha256(path) if Path(path).is_file() else "(missing)"
         return file_hashes[path]
+
+    def teacher_hash(label: str) -> str:
+        return teacher_file_hash(cfg.teachers[label]["checkpoint"])
 
     for run in plan_runs(cfg):
         path = out / f"{run.run_id}.json"
@@ -709,6 +790,12 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
                 why = f"teacher {label!r} is no longer in the study file"
             elif record["teacher_checkpoint_sha256"] != teacher_hash(label):
                 why = f"teacher {label!r}: {cfg.teachers[label]['checkpoint']} is not the checkpoint the run used"
+        if why is None and isinstance(record.get("asked"), dict):
+            now = _asked(cfg, run, record.get("teacher_label"), teacher_file_hash)
+            why = next((f"{key}: recorded {value!r}, study file now {now.get(key)!r}"
+                        for key, value in record["asked"].items() if now.get(key) != value), None)
+            if why is None and "teachers" in now and "teachers" not in record["asked"]:
+                why = "teachers: the run was made without a teacher, the study file now gives it one"
         if why is not None:
             stale.append((run.run_id, why))
     return stale
@@ -790,24 +877,39 @@ def run_study(
         if not pending:
             log(f"{where}: done, skipped")
             continue
-        try:
-            records = (_execute_cell(pending, cfg, res, progress) if cfg.batched
-                       else [_execute(pending[0], cfg, res, progress)])
-        except Exception as e:
-            if not keep_going:
-                raise
-            log(f"{where}: FAILED: {type(e).__name__}: {e}")
+        lock = RunLock(_partial_folder(cfg), [r.run_id for r in pending])
+        held_by = lock.acquire()
+        if held_by is not None:
+            log(f"{where}: skipped, another process is running it ({held_by}; if none is, remove its lock file in "
+                f"{_partial_folder(cfg)})")
             continue
-        for record in records:
-            path = out / "runs" / f"{record['run_id']}.json"
-            atomic_write(path, lambda p, rec=record: Path(p).write_text(json.dumps(rec, indent=1, default=str)))
-            _discard_partial(cfg, record["run_id"])
-            if record.get("failed"):
-                log(f"{where}: {record['run_id']} FAILED ({record['failed']})")
-            elif record["accuracy"] is None:
-                log(f"{where}: {record['run_id']} not applicable ({record['not_applicable']})")
-            else:
-                log(f"{where}: {record['run_id']} {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
+        try:
+            pending = [r for r in pending if not (out / "runs" / f"{r.run_id}.json").exists()]  # finished meanwhile
+            if not pending:
+                log(f"{where}: done, skipped")
+                continue
+            try:
+                records = (_execute_cell(pending, cfg, res, progress) if cfg.batched
+                           else [_execute(pending[0], cfg, res, progress)])
+            except Exception as e:
+                if not keep_going:
+                    raise
+                log(f"{where}: FAILED: {type(e).__name__}: {e}")
+                continue
+            by_id = {r.run_id: r for r in pending}
+            for record in records:
+                record["asked"] = _asked(cfg, by_id[record["run_id"]], record.get("teacher_label"), res.file_sha256)
+                path = out / "runs" / f"{record['run_id']}.json"
+                atomic_write(path, lambda p, rec=record: Path(p).write_text(json.dumps(rec, indent=1, default=str)))
+                _discard_partial(cfg, record["run_id"])
+                if record.get("failed"):
+                    log(f"{where}: {record['run_id']} FAILED ({record['failed']})")
+                elif record["accuracy"] is None:
+                    log(f"{where}: {record['run_id']} not applicable ({record['not_applicable']})")
+                else:
+                    log(f"{where}: {record['run_id']} {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
+        finally:
+            lock.release()
     if distributed:
         import torch.distributed as dist
 
@@ -815,6 +917,15 @@ def run_study(
     if rank == 0 and (world == 1 or distributed):
         summarize(cfg)
     return files
+
+
+def _in_study(cfg: StudyConfig, run: dict[str, Any]) -> bool:
+    """Whether a record's run (``{"set", "model", "variant", ...}``) is of a set or reference, model and variant the
+    study file has now (its seed is checked apart); reads no set file."""
+    s = run["set"]
+    planned_set = (s in cfg.sets or (cfg.random_real and s.startswith(RANDOM_REAL + ":"))
+                   or (cfg.full_data and s == FULL_DATA))
+    return planned_set and run["model"] in cfg.models and run["variant"] in cfg.variants
 
 
 def _mean_std(xs: Sequence[float]) -> str:
@@ -830,6 +941,8 @@ def summarize(cfg: StudyConfig) -> Path:
     """Collect every run JSON of the study into ``summary.csv``, ``summary.md`` and (with matplotlib) ``summary.png``."""
     out = Path(cfg.out)
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    leftovers = sorted(r["run_id"] for r in records if not _in_study(cfg, r["run"]))
+    records = [r for r in records if _in_study(cfg, r["run"])]  # (a set, model or variant since removed: not counted)
     other_seeds = sorted({r["run"]["seed"] for r in records} - set(cfg.seeds))
     records = [r for r in records if r["run"]["seed"] in cfg.seeds]  # the tables say which seeds they average
     not_applicable = {(r["run"]["set"], r["run"]["model"], r["run"]["variant"]) for r in records
@@ -865,6 +978,10 @@ def summarize(cfg: StudyConfig) -> Path:
     lines += _table(cfg, acc, set_names, not_applicable, failed)
     if other_seeds:
         lines += ["", f"(Runs of seeds {other_seeds} are in `runs/` but not in the study's seeds: not counted above.)"]
+    if leftovers:
+        shown = ", ".join(leftovers[:3]) + (f", ... ({len(leftovers)} in all)" if len(leftovers) > 3 else "")
+        lines += ["", f"(Runs in `runs/` of sets, references, models or variants the study file no longer has: not "
+                      f"counted above: {shown}.)"]
     try:
         stale = stale_runs(cfg)
     except ELFError as e:  # e.g. a set file that is not here: summarizing needs only the run files
@@ -957,7 +1074,8 @@ def main_study(config: PathLike, shard: str | None, device: str | None, progress
         parsed = (i, n)
     run_study(cfg, shard=parsed, device=device, progress=progress, log=lambda s: print(s, file=sys.stderr), only=only)
     summary = Path(cfg.out) / "summary.md"
-    if summary.exists() and (parsed is None or parsed[1] == 1):
+    rank = int(os.environ.get("RANK", "0")) if parsed is None else 0
+    if summary.exists() and (parsed is None or parsed[1] == 1) and rank == 0:  # (torchrun: rank 0 wrote it last)
         print(summary.read_text())
     elif parsed is not None:
         print(f"shard {parsed[0]}/{parsed[1]} done; run `elf study {config} --summarize` when every shard has finished")

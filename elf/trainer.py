@@ -220,7 +220,7 @@ class ELFTrainer:
         label_kind: str = "auto",
         num_classes: int | None = None,
         device: torch.device | str | None = None,
-        callbacks: Iterable[Callback] = (),
+        callbacks: Iterable[Callback] | None = (),
         progress: bool = True,
         log_every: int | None = None,
         leaf_modules: Sequence[type] = (),
@@ -249,7 +249,7 @@ class ELFTrainer:
             SplitOptions(None, tuple(leaf_modules), tuple(autowrap_functions)))
         self.split_at = split_at if split_at is not None else self.split_options.at
         self.leaf_modules = self.split_options.leaf_modules
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks or ())
         self.progress = progress
         self.log_every = log_every
         self.teacher = teacher

@@ -267,6 +267,7 @@ def test_torchrun_ranks_split_the_study(workspace: Path) -> None:
     assert len(runs) == 2 * 2 * 2  # models x variants (baseline, elf) x seeds
     assert proc.stderr.count("/4] ") == 8  # each of the two ranks ran its own 4 runs, not all 8
     assert "| noise | ConvNetW4D2BN |" in (workspace / "out-dist" / "summary.md").read_text()
+    assert proc.stdout.count("| noise | ConvNetW4D2BN |") == 1  # printed by rank 0 only
 
 
 def test_batched_study_equals_sequential(workspace: Path) -> None:
@@ -565,3 +566,126 @@ def test_a_gain_over_cells_of_different_run_counts_says_so(workspace: Path) -> N
     row = _table(cfg, acc, ["s"], set(), {("s", "M", "elf"): 1})[-1]
     assert row.endswith("| +9.50 (2 vs 3 runs) |") and "(1 failed)" in row
     assert _table(cfg, {**acc, ("s", "M", "elf"): [40.0, 41.0, 42.0]}, ["s"], set(), {})[-1].endswith("| +10.00 |")
+
+
+def test_checkpoints_turned_off_still_run(workspace: Path) -> None:
+    """Regression: `checkpoint_minutes = 0` (documented: no checkpoints) handed the trainer callbacks=None, which
+    crashed every run trained one by one."""
+    cfg = _config(workspace, "no-ck", models=["ConvNetW4D2"], seeds=[0], random_real=False,
+                  variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}}, checkpoint_minutes=0)
+    (path,) = run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert json.loads(path.read_text())["accuracy"] is not None
+
+
+@pytest.mark.parametrize("sets, match", [
+    ({"mtt/ipc2": "a", "mtt-ipc2": "b"}, "give the same run file"),
+    ({"DM": "a", "dm": "b"}, "give the same run file"),
+    ({"full-data": "a"}, "name of a reference"),
+    ({"random-real:ipc2": "a"}, "name of a reference"),
+    ({"my__set": "a"}, "contains '__'"),
+])
+def test_names_that_would_share_a_run_file_are_refused(workspace: Path, sets: dict[str, str], match: str) -> None:
+    """Regression: sets 'mtt/ipc2' and 'mtt-ipc2' wrote one run file (the second was 'done, skipped' and left out of
+    the table), and a set named 'full-data' trained on the real training data instead of the set."""
+    with pytest.raises(elf.ELFError, match=match):
+        _config(workspace, "names", sets={k: str(workspace / "syn.safetensors") for k in sets}).check()
+    with pytest.raises(elf.ELFError, match="listed twice"):
+        _config(workspace, "names", models=["ConvNetW4D2", "ConvNetW4D2"]).check()
+
+
+def test_what_the_study_asked_beyond_the_protocol_is_compared(workspace: Path, tmp_path: Path) -> None:
+    """Regression: finished runs were not compared on a teacher list the library chose from, a split point set back
+    to the model's default, a teacher's point, or the test split's size: old and new runs were averaged in one cell."""
+    from elf.study import stale_runs
+
+    w4 = {"checkpoint": str(workspace / "teacher.safetensors"), "model": "ConvNetW4D2"}
+    torch.manual_seed(3)
+    elf.save_checkpoint(elf.create_model("ConvNetW4D2", num_classes=3, im_size=(8, 8)), tmp_path / "early.safetensors")
+    early = {"checkpoint": str(tmp_path / "early.safetensors"), "model": "ConvNetW4D2"}
+    kw = dict(data=str(workspace / "data"), sets={"noise": str(workspace / "syn.safetensors")}, models=["ConvNetW4D2"],
+              seeds=[0], random_real=False, variants={"elf": {}}, test_per_class=2)
+    cfg = _config(tmp_path, "out", teachers={"w4": w4}, **kw)
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert stale_runs(cfg) == []
+    assert stale_runs(_config(tmp_path, "out", teachers={"w4": w4, "early": early}, **kw)) == []  # after the one used
+    (why,) = [w for _, w in stale_runs(_config(tmp_path, "out", teachers={"early": early, "w4": w4}, **kw))]
+    assert why.startswith("teachers:")  # a teacher of the same shape before it: new seeds would use another
+    moved = _config(tmp_path, "out", teachers={"w4": {**w4, "point": "features.3"}}, **kw)
+    assert [w.split(":")[0] for _, w in stale_runs(moved)] == ["teachers"]
+    assert [w.split(":")[0] for _, w in stale_runs(_config(tmp_path, "out", teachers={"w4": w4}, **{**kw, "test_per_class": 1}))] \
+        == ["test_per_class"]
+    cut = _config(tmp_path, "cut", teachers={"w4": w4}, **{**kw, "variants": {"elf": {"split_at": "features"}}})
+    run_study(cut, device="cpu", progress=False, log=lambda _: None)
+    (why,) = [w for _, w in stale_runs(_config(tmp_path, "cut", teachers={"w4": w4}, **kw))]
+    assert why.startswith("split_at: recorded 'features', study file now None")
+
+
+def test_a_run_no_teacher_fitted_is_stale_once_one_does(workspace: Path, tmp_path: Path) -> None:
+    from elf.study import stale_runs
+
+    elf.save_checkpoint(elf.create_model("ConvNetW8D2", num_classes=3, im_size=(8, 8)), tmp_path / "w8.safetensors")
+    kw = dict(data=str(workspace / "data"), sets={"noise": str(workspace / "syn.safetensors")}, models=["ConvNetW4D2"],
+              seeds=[0], random_real=False, variants={"elf": {}})
+    w8 = {"w8": {"checkpoint": str(tmp_path / "w8.safetensors"), "model": "ConvNetW8D2"}}
+    cfg = _config(tmp_path, "out", teachers=w8, **kw)
+    (path,) = run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert "not_applicable" in json.loads(path.read_text())
+    fits = {**w8, "w4": {"checkpoint": str(workspace / "teacher.safetensors"), "model": "ConvNetW4D2"}}
+    assert [w.split(":")[0] for _, w in stale_runs(_config(tmp_path, "out", teachers=fits, **kw))] == ["teachers"]
+
+
+def test_the_summary_counts_only_the_runs_the_study_file_has(workspace: Path) -> None:
+    """Regression: records of a reference or variant dropped from the study stayed in summary.md / summary.csv (a
+    test-split reference under the validation table's heading)."""
+    base = dict(models=["ConvNetW4D2"], seeds=[0], variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}})
+    run_study(_config(workspace, "leftover", **base), device="cpu", progress=False, log=lambda _: None)
+    fewer = _config(workspace, "leftover", **{**base, "random_real": False,
+                                              "variants": {"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}}})
+    table = summarize(fewer).read_text()
+    assert "random-real" not in table.split("(Runs in")[0] and "| elf" not in table
+    assert "no longer has: not counted above: noise__ConvNetW4D2__elf__s0, random-real:ipc2__ConvNetW4D2__baseline__s0" in table
+    rows = list(csv.DictReader((workspace / "leftover" / "summary.csv").open()))
+    assert [(r["set"], r["variant"]) for r in rows] == [("noise", "baseline")]
+
+
+def test_a_run_another_process_holds_is_skipped_and_a_dead_ones_lock_taken_over(workspace: Path) -> None:
+    """Regression: two processes on one study folder (overlapping --only, shards of a changed file) trained the same
+    run at once, and one crashed deleting the other's checkpoint files. A lock file per run prevents it; the lock of
+    a killed process (this host, pid gone) is taken over."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    cfg = _config(workspace, "locks", models=["ConvNetW4D2"], seeds=[0, 1], random_real=False,
+                  variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}})
+    partial = workspace / "locks" / "partial"
+    partial.mkdir(parents=True)
+    live = {"host": socket.gethostname(), "pid": os.getppid(), "since": "now"}  # a process that exists
+    (partial / "noise__ConvNetW4D2__baseline__s0.lock").write_text(json.dumps(live))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (partial / "noise__ConvNetW4D2__baseline__s1.lock").write_text(json.dumps({**live, "pid": int(dead.stdout)}))
+    said: list[str] = []
+    run_study(cfg, device="cpu", progress=False, log=said.append)
+    runs = workspace / "locks" / "runs"
+    assert not (runs / "noise__ConvNetW4D2__baseline__s0.json").exists()
+    assert any("skipped, another process is running it" in s and f"pid {live['pid']}" in s for s in said)
+    assert (runs / "noise__ConvNetW4D2__baseline__s1.json").exists()
+    assert sorted(p.name for p in partial.iterdir()) == ["noise__ConvNetW4D2__baseline__s0.lock"]  # ours released
+
+
+def test_torchrun_waits_for_slow_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the process group had torch's default timeout (10 min NCCL, 30 min gloo), so rank 0's final
+    barrier failed when another rank's runs took longer, and torchrun stopped that rank mid-run."""
+    import torch.distributed as dist
+
+    from elf.study import DISTRIBUTED_TIMEOUT_S, distributed_shard
+
+    made: dict[str, object] = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: made.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert distributed_shard() == (1, 2)
+    assert made["timeout"].total_seconds() == DISTRIBUTED_TIMEOUT_S >= 24 * 3600
