@@ -1,7 +1,8 @@
 """Teachers: train the teacher ("distillation model") that ELF takes features from, load it, or load MTT expert buffers.
 
-The expert protocol of the public MTT code: SGD lr 0.01, weight decay 5e-4, momentum 0 (MTT's default; 0.9 in
-the ELF paper's feature models), batch 256, DSA augmentation on the real images, constant lr. A checkpoint per
+The expert protocol of the public MTT code (``buffer.py``): SGD lr 0.01, momentum 0 and weight decay 0 (the ELF
+paper's feature models: momentum 0.9, weight decay 5e-4), batch 256, DSA augmentation on the real images, constant
+lr. A checkpoint per
 epoch (safetensors, BatchNorm running statistics included, which MTT's expert buffers drop) lets the user pick
 the feature epoch; the paper uses epochs 30-100 and finds the choice matters little. Training resumes after an
 interruption from ``<out_dir>/resume.safetensors``.
