@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ELFError
+from .errors import ELFError, model_name
 from .fileio import PathLike, load_tensors, safe_torch_load, save_tensors, state_dict_sha256
 
 __all__ = ["save_checkpoint", "load_state_dict", "load_checkpoint"]
@@ -57,9 +57,13 @@ def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True) -> nn
         bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()  # in the model's order
                if k in state and tuple(state[k].shape) != tuple(v.shape)]
         detail = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else str(e).splitlines()[0]
-        raise ELFError(f"{path} does not fit {type(model).__name__} (shapes, file vs model: {detail}); was it saved "
-                       f"from another model (file says: {meta.get('model', meta.get('class', 'unknown'))})? Build the "
-                       "model it was saved from (e.g. --teacher-model with its width)") from e
+        linear_only = bool(bad) and all(own[k.split(" ")[0]].dim() == 2 for k in bad)
+        why = ("only the fully connected layers differ: the model was built for images of another size than the file "
+               "was trained on (a ConvNet's classifier takes its flattened features), so use images of the size it "
+               "was trained on, or a checkpoint trained on yours" if linear_only else
+               f"was it saved from another model (file says: {meta.get('model', meta.get('class', 'unknown'))})? Build "
+               "the model it was saved from (e.g. --teacher-model with its width)")
+        raise ELFError(f"{path} does not fit {model_name(model)} (shapes, file vs model: {detail}); {why}") from e
     problems = []
     if strict and result.missing_keys:
         problems.append(f"missing {result.missing_keys[:5]}")
@@ -67,7 +71,7 @@ def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True) -> nn
         problems.append(f"unexpected {result.unexpected_keys[:5]}")
     if problems:
         raise ELFError(
-            f"{path} does not fit {type(model).__name__} ({'; '.join(problems)}); was it saved from another model "
+            f"{path} does not fit {model_name(model)} ({'; '.join(problems)}); was it saved from another model "
             f"(file says: {meta.get('model', meta.get('class', 'unknown'))})?"
         )
     return model

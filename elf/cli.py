@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -376,7 +377,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                               **_protocol_overrides(args))
     except KeyboardInterrupt:
         where = (f"{record.runs} finished run(s) saved in {args.out}; continue with the same command and --resume"
-                 if args.out and record.runs else "nothing finished was saved (pass --out FILE to keep finished runs)")
+                 if args.out and record.runs else "no run had finished yet, nothing saved" if args.out
+                 else "nothing finished was saved (pass --out FILE to keep finished runs)")
         print(f"elf eval: interrupted: {where}", file=sys.stderr)
         return 130
     print(format_table(rows))
@@ -396,6 +398,10 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         raise ELFError(f"--batched M takes M >= 1 seeds at a time, got {args.batched}")
     if args.resume and not args.out:
         raise ELFError("--resume continues the eval saved in --out: pass --out FILE")
+    for flag, values in (("--teacher-model", args.teacher_model), ("--teacher-point", args.teacher_point)):
+        if len(values) > len(args.teacher):
+            raise ELFError(f"{len(values)} {flag} value(s) for {len(args.teacher)} --teacher(s): each {flag} belongs "
+                           "to the --teacher in the same position; drop the extra or add its --teacher")
     if args.runs < 1:
         raise ELFError(f"--runs must be >= 1, got {args.runs}")
     from .protocol import get_protocol
@@ -617,10 +623,18 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
+    from .fileio import check_writable
+    from .models import create_model
+    from .pixel_space import space_metadata
     from .teacher import train_teacher
 
-    from .pixel_space import space_metadata
-
+    if args.epochs < 1:
+        raise ELFError(f"--epochs must be >= 1, got {args.epochs}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ELFError(f"--out {out} is a file; give a folder (created if missing) for the epoch checkpoints")
+    check_writable(out / "history.json", "--out")  # (in the nearest existing folder: none is created yet)
+    create_model(args.model)  # an unknown name fails now, not after the data is loaded
     norm = _normalization(args)
     train = _load_split(args, "train", args.train_per_class, args.seed)
     test = _load_split(args, "test", args.test_per_class).with_classes(train.classes, "the test split")
@@ -655,6 +669,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     recipe.check()
     if args.snapshot_every is not None and args.snapshot_every < 1:
         raise ELFError(f"--snapshot-every must be >= 1, got {args.snapshot_every}")
+    if Path(args.out).suffix != ".safetensors":
+        raise ELFError(f"--out {args.out}: elf distill writes safetensors; name the file NAME.safetensors (readers "
+                       "take the format from the suffix)")
     check_writable(args.out, "--out")
     default_ckpt = args.checkpoint_dir is None
     ckpt_dir = Path(args.out).expanduser().with_name(Path(args.out).name + ".ckpt") if default_ckpt else Path(args.checkpoint_dir)
@@ -712,7 +729,10 @@ def _check_device(name: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``elf`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own usage error ("elf eval: error: ..."), not the top-level parser's
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -723,7 +743,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             import_plugins(args.imports)
         if getattr(args, "device", None):
             _check_device(args.device)
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # (a closed pipe shows here, inside the handler below)
+        return status
+    except BrokenPipeError:  # `elf models | head -1`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141  # 128 + SIGPIPE, as a process killed by the closed pipe reports
     except ELFError as e:
         print(f"elf {args.command}: error: {e}", file=sys.stderr)
         return 2

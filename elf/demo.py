@@ -90,6 +90,24 @@ def load_demo_assets() -> DemoAssets:
     return DemoAssets(sset, teacher.eval(), test_x, tensors["labels"].long(), demo_info())
 
 
+def _check_demo_models(models: Sequence[str], sset: Any, bank: Any) -> None:
+    """Refuse, before training, a model whose default cut does not give the demo teacher's feature shape (the demo
+    has no adapters or other teachers; ``elf eval`` has)."""
+    from .evaluation import choose_bank
+    from .models import create_model
+
+    for name in models:
+        create_model(name, channel=int(sset.images.shape[1]), num_classes=sset.num_classes,
+                     im_size=tuple(sset.images.shape[2:]))  # an unknown name: its own error
+        try:
+            choose_bank(name, tuple(sset.images.shape[1:]), sset.num_classes, [bank])
+        except ELFError:
+            raise ELFError(f"{name}'s front does not give the demo teacher's features {bank.shape} (a width-128 "
+                           "ConvNet's last block): the demo runs the ConvNet family (ConvNet, ConvNetBN, ConvNetLN, "
+                           "ConvNetW128D3, ...). For other models use `elf eval` with a teacher of their feature shape "
+                           "or --adapter auto (docs/adapters.md)") from None
+
+
 def run_demo(
     models: Sequence[str] | None = None,
     epochs: int | None = None,
@@ -116,6 +134,7 @@ def run_demo(
     test_y = tensors["labels"].long()
     bank = FeatureBank.from_checkpoint(asset_path("demo_teacher.safetensors"), "ConvNet", sset,
                                        num_classes=sset.num_classes, device=device)
+    _check_demo_models(settings["models"], sset, bank)
     total = 2 * len(settings["models"]) * int(settings["runs"])  # baseline and ELF, every model, every run
     log(f"demo: {len(sset)} synthetic images ({sset.metadata.get('method', '?')}), teacher ConvNet features {bank.shape}, "
         f"{len(test_y)} test images; models {settings['models']}, {settings['epochs']} epochs, {settings['runs']} runs "

@@ -6,7 +6,15 @@ what to do about it. It subclasses :class:`ValueError` so code that already catc
 
 from __future__ import annotations
 
-__all__ = ["ELFError", "DivergedError"]
+from typing import Any
+
+__all__ = ["ELFError", "DivergedError", "model_name"]
+
+
+def model_name(model: Any) -> str:
+    """A model as messages name it: the name it was created by (``create_model``'s spec, e.g. ``ConvNetW512`` or
+    ``ResNet18BN``), else its class name."""
+    return str(getattr(model, "elf_model_name", None) or type(model).__name__)
 
 
 class ELFError(ValueError):

@@ -28,7 +28,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
-from .errors import ELFError
+from .errors import ELFError, model_name
 
 __all__ = ["SplitModules", "SplitOptions", "SplitPoint", "split_model", "list_split_points", "auto_split_point",
            "model_split_options"]
@@ -187,7 +187,7 @@ def _trace(model: nn.Module, train: bool, options: SplitOptions) -> _Traced:
         graph = tracer.trace(model, concrete_args=_optional_args(model))
     except Exception as e:
         raise ELFError(
-            f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}). Mark the untraceable "
+            f"{model_name(model)} cannot be traced by torch.fx ({type(e).__name__}: {e}). Mark the untraceable "
             "submodules as leaves or functions as autowrapped: SplitOptions(leaf_modules=[MyBlock], "
             "autowrap_functions=[fn]) (ELFTrainer(..., leaf_modules=..., autowrap_functions=...), or declare them once "
             "with register_model(..., leaf_modules=...)); or split the model yourself and pass (front, rear) to ELFTrainer."
@@ -228,7 +228,7 @@ def _resolve(traced: _Traced, at: str, model: nn.Module) -> int:
         close = difflib.get_close_matches(at, names, n=5, cutoff=0.4)
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ELFError(
-            f"{type(model).__name__} has no split point {at!r}.{hint} "
+            f"{model_name(model)} has no split point {at!r}.{hint} "
             "elf.list_split_points(model, input_shape) (or `elf split-points MODEL`) lists the valid points."
         )
     cut = traced.last_index[at]
@@ -238,7 +238,7 @@ def _resolve(traced: _Traced, at: str, model: nn.Module) -> int:
     if len(crossing) != 1 or crossing[0] is not traced.nodes[cut]:
         names = ", ".join(repr(traced.qualname[n]) for n in crossing)
         raise ELFError(
-            f"split point {at!r} of {type(model).__name__} is crossed by {len(crossing)} tensors ({names}), "
+            f"split point {at!r} of {model_name(model)} is crossed by {len(crossing)} tensors ({names}), "
             "e.g. a residual skip connection; a cut must be crossed by exactly one tensor. Cut at a block boundary "
             "instead: elf.list_split_points(model, input_shape) lists the valid points."
         )
@@ -314,7 +314,7 @@ def _warn_top_level_hooks(model: nn.Module) -> None:
     """Hooks registered on ``model`` itself run in ``model(x)`` but not in a front and rear (hooks on submodules do)."""
     kinds = [k for k, d in (("forward pre-hooks", model._forward_pre_hooks), ("forward hooks", model._forward_hooks)) if d]
     if kinds:
-        warnings.warn(f"{type(model).__name__} has {' and '.join(kinds)} on the model itself: the front and rear do not "
+        warnings.warn(f"{model_name(model)} has {' and '.join(kinds)} on the model itself: the front and rear do not "
                       "run them (training through the cut would differ from model(x)); register them on a submodule, "
                       "or put what they do into forward", stacklevel=3)
 
@@ -349,7 +349,7 @@ def split_model(
     _warn_top_level_hooks(model)
     if at == FORWARD_FEATURES:
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-            raise ELFError(f"{type(model).__name__} has no forward_features/forward_head; name a traced split point instead")
+            raise ELFError(f"{model_name(model)} has no forward_features/forward_head; name a traced split point instead")
         return SplitModules(_MethodModule(model, "forward_features"), _MethodModule(model, "forward_head"))
     opts = _options(options, leaf_modules, autowrap_functions)
     traced_train = _trace(model, True, opts)
@@ -400,7 +400,7 @@ def list_split_points(
         root: BaseException = e
         while root.__cause__ is not None:  # ShapeProp wraps the model's own error: name that one
             root = root.__cause__
-        raise ELFError(f"running {type(model).__name__} on an input of shape {in_shape} failed "
+        raise ELFError(f"running {model_name(model)} on an input of shape {in_shape} failed "
                        f"({type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}); check input_shape "
                        "(channels, height, width of one image)") from e
     finally:
@@ -472,5 +472,5 @@ def auto_split_point(
                                         f"point ({adaptable[-1].shape}; adapters resize it)")
     shapes = ", ".join(f"{p.name} {p.shape}" for p in points[-8:])
     hint = "" if adapter else " Pass adapter='auto' (--adapter auto) to bridge other shapes with learned adapters."
-    raise ELFError(f"no split point of {type(model).__name__} gives the teacher's feature shape {want}"
+    raise ELFError(f"no split point of {model_name(model)} gives the teacher's feature shape {want}"
                    f"{' or its grid' if adapter else ''} (deepest points: {shapes}).{hint}")

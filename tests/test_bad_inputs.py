@@ -244,12 +244,13 @@ def test_output_not_writable(cmd: str, where: str, fragment: str, tmp_path: Path
                              capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import elf.fileio
 
-    out = tmp_path / "out.json"
+    name = "out.json" if cmd == "eval" else "out.safetensors"
+    out = tmp_path / name
     if where == "directory":
         out.mkdir()
     elif where == "under_a_file":
         (tmp_path / "file").write_text("x")
-        out = tmp_path / "file" / "out.json"
+        out = tmp_path / "file" / name
     elif where == "read_only":
         monkeypatch.setattr(elf.fileio.tempfile, "mkstemp", _refuse(errno.EROFS))
     else:
@@ -265,6 +266,88 @@ def test_output_not_writable(cmd: str, where: str, fragment: str, tmp_path: Path
     assert counter.calls == 0 and calls["distill"] == 0
     assert [p.name for p in tmp_path.iterdir()] == ([] if where in ("read_only", "full_disk") else [out.name if where == "directory" else "file"])
 
+
+
+@pytest.mark.parametrize("where, fragment", [
+    ("a_file", "is a file; give a folder"),
+    ("under_a_file", "is not a directory"),
+    ("epochs", "--epochs must be >= 1"),
+    ("model", "unknown model 'ConvNetW8D9X'"),
+])
+def test_train_teacher_checks_its_options_before_loading_data(where: str, fragment: str, tmp_path: Path, folder: Path,
+                                                              cache: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: `--out` naming a file (or a folder under a file) crashed with a traceback after the data had
+    loaded, and `--epochs 0` or an unknown model left an empty output folder."""
+    out, argv = tmp_path / "t", ["--model", TINY, "--epochs", "1"]
+    if where == "a_file":
+        out.write_text("x")
+    elif where == "under_a_file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "t"
+    elif where == "epochs":
+        argv = ["--model", TINY, "--epochs", "0"]
+    else:
+        argv = ["--model", "ConvNetW8D9X", "--epochs", "1"]
+    loads: list[str] = []
+    monkeypatch.setattr("elf.cli._load_split", lambda *a, **k: loads.append("data"))
+    cli_error(capsys, "train-teacher", ["train-teacher", *argv, "--out", str(out), *common(folder, cache)], fragment)
+    assert loads == [] and not (tmp_path / "t").is_dir()
+
+
+def test_more_teacher_models_than_teachers_is_an_error(folder: Path, cache: Path, synthetic: Path, teacher: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a second --teacher-model (or --teacher-point) without its --teacher was ignored."""
+    cli_error(capsys, "eval", ["eval", "--images", str(synthetic), "--teacher", str(teacher), "--teacher-model", TINY,
+                               "--teacher-model", "ConvNetW512", "--models", TINY, *common(folder, cache)],
+              "2 --teacher-model value(s) for 1 --teacher(s)")
+
+
+def test_distill_writes_only_safetensors_names(tmp_path: Path, folder: Path, cache: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: `--out set.pt` wrote safetensors under a name readers take for a torch pickle (`elf eval` then
+    said 'unknown synthetic-set format')."""
+    cli_error(capsys, "distill", ["distill", "--method", "dm", "--ipc", "1", "--iterations", "1", "--model", TINY,
+                                  "--out", str(tmp_path / "set.pt"), *common(folder, cache)], "NAME.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unknown_option_is_the_subcommands_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: `elf eval ... --bogus` said `elf: error:` (the top-level parser's usage), not `elf eval: error:`."""
+    cli_error(capsys, "eval", ["eval", "--images", "x", "--bogus"], "unrecognized arguments: --bogus", "elf eval --help")
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path: Path) -> None:
+    """Regression: `elf models | true` printed a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "elf", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away before the listing is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_demo_models_outside_the_convnet_family_are_refused_with_what_to_use(capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: `elf demo --models ResNet18BN` said to pass `--adapter auto`, which the demo does not take."""
+    err = cli_error(capsys, "demo", ["demo", "--models", "ResNet18BN", "--epochs", "1", "--runs", "1", "--no-progress"],
+                    "ResNet18BN's front does not give the demo teacher's features", "`elf eval`")
+    assert "(--adapter auto)" not in err
+
+
+def test_errors_name_the_model_asked_for_not_its_class(tmp_path: Path) -> None:
+    """Regression: loading a width-128 checkpoint into ConvNetW512 said 'does not fit ConvNet (... file says:
+    ConvNet)', and a 64x64 model given a 32x32 teacher was told to build another model."""
+    torch.manual_seed(0)
+    path = tmp_path / "w8.safetensors"
+    elf.save_checkpoint(create_model(TINY, channel=3, num_classes=3, im_size=(SIDE, SIDE)), path)
+    with pytest.raises(ELFError, match="does not fit ConvNetW16D2 .*another model"):
+        elf.load_checkpoint(create_model("ConvNetW16D2", channel=3, num_classes=3, im_size=(SIDE, SIDE)), path)
+    with pytest.raises(ELFError, match=f"does not fit {TINY} .*images of another size"):
+        elf.load_checkpoint(create_model(TINY, channel=3, num_classes=3, im_size=(2 * SIDE, 2 * SIDE)), path)
+    with pytest.raises(ELFError, match="ConvNetW16D2 has no split point 'features.99'"):
+        elf.split_model(create_model("ConvNetW16D2", channel=3, num_classes=3, im_size=(SIDE, SIDE)), "features.99")
 
 # ---- 1. every model's cut against every bank, before the first model trains -------------------------------------
 def test_shape_mismatch_of_a_later_model_before_any_training(xy: tuple[torch.Tensor, torch.Tensor],

@@ -689,3 +689,15 @@ def test_torchrun_waits_for_slow_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     assert distributed_shard() == (1, 2)
     assert made["timeout"].total_seconds() == DISTRIBUTED_TIMEOUT_S >= 24 * 3600
+
+
+def test_a_missing_teacher_checkpoint_stops_the_study_before_any_run(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a teacher path with a typo was found when the first ELF run started, after the baselines had
+    trained (hours under the full protocol)."""
+    executed: list[str] = []
+    monkeypatch.setattr(elf.study, "_execute", lambda run, *a: executed.append(run.run_id))
+    cfg = _config(workspace, "no-teacher", teachers={"w4": {"checkpoint": str(workspace / "teacherX.safetensors"),
+                                                            "model": "ConvNetW4D2"}})
+    with pytest.raises(elf.ELFError, match="teacher 'w4': checkpoint .*teacherX.safetensors does not exist"):
+        run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    assert executed == []
