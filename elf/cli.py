@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "adapters + the teacher on each augmented batch), dsa, dm, dc, mtt, "
                                                    "glad; see docs/protocols.md. ELF runs always have the ELF terms on")
     g.add_argument("--epochs", type=int, default=None, help="the protocol's Epoch (official 1000; the loop runs Epoch+1)")
-    g.add_argument("--runs", type=int, default=5, help="runs (seeds 0..runs-1) per model and method")
+    g.add_argument("--runs", type=int, default=5, help="runs per model and method (seeds --seed .. --seed + runs - 1)")
     g.add_argument("--seed", type=int, default=0, help="first seed")
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--batch-size", type=int, default=None)

@@ -369,7 +369,7 @@ def _assemble(
         where = f"under a {split!r} folder " if split else ""
         raise ELFError(
             f"{path}: found no images {where}(expected <split>/<class>/<image> or <class>/<image>; "
-            f"top-level folders: {', '.join(folders) or 'none'}). Pass split= one of those folders or fix the layout"
+            f"top-level folders: {', '.join(folders) or 'none'}). Pass split= one of those folders (on the command line: point at the folder holding train/ and test/) or fix the layout"
         )
     if len(prefixes) > 1:
         shown = sorted("/".join(p) or "." for p in prefixes)

@@ -161,7 +161,7 @@ def _mtt_paths(images_path: Path, labels_path: PathLike | None, lr_path: PathLik
     if labels_path is None:
         labels_path = images_path.with_name(f"labels{suffix}.pt")
         if not labels_path.is_file():
-            raise ELFError(f"{images_path}: no {labels_path.name} next to it; pass labels_path=")
+            raise ELFError(f"{images_path}: no {labels_path.name} next to it; pass labels_path= (elf eval: --labels)")
     if lr_path is None:
         cand = images_path.with_name(f"lr{suffix}.pt")
         lr_path = cand if cand.is_file() else None

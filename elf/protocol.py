@@ -101,7 +101,8 @@ class Protocol:
             if self.distance not in DISTANCES:
                 raise ELFError(f"protocol distance must be one of {sorted(DISTANCES)} or a callable, got {self.distance!r}")
         if self.align_targets and self.features_on_augmented:
-            raise ELFError("align_targets and features_on_augmented both make targets match the augmented view: choose one")
+            raise ELFError("align_targets and features_on_augmented (--align-targets, --teacher-on-augmented) both make "
+                           "targets match the augmented view: choose one")
         for name in ("epochs", "batch_size", "eval_batch_size", "lr_decay_epoch"):
             value = getattr(self, name)
             if value is None and name == "lr_decay_epoch":

@@ -906,12 +906,13 @@ def run_study(
                 path = out / "runs" / f"{record['run_id']}.json"
                 atomic_write(path, lambda p, rec=record: Path(p).write_text(json.dumps(rec, indent=1, default=str)))
                 _discard_partial(cfg, record["run_id"])
+                tag = where if len(group) == 1 else f"{where}: {record['run_id']}"  # (a cell's seeds: each named)
                 if record.get("failed"):
-                    log(f"{where}: {record['run_id']} FAILED ({record['failed']})")
+                    log(f"{tag} FAILED ({record['failed']})")
                 elif record["accuracy"] is None:
-                    log(f"{where}: {record['run_id']} not applicable ({record['not_applicable']})")
+                    log(f"{tag} not applicable ({record['not_applicable']})")
                 else:
-                    log(f"{where}: {record['run_id']} {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
+                    log(f"{tag} {record['accuracy']:.2f}% in {record['wall_time_s']:.0f} s")
         finally:
             lock.release()
     if distributed:

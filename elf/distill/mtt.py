@@ -259,7 +259,7 @@ class ExpertTrajectories:
         if high < 1:
             raise ELFError(
                 f"expert trajectory {i} has {len(traj)} snapshots; matching {expert_epochs} expert epochs needs at least "
-                f"{expert_epochs + 1}. Train the experts longer or lower expert_epochs"
+                f"{expert_epochs + 1}. Train the experts longer or lower expert_epochs (--expert-epochs)"
             )
         t = int(torch.randint(high, (1,), generator=generator, device=dev)[0])
         return ExpertSegment(i, t, traj[t], traj[t + expert_epochs])
@@ -316,7 +316,7 @@ class TrajectoryMatching(Objective):
         if trajectories.min_length < expert_epochs + 1:
             raise ELFError(
                 f"the shortest expert trajectory has {trajectories.min_length} snapshots; expert_epochs={expert_epochs} "
-                f"needs at least {expert_epochs + 1}. Train the experts longer or lower expert_epochs"
+                f"needs at least {expert_epochs + 1}. Train the experts longer or lower expert_epochs (--expert-epochs)"
             )
         named = list(net.named_parameters())
         self._names = [n for n, _ in named]

@@ -121,7 +121,7 @@ class PixelParam(Parameterization):
                 if sampler.counts[k] < per:
                     raise ELFError(
                         f"init='real' needs {per} distinct real images of class {k} (ipc {ipc} x factor**2 {factor * factor}) "
-                        f"but there are {sampler.counts[k]}; use fewer images per class, a smaller factor, or init='noise'"
+                        f"but there are {sampler.counts[k]}; use fewer images per class, a smaller factor, or init='noise' (--init noise)"
                     )
                 blocks.append(encode_tiles(sampler.batch(k, per, generator), factor))
             data = torch.cat(blocks).to(dev)
