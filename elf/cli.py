@@ -409,6 +409,8 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     get_protocol(args.protocol, **_protocol_overrides(args))  # its numbers (--lr nan, --lambda-front inf) checked now
     if args.out:
         check_writable(args.out, "--out")
+        if not args.resume:
+            _refuse_overwriting_runs(args.out)
 
 
 def _normalization(args: argparse.Namespace) -> Any:
@@ -530,6 +532,19 @@ def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], te
         out["teacher_points"] = [b.point for b in banks]
     out["test_n"] = int(test_x.shape[0])
     return json.loads(json.dumps(out, default=str))
+
+
+def _refuse_overwriting_runs(out: str) -> None:
+    """An existing ``--out`` holding finished runs of an earlier eval is not overwritten without ``--resume``."""
+    try:
+        data = json.loads(Path(out).expanduser().read_text())
+    except (OSError, ValueError):  # none yet, or not an eval record: written as asked
+        return
+    if isinstance(data, dict) and data.get("command") == "elf eval":
+        done = sum(len((r.get(m) or {}).get("seeds", [])) for r in data.get("results", []) for m in ("baseline", "elf"))
+        if done:
+            raise ELFError(f"--out {out} holds {done} finished run(s) of an earlier eval: add --resume to continue it "
+                           "(same settings), or give another --out (or delete the file) to start over")
 
 
 def _previous_eval(out: str) -> dict[str, Any] | None:

@@ -562,6 +562,23 @@ def test_eval_resume_with_more_runs_adds_seeds(tmp_path: Path, folder: Path, cac
     assert row[2] == [0, 1] and row[3][0] == first[0][3][0]
 
 
+def test_eval_does_not_overwrite_finished_runs_without_resume(tmp_path: Path, folder: Path, cache: Path, synthetic: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: running the command again without --resume replaced an --out of finished runs (hours of them)
+    at its first finished run."""
+    out = tmp_path / "r.json"
+    argv = ["eval", "--images", str(synthetic), "--no-elf", "--models", TINY, "--epochs", "1", "--runs", "1",
+            "--out", str(out), *common(folder, cache)]
+    assert main(argv) == 0
+    saved = out.read_text()
+    capsys.readouterr()
+    counter = FitCounter(monkeypatch)
+    cli_error(capsys, "eval", argv, "holds 1 finished run(s) of an earlier eval", "--resume")
+    assert counter.calls == 0 and out.read_text() == saved
+    out.write_text("not json")  # a file that is no eval record is written over as asked
+    assert main(argv) == 0 and json.loads(out.read_text())["command"] == "elf eval"
+
 def test_eval_resume_of_a_foreign_file(tmp_path: Path, folder: Path, cache: Path, synthetic: Path, teacher: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"

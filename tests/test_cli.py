@@ -103,23 +103,27 @@ def test_train_teacher_then_eval(tmp_path: Path, image_folder: Path, synthetic_f
     assert result["teachers"][0]["teacher_model"] == "ConvNetW8D2"
     assert result["environment"]["torch_version"] == torch.__version__
     assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is False  # library default
+    result_file.unlink()  # (a finished --out is not overwritten without --resume)
     assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
                  "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", "--protocol", "elf-official",
                  "--out", str(result_file), *common]) == 0
     (row,) = json.loads(result_file.read_text())["results"]
     assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is True
+    result_file.unlink()
     assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
                  "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", "--rear-bn-stats", "student",
                  "--out", str(result_file), *common]) == 0
     (row,) = json.loads(result_file.read_text())["results"]
     assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is False
     # --teacher-on-augmented: the bank's teacher runs on every augmented batch (the bank comes from the cache here)
+    result_file.unlink()
     assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
                  "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "1", "--teacher-on-augmented", "--no-baseline",
                  "--out", str(result_file), *common]) == 0
     (row,) = json.loads(result_file.read_text())["results"]
     assert row["elf"]["protocol"]["features_on_augmented"] is True and row["elf"]["accuracies"]
     # ... and with --batched its seeds train as one vectorized model (one teacher forward per step serves them all)
+    result_file.unlink()
     assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
                  "--models", "ConvNetW8D2BN", "--epochs", "1", "--runs", "2", "--teacher-on-augmented", "--no-baseline",
                  "--batched", "--out", str(result_file), *common]) == 0
