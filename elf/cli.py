@@ -439,6 +439,9 @@ def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, t
         print(f"elf eval: note: {args.images} records no normalization: assuming {given.name} (mean {given.mean}, "
               f"std {given.std}); pass --normalization if the set was made with other statistics", file=sys.stderr)
         sset.normalization = given
+    if args.zca and name.endswith(".safetensors") and not sset.zca:
+        print(f"elf eval: note: --zca overrides {args.images}'s own record that its images are not ZCA-whitened "
+              "(elf-dd sets record their pixel space): drop --zca unless that record is wrong", file=sys.stderr)
     if args.zca:
         sset.zca = True
     test = sset.label_real(_load_split(args, "test", args.test_per_class), "the test split", log)

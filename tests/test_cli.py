@@ -182,6 +182,7 @@ def test_zca_teacher_and_zca_set(tmp_path: Path, image_folder: Path, synthetic_f
     assert main(ev) == 2  # the set is not ZCA'd, the teacher is
     assert "different pixel spaces: ZCA whitening" in capsys.readouterr().err
     assert main([*ev, "--zca", "--out", str(tmp_path / "r.json")]) == 0
+    assert "--zca overrides" in capsys.readouterr().err  # the set's own record says otherwise: said, not silent
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["results"][0]["elf"]["data"]["zca"] is True
 
