@@ -713,13 +713,15 @@ class ELFTrainer:
             shown = changed_settings(saved_p, now, ignored)
             if shown:
                 raise ELFError(f"{path} was saved by a fit under another protocol ({shown}); resume it with the same "
-                               "protocol, or start over")
+                               "protocol, or start over (fit without resume_from; elf train-teacher: --no-resume or "
+                               "another --out)")
         now_inputs = self._run_inputs()  # keys an older file lacks are not compared
         keys = ("inputs_sha256", "split_at", "teacher_sha256", "teacher_point")
         shown = changed_settings({k: meta[k] for k in keys if k in meta}, now_inputs)
         if shown:
             raise ELFError(f"{path} was saved by a fit on other inputs (set: inputs_sha256, cut: split_at, teacher: "
-                           f"teacher_sha256 / teacher_point; {shown}); resume it with the same inputs, or start over")
+                           f"teacher_sha256 / teacher_point; {shown}); resume it with the same inputs, or start over "
+                           "(fit without resume_from; elf train-teacher: --no-resume or another --out)")
         try:
             model.load_state_dict(saved.section("model"))
         except RuntimeError as e:
