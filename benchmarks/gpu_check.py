@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table5-compile", action="store_true", help="table5: torch.compile the batched step")
     ap.add_argument("--teacher-seconds", type=float, default=170, help="time box of the width-512 teacher")
     ap.add_argument("--distill-seconds", type=float, default=170, help="time box of the DSA distillation")
-    ap.add_argument("--speed-seconds", type=float, default=75, help="time box of the batched-seeds speed stage")
+    ap.add_argument("--speed-seconds", type=float, default=100, help="time box of the batched-seeds speed stage (its "
+                    "file is written after every row, so a cut keeps the rows done)")
     ap.add_argument("--procs", type=int, default=8, help="processes for table5 and the DM table (the DSA table gets half)")
     ap.add_argument("--followup-procs", type=int, default=12,
                     help="processes for the follow-up studies in all (split evenly, at most one per unfinished run)")
@@ -279,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=str(HERE / "work" / "gpu"))
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--tiny", action="store_true", help="toy sizes (the CPU test of this script)")
+    ap.add_argument("--archive", default=os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "gpu-results.tgz"),
+                    help="also write what this call wrote (results, logs) into this .tar.gz, even when a stage fails "
+                         "(default: $OUT/gpu-results.tgz when $OUT is set, as on a lent device machine)")
     ap.add_argument("--worker", choices=sorted([*STUDIES, *FOLLOWUPS]), help=argparse.SUPPRESS)
     ap.add_argument("--shard", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -291,11 +295,41 @@ def main(argv: list[str] | None = None) -> int:
     selected = [s for s in STAGES if s in selected]  # the order they run in
     # every process runs in the repository root; paths inside it are recorded relative to it
     args.data, args.work, args.results = (_portable(p) for p in (args.data, args.work, args.results))
+    args.archive = str(Path(args.archive).resolve()) if args.archive else None
     os.chdir(ROOT)
     if args.worker:
         return worker(args)
-
+    if args.data.lower() not in ("cifar10", "cifar100") and not Path(args.data).exists():
+        ap.error(f"--data {args.data} does not exist here (on a lent device machine ../shared is not there: carry a "
+                 "copy of the archive inside the working tree, e.g. .gpudata/, and point --data at it)")
     t_start = time.time()
+    try:
+        return _plan(args, selected, t_start, sys.argv[1:] if argv is None else argv)
+    finally:  # whatever happened (a stage's error, Ctrl-C), what this call wrote goes into the archive
+        if args.archive:
+            _write_archive(Path(args.archive), Path(args.results), Path(args.work) / "logs", t_start)
+
+
+def _write_archive(path: Path, results: Path, logs: Path, since: float) -> None:
+    """One ``.tar.gz`` of what this call wrote: the files under ``results`` changed since ``since`` (epoch seconds)
+    and this call's logs, named from the repository root (``benchmarks/results/...``) so that unpacking there puts
+    them in place. Runs in progress (``partial/``: checkpoints and lock files naming this host) stay out."""
+    import tarfile
+
+    files = sorted(p for p in results.rglob("*") if p.is_file() and "partial" not in p.parts
+                   and p.stat().st_mtime >= since - 1)
+    files += sorted(logs.glob("*.log")) if logs.is_dir() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=_portable(str(f)))
+    tmp.replace(path)
+    print(f"archived {len(files)} file(s) of this call in {path}", flush=True)
+
+
+def _plan(args: argparse.Namespace, selected: list[str], t_start: float, argv: list[str]) -> int:
+    """The stages of one call (see the module docstring); writes gpu-check.json and the logs under ``--results``."""
     end = t_start + args.budget
     work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
@@ -307,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     elf = [py, "-m", "elf"]
     common = ["--data", args.data, "--device", args.device, "--no-progress"]
-    report: dict[str, Any] = {"script": "benchmarks/gpu_check.py", "argv": sys.argv[1:] if argv is None else argv,
+    report: dict[str, Any] = {"script": "benchmarks/gpu_check.py", "argv": argv,
                               "stages_selected": selected,
                               "followups_selected": args.followups if "followups" in selected else [],
                               "budget_s": args.budget, "epochs": args.epochs,
@@ -326,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if "speed" in selected:
         speed_out = results / f"speed-{'tiny' if args.tiny else args.device.split(':')[0]}-batched.json"
         speed_args = (["--seeds", "1", "2", "--batched-epochs", "2", "--images", "20"] if args.tiny
-                      else ["--seeds", "1", "5", "10", "--batched-epochs", "20", "--compile"])
+                      else ["--seeds", "1", "5", "10", "--batched-epochs", "20", "--compile", "--repeats", "1"])
         stage.start("speed", [py, str(HERE / "speed.py"), "--device", args.device, "--batched-only", "--batched-models",
                               "ConvNetBN", *speed_args, "--out", str(speed_out),
                               "--note", "benchmarks/gpu_check.py stage speed, alone on the device"],

@@ -7,6 +7,11 @@
 # follow-up studies, answered on the CPU, run again on the GPU with --followups NAMES or --followups all).
 # Finished runs are skipped, so a second call continues.
 # The first call's stages (teacher, distill, val, tables) stay selectable with --stages.
+# On a lent device machine (no ../shared; only files directly under $OUT come back): carry a copy of the data in
+# .gpudata/ (git-ignored) and the script writes $OUT/gpu-results.tgz (--archive) with what this call wrote:
+#   mkdir -p .gpudata && cp ../shared/data/cifar10-jpeg.tar.gz .gpudata/      # here, once
+#   bash benchmarks/gpu_check.sh --data .gpudata/cifar10-jpeg.tar.gz           # device: carry [".gpudata"], 600 s
+#   tar xzf gpu-results.tgz -C .                                               # here, from the returned files
 #   bash benchmarks/gpu_check.sh --data PATH/cifar10-jpeg.tar.gz [--budget 540]
 #   bash benchmarks/gpu_check.sh --data PATH --stages teacher,distill,val,tables --budget 470   # the first call
 #   bash benchmarks/gpu_check.sh --device cpu --tiny --data TOY_FOLDER --work /tmp/w --results /tmp/r   # CPU path

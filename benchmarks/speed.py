@@ -178,9 +178,11 @@ def time_grouped_conv(k: int, batch: int, device: torch.device, steps: int = 3) 
     return out
 
 
-def batched_section(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor,
-                    device: torch.device) -> dict[str, Any]:
-    """Section 5: k sequential fits vs one batched run (eager, compiled) per model and k; channels-last per model."""
+def batched_section(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                    on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Section 5: k sequential fits vs one batched run (eager, compiled) per model and k; channels-last per model.
+    ``on_row`` gets the section so far (``{"rows": [...], "partial": True}``) after every row, to be written at once:
+    a run cut short keeps the rows it finished."""
     test = (torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(100) % 10)
     modes = ["sequential", *(m for m in args.modes if m != "sequential" and (args.compile or not MODES[m][1]))]
     rows = []
@@ -204,9 +206,13 @@ def batched_section(args: argparse.Namespace, images: torch.Tensor, labels: torc
                 if mode in CHANNELS_LAST_MODES:  # other kernels, other rounding: how far, not whether equal
                     row[f"{mode}_max_abs_accuracy_diff"] = max(
                         abs(a - b) for a, b in zip(row[mode]["accuracies"], seq["accuracies"]))
-                else:
+                else:  # (on CUDA, TF32 and grouped convolutions may round otherwise: the difference says how far)
                     row[f"{mode}_same_accuracies"] = row[mode]["accuracies"] == seq["accuracies"]
+                    row[f"{mode}_max_abs_accuracy_diff"] = max(
+                        abs(a - b) for a, b in zip(row[mode]["accuracies"], seq["accuracies"]))
             rows.append(row)
+            if on_row is not None:
+                on_row({"rows": rows, "partial": True})
     layouts = {m: time_channels_last(m, images, labels, args.batched_epochs, args.batch, device)
                for m in args.batched_models}
     grouped = {k: time_grouped_conv(k, min(args.batch, args.images), device) for k in args.seeds if k > 1}
@@ -252,7 +258,13 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.arange(10).repeat_interleave(args.images // 10)
     rows, results = [], {"settings": vars(args), "environment": environment(device)}
     if args.batched_only:
-        results["batched_seeds"] = batched_section(args, images, labels, device)
+        try:
+            results["batched_seeds"] = batched_section(
+                args, images, labels, device, on_row=lambda part: _write({**results, "batched_seeds": part}, args.out,
+                                                                          device, quiet=True))
+        except KeyboardInterrupt:  # cut by a time box: the rows written so far stay, marked as such
+            print("interrupted: the rows finished so far are in the file (batched_seeds.partial = true)", flush=True)
+            return
         _write(results, args.out, device)
         return
 
@@ -301,11 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     _write(results, args.out, device)
 
 
-def _write(results: dict[str, Any], path: str | None, device: torch.device) -> None:
+def _write(results: dict[str, Any], path: str | None, device: torch.device, quiet: bool = False) -> None:
     out = Path(path or Path(__file__).parent / "results" / f"speed-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}")
+    tmp = out.with_name(out.name + ".tmp")  # atomic: a reader (or a kill) never sees half a file
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
+    if not quiet:
+        print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -175,8 +175,10 @@ def _prepare(trainer: ELFTrainer, template: _Bundle, params: Tensors, buffers: T
     k = next(iter(params.values())).shape[0]
     first = torch.arange(min(p.batch_size, trainer.images.shape[0]), device=trainer.device)
     x, y, feats = trainer.batch(first, None, None)  # type: ignore[arg-type]
-    xs = x.expand(k, *x.shape)
-    probe = (xs, y.expand(k, *y.shape), None if feats is None else feats.expand(k, *feats.shape),
+    # stacked like the training batches (contiguous): an expanded view's zero strides made torch.compile compile the
+    # step a second time at the first real batch
+    xs = x.expand(k, *x.shape).contiguous()
+    probe = (xs, y.expand(k, *y.shape).contiguous(), None if feats is None else feats.expand(k, *feats.shape).contiguous(),
              _front_targets(teacher_front, xs))
     info: dict[str, Any] = {"compile": False}
     if compile:

@@ -322,6 +322,34 @@ def test_speed_benchmark_batched_section(tmp_path):
     assert [(r["model"], r["k"]) for r in rows] == [("ConvNetW16", 1), ("ConvNetW16", 2)]
     assert all(r["batched_same_accuracies"] and r["batched"]["batched"]["seeds"] == r["k"] for r in rows)
     assert rows[1]["sequential"]["loop_s_per_epoch"] > 0
+    assert rows[1]["batched_max_abs_accuracy_diff"] == 0.0 and "partial" not in json.loads(out.read_text())["batched_seeds"]
+
+    # regression: the file was written only at the end, so a run cut by its time box (as on the GPU call) kept nothing
+    calls = []
+    real_time_seeds = speed.time_seeds
+
+    def cut_at_the_second_row(*args, **kw):
+        calls.append(args[4])  # k
+        if args[4] == 2:
+            raise KeyboardInterrupt
+        return real_time_seeds(*args, **kw)
+
+    speed.time_seeds = cut_at_the_second_row
+    cut = tmp_path / "cut.json"
+    speed.main(["--batched-only", "--images", "10", "--batch", "4", "--batched-epochs", "2", "--seeds", "1", "2",
+                "--repeats", "1", "--batched-models", "ConvNetW16", "--device", "cpu", "--out", str(cut)])
+    part = json.loads(cut.read_text())["batched_seeds"]
+    assert part["partial"] is True and [r["k"] for r in part["rows"]] == [1]
+
+
+def test_a_compiled_batched_run_compiles_its_step_once():
+    """Regression: the probe step ran on an expanded view (stride 0 along the seeds), the training batches are
+    stacked: torch.compile compiled the step a second time at the first batch (tens of seconds on a GPU)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _trainer(batch_size=4).run(*TEST, SEEDS[:2], batched=True, compile=True)  # 12 images: whole batches only (a
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # smaller last batch is another shape)
 
 
 def test_groups_of_seeds(monkeypatch):

@@ -97,8 +97,16 @@ def _gpu_check(tmp_path: Path, *extra: str) -> dict:
 def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) -> None:
     """A plain call of benchmarks/gpu_check.sh must work the first time on a GPU machine: its default plan (speed,
     cuda_tests, table5, followups) runs here on toy sizes."""
-    report = _gpu_check(tmp_path, "--followup-procs", "4")
+    report = _gpu_check(tmp_path, "--followup-procs", "4", "--archive", str(tmp_path / "out" / "gpu-results.tgz"))
     results = tmp_path / "results"
+    # what comes back from a lent device is a few files, not a tree: one archive of this call's results and logs
+    import tarfile
+
+    with tarfile.open(tmp_path / "out" / "gpu-results.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("results/gpu-check.json") for n in names) and any(n.endswith("speed-tiny-batched.json") for n in names)
+    assert sum("/gpu-table5/runs/" in n for n in names) == 8 and any(n.endswith("logs/speed.log") for n in names)
+    assert not any("/partial/" in n for n in names)
     assert report["stages_selected"] == ["speed", "cuda_tests", "table5", "followups"]
     summary = report["stage_summary"]
     assert set(summary) == {"speed", "cuda_tests", "table5", "followups"} and "skipped" in summary["cuda_tests"]
@@ -148,6 +156,20 @@ def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) 
     again = _gpu_check(tmp_path, "--stages", "table5")
     assert again["stage_summary"]["table5"]["processes"] == 0 and again["previous_report"].startswith("gpu-check-")
     assert (results / again["previous_report"]).exists()
+
+
+def test_gpu_check_refuses_missing_data_before_any_stage(tmp_path: Path) -> None:
+    """Regression: on a lent device machine ../shared is absent; the speed stage ran, then loading the data raised
+    and nothing (no gpu-check.json, no logs) was written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--data",
+                           str(tmp_path / "absent.tar.gz"), "--work", str(tmp_path / "work"), "--results",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and "does not exist here" in proc.stderr and "carry" in proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
 
 
 def test_gpu_check_first_call_stages_tiny(tmp_path: Path, torch_single_thread: None) -> None:
