@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bundled 1,000-image test subset, with and without ELF. CPU default: ConvNet-BN, 200 epochs, "
                                    "2 runs (about 4 minutes on an idle 2-core CPU); --full: the official protocol (1000 epochs, 5 runs; for a GPU).")
     p.add_argument("--models", nargs="+", default=None, help="evaluation models (ConvNet family: the bundled teacher is width 128)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--runs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 200; --full: 1000)")
+    p.add_argument("--runs", type=int, default=None, help="runs (seeds) per model and method (default 2; --full: 5)")
     p.add_argument("--full", action="store_true", help="the official protocol: 1000 epochs, 5 runs, ConvNet / ConvNet-BN / ConvNet-LN")
     p.add_argument("--info", action="store_true", help="print how the bundled assets were made and exit")
     _add_device(p)
@@ -275,6 +275,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     width = max(map(len, models))
     for name, desc in models.items():
         print(f"{name:<{width}}  {desc}")
+    print("\nConvNet variants by name: ConvNetW<width>D<depth> plus BN/IN/LN/GN/NN (norm), AS/AR/AL (activation), "
+          "NP/MP/AP (pooling), e.g. ConvNetW512, ConvNetW64D4BN; any model with arguments: NAME:key=value,...")
     return 0
 
 
