@@ -1,5 +1,6 @@
-"""A lock file per run, so that processes sharing a study folder (shards, torchrun ranks, a second ``elf study``
-started by hand) never train the same run at once.
+"""Lock files that keep two processes from training the same study run at once.
+
+Processes may share a study folder (shards, torchrun ranks, a second ``elf study`` started by hand).
 
 ``<folder>/<run id>.lock`` is created exclusively (``O_CREAT | O_EXCL``) and holds the owner's host, pid and start
 time. A lock left by a process of this host that no longer exists (killed) is taken over; a lock held by another

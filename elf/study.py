@@ -117,8 +117,7 @@ class StudyConfig:
     def check(self, running: bool = False) -> None:
         """Refuse, before anything runs, what would fail or mislead later: no seeds or models, a variant whose
         protocol numbers are out of range, a variant naming an unknown teacher; with ``running`` (as
-        :func:`run_study` calls it) also an ELF variant in a study without teachers and a teacher checkpoint that
-        is not there (found only when its first ELF run starts, possibly after hours of baselines)."""
+        :func:`run_study` calls it) also an ELF variant in a study without teachers."""
         from .protocol import seed_list
 
         self.seeds = seed_list(self.seeds, "study seeds")
@@ -149,9 +148,6 @@ class StudyConfig:
                 raise ELFError(f"teacher {name!r}: unknown key(s) {unknown}; a teacher takes {sorted(TEACHER_KEYS)}")
             if "accuracy" in t and not isinstance(t["accuracy"], (int, float)):
                 raise ELFError(f"teacher {name!r}: accuracy must be a number (its test accuracy in %), got {t['accuracy']!r}")
-            if running and not Path(t["checkpoint"]).is_file():
-                raise ELFError(f"teacher {name!r}: checkpoint {t['checkpoint']} does not exist (paths in a study file are "
-                               "taken from the file's folder)")
         self._check_field_names()
         self._check_run_names()
         by_case = {m.lower(): m for m in self.models}
@@ -852,6 +848,10 @@ def run_study(
     """
     distributed = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
     cfg.check(running=True)
+    for name, t in cfg.teachers.items():  # now, not when the first ELF run starts (possibly after hours of baselines)
+        if not Path(t["checkpoint"]).is_file():
+            raise ELFError(f"teacher {name!r}: checkpoint {t['checkpoint']} does not exist (paths in a study file are "
+                           "taken from the file's folder)")
     rank, world = shard if shard is not None else distributed_shard()
     if not 0 <= rank < world:
         raise ELFError(f"shard {rank}/{world} does not exist: use i/n with 0 <= i < n")
