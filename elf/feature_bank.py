@@ -8,6 +8,7 @@ same (teacher, images, point) again compute nothing; every read is verified agai
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ class FeatureBank:
         teacher.eval()
         front = split_model(teacher, point, options=options).front
         chunks = []
+        peak = torch.zeros((), device=dev)  # the largest |feature| before the cast to ``dtype``
         batches = range(0, images.shape[0], batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -195,13 +197,23 @@ class FeatureBank:
             with torch.no_grad():
                 for start in batches:
                     x = images[start : start + batch_size].to(dev, non_blocking=True)
-                    chunks.append(front(x).to(dtype))
+                    out = front(x)
+                    peak = torch.maximum(peak, out.detach().abs().amax().float())
+                    chunks.append(out.to(dtype))
         except RuntimeError as e:
             raise ELFError(f"the teacher {type(teacher).__name__} cannot run on images of shape {tuple(images.shape[1:])} "
                            f"({e}); build the teacher for these images (channels, size)") from e
         finally:
             teacher.train(was_training)
         features = torch.cat(chunks)
+        if not bool(torch.isfinite(features).all()):  # one read-back per bank
+            top = float(peak)
+            if math.isfinite(top) and top > torch.finfo(dtype).max:
+                raise ELFError(f"teacher features reach {top:.4g}, beyond {_dtype_name(dtype)}'s range (max "
+                               f"{torch.finfo(dtype).max:.6g}): they would be stored as inf; build the bank in "
+                               "bfloat16 or float32 (dtype=, --feature-dtype)")
+            raise ELFError(f"the teacher {type(teacher).__name__} gives non-finite features (inf or nan) for these "
+                           "images: check its checkpoint and the images' pixel space")
         meta = {
             "format": FORMAT,
             "key": key,

@@ -689,6 +689,7 @@ class ELFTrainer:
         if self.feature_bank is not None and self.protocol.uses_features:
             out["teacher_sha256"] = str(self.feature_bank.metadata.get("teacher_sha256", ""))
             out["teacher_point"] = str(self.feature_bank.point)
+            out["teacher_dtype"] = str(self.feature_bank.features.dtype)  # a float32 run does not go on in bfloat16
         return out
 
     def _global_generators(self) -> dict[str, torch.Generator]:
@@ -716,11 +717,11 @@ class ELFTrainer:
                                "protocol, or start over (fit without resume_from; elf train-teacher: --no-resume or "
                                "another --out)")
         now_inputs = self._run_inputs()  # keys an older file lacks are not compared
-        keys = ("inputs_sha256", "split_at", "teacher_sha256", "teacher_point")
+        keys = ("inputs_sha256", "split_at", "teacher_sha256", "teacher_point", "teacher_dtype")
         shown = changed_settings({k: meta[k] for k in keys if k in meta}, now_inputs)
         if shown:
             raise ELFError(f"{path} was saved by a fit on other inputs (set: inputs_sha256, cut: split_at, teacher: "
-                           f"teacher_sha256 / teacher_point; {shown}); resume it with the same inputs, or start over "
+                           f"teacher_sha256 / teacher_point / teacher_dtype; {shown}); resume it with the same inputs, or start over "
                            "(fit without resume_from; elf train-teacher: --no-resume or another --out)")
         try:
             model.load_state_dict(saved.section("model"))
@@ -808,7 +809,7 @@ class ELFTrainer:
             result.data["adapters"] = repr(self.adapters)
         if self.feature_bank is not None and self.protocol.uses_features:  # which teacher feature it trained against
             result.data["teacher"] = {k: self.feature_bank.metadata[k] for k in
-                                      ("teacher_model", "teacher_sha256", "point", "shape", "images_sha256")
+                                      ("teacher_model", "teacher_sha256", "point", "shape", "dtype", "images_sha256")
                                       if k in self.feature_bank.metadata}
         return result
 

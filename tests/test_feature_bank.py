@@ -174,6 +174,16 @@ def test_save_load_round_trip_with_metadata(tmp_path):
         assert f.metadata()["images_sha256"] == tensor_sha256(x)
 
 
+def test_features_beyond_float16s_range_are_refused_not_stored_as_inf():
+    """Regression: features above 65504 became inf in a float16 bank (cached so), and training then stopped with
+    'diverged: lower lr or lambda', which blamed the wrong thing."""
+    teacher = _teacher("ConvNetW16NN")  # no normalization: the features scale with the images
+    x = _images() * 1e7  # features reach ~7e5
+    with pytest.raises(ELFError, match="beyond float16's range"):
+        FeatureBank.build(teacher, x, dtype=torch.float16)
+    assert torch.isfinite(FeatureBank.build(teacher, x, dtype="bfloat16").features).all()
+
+
 @pytest.mark.parametrize("dtype,name", [(torch.float16, "float16"), ("bfloat16", "bfloat16")])
 def test_low_precision_storage(tmp_path, dtype, name):
     teacher = _teacher()

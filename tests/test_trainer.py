@@ -768,6 +768,12 @@ def test_a_state_file_does_not_resume_on_other_inputs(tmp_path):
         ELFTrainer("ConvNetW16", x + 1, y, feature_bank=_bank(x + 1), **kw).fit(1, resume_from=state)
     with pytest.raises(ELFError, match=r"other inputs .*teacher_sha256: '"):
         ELFTrainer("ConvNetW16", x, y, feature_bank=_bank(x, teacher=_teacher(seed=7)), **kw).fit(1, resume_from=state)
+    # regression: the bank's storage dtype was neither compared nor recorded (a float32 run went on in bfloat16)
+    low = FeatureBank(bank.features.to(torch.bfloat16), dict(bank.metadata, dtype="bfloat16"))
+    with pytest.raises(ELFError, match=r"other inputs .*teacher_dtype: 'torch.float32' -> 'torch.bfloat16'"):
+        ELFTrainer("ConvNetW16", x, y, feature_bank=low, **kw).fit(1, resume_from=state)
+    result = ELFTrainer("ConvNetW16", x, y, feature_bank=bank, **kw).run(x, y, seeds=1)
+    assert result.data["teacher"]["dtype"] == "float32"
     ELFTrainer("ConvNetW16", x, y, feature_bank=bank, **kw).fit(1, resume_from=state)
 
 
