@@ -26,7 +26,7 @@ from torch import nn
 from .errors import ELFError
 from .protocol import ADAPTER_MODES
 
-__all__ = ["FeatureLayout", "infer_layout", "FeatureAdapter", "ELFAdapters", "build_adapters", "prefix_mode_for",
+__all__ = ["FeatureLayout", "infer_layout", "FeatureAdapter", "ELFAdapters", "build_adapters", "token_grid", "prefix_mode_for",
            "PREFIX_MODES"]
 
 #: How ``to_student`` makes a token feature's prefix (class) tokens; see :class:`FeatureAdapter`.
@@ -81,17 +81,28 @@ class FeatureLayout:
         return tokens
 
 
-def infer_layout(shape: tuple[int, ...] | torch.Size, kind: str = "auto") -> FeatureLayout:
+def _aspect_gap(h: int, w: int, image_size: tuple[int, int]) -> float:
+    """How far a grid's ``h / w`` is from the image's height / width (0 when equal; log scale)."""
+    return abs(math.log(h / w) - math.log(image_size[0] / image_size[1]))
+
+
+def infer_layout(shape: tuple[int, ...] | torch.Size, kind: str = "auto", *, image_size: tuple[int, int] | None = None,
+                 grid: tuple[int, int] | None = None) -> FeatureLayout:
     """The layout of a per-sample feature ``shape``.
 
-    ``kind="auto"``: 3-D shapes are maps ``(C, H, W)`` unless ``H != W`` while the first two sizes are equal
-    (``(H, W, C)`` with ``H == W``, as channels-last stages produce); 2-D shapes are tokens ``(N, D)`` with the
-    largest square ``h*h <= N`` as the patch grid and the rest as prefix tokens. Pass ``kind`` explicitly for
-    non-square grids.
+    ``kind="auto"``: 3-D shapes are maps ``(C, H, W)`` or channels-last maps ``(H, W, C)``: with ``image_size``
+    (the input's ``(H, W)``) the reading whose grid has the image's aspect ratio (a map when both have it), without
+    it a map unless the first two sizes are equal and the third differs. 2-D shapes are tokens ``(N, D)``: the patch
+    grid is ``grid`` when given (a timm ViT's ``patch_embed.grid_size``; the tokens before it are prefix tokens:
+    class, register), else the largest grid ``h x w <= N`` with the image's aspect ratio (square without
+    ``image_size``), the rest prefix tokens.
     """
     shape = tuple(int(s) for s in shape)
     if kind == "auto":
-        if len(shape) == 3:
+        if len(shape) == 3 and image_size is not None:
+            as_map, as_last = _aspect_gap(shape[1], shape[2], image_size), _aspect_gap(shape[0], shape[1], image_size)
+            kind = "channels_last" if as_last < as_map else "map"
+        elif len(shape) == 3:
             kind = "channels_last" if shape[0] == shape[1] and shape[1] != shape[2] else "map"
         elif len(shape) == 2:
             kind = "tokens"
@@ -104,10 +115,20 @@ def infer_layout(shape: tuple[int, ...] | torch.Size, kind: str = "auto") -> Fea
         return FeatureLayout("channels_last", shape[2], (shape[0], shape[1]))
     if kind == "tokens" and len(shape) == 2:
         n, d = shape
-        side = math.isqrt(n)
-        if side == 0:
+        if grid is not None:
+            h, w = (int(g) for g in grid)
+            if not 0 < h * w <= n:
+                raise ELFError(f"a token feature {shape} cannot hold a {h}x{w} patch grid")
+            return FeatureLayout("tokens", d, (h, w), prefix=n - h * w)
+        if image_size is None:
+            h = w = math.isqrt(n)
+        else:  # the largest grid with the image's aspect ratio
+            ratio = image_size[1] / image_size[0]
+            fits = [(a, max(1, round(a * ratio))) for a in range(1, n + 1)]
+            h, w = max((g for g in fits if g[0] * g[1] <= n), key=lambda g: g[0] * g[1], default=(0, 0))
+        if h * w == 0 or h * w > n:
             raise ELFError(f"a token feature {shape} has no patch tokens to arrange on a grid")
-        return FeatureLayout("tokens", d, (side, side), prefix=n - side * side)
+        return FeatureLayout("tokens", d, (h, w), prefix=n - h * w)
     raise ELFError(f"feature shape {shape} does not fit layout {kind!r} (map: (C, H, W); channels_last: (H, W, C); tokens: (N, D))")
 
 
@@ -192,11 +213,12 @@ class ELFAdapters(nn.Module):
     """The pair used by one ELF run: ``to_teacher`` for the front term and ``to_student`` for the rear term."""
 
     def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], student_layout: str = "auto",
-                 learned: bool = False, prefix: str = "pooled") -> None:
+                 learned: bool = False, prefix: str = "pooled", *, image_size: tuple[int, int] | None = None,
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         if len(teacher_shape) != 3:
             raise ELFError(f"adapters need a teacher feature map (C, H, W); the bank holds {tuple(teacher_shape)}")
-        s = infer_layout(student_shape, student_layout)
+        s = infer_layout(student_shape, student_layout, image_size=image_size, grid=grid)
         t = infer_layout(teacher_shape, "map")
         self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
         self.to_teacher = FeatureAdapter(s, t, learned)
@@ -206,16 +228,30 @@ class ELFAdapters(nn.Module):
         return f"student {self.student_shape} <-> teacher {self.teacher_shape}"
 
 
+def token_grid(model: nn.Module, student_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """A timm ViT's patch grid (``patch_embed.grid_size``) when ``student_shape`` is its tokens ``(prefix + h*w, D)``
+    (``num_prefix_tokens``: class and register tokens), else None (the grid is then inferred from the shape)."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if grid is None or prefix is None or len(student_shape) != 2:
+        return None
+    h, w = (int(g) for g in grid)
+    return (h, w) if int(student_shape[0]) == int(prefix) + h * w else None
+
+
 def build_adapters(mode: str | None, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...],
-                   rear: nn.Module | None = None) -> ELFAdapters | None:
+                   rear: nn.Module | None = None, *, image_size: tuple[int, int] | None = None,
+                   grid: tuple[int, int] | None = None) -> ELFAdapters | None:
     """Adapters for ``mode``: ``None``: none; ``"auto"``: only when the shapes differ; ``"always"``: learned 1x1
     projections both ways even when the shapes are equal (the student is then not forced to copy the teacher's map
     channel for channel). With token features and a ``rear``, its prefix tokens follow :func:`prefix_mode_for`
-    (without a rear: ``"pooled"``)."""
+    (without a rear: ``"pooled"``). ``image_size`` (the input's ``(H, W)``) and ``grid`` (see :func:`token_grid`)
+    settle the student's layout (:func:`infer_layout`)."""
     if mode not in ADAPTER_MODES:
         raise ELFError(f"unknown adapter mode {mode!r}; use one of {ADAPTER_MODES}")
     if mode is None or (mode == "auto" and tuple(student_shape) == tuple(teacher_shape)):
         return None
-    layout = infer_layout(tuple(student_shape))
+    layout = infer_layout(tuple(student_shape), image_size=image_size, grid=grid)
     prefix = prefix_mode_for(rear, layout) if rear is not None and layout.prefix else "pooled"
-    return ELFAdapters(tuple(student_shape), tuple(teacher_shape), learned=mode == "always", prefix=prefix)
+    return ELFAdapters(tuple(student_shape), tuple(teacher_shape), learned=mode == "always", prefix=prefix,
+                       image_size=image_size, grid=grid)

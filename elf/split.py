@@ -459,7 +459,7 @@ def auto_split_point(
         adaptable, grid = [], []
         for p in points:
             try:
-                layout = infer_layout(p.shape)
+                layout = infer_layout(p.shape, image_size=(int(input_shape[-2]), int(input_shape[-1])))
             except ELFError:
                 continue
             adaptable.append(p)

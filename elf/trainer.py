@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ELFAdapters, build_adapters
+from .adapters import ELFAdapters, build_adapters, token_grid
 from .augment import DSA
 from .batchnorm import frozen_bn_stats
 from .errors import DivergedError, ELFError
@@ -436,7 +436,9 @@ class ELFTrainer:
         # adapters are drawn from the global RNG after the model, so ELF and baseline models start alike
         adapters = None
         if got is not None and self.feature_bank is not None:
-            adapters = build_adapters(self.protocol.adapter, got, self.feature_bank.shape, rear=rear)
+            adapters = build_adapters(self.protocol.adapter, got, self.feature_bank.shape, rear=rear,
+                                      image_size=(int(self.images.shape[-2]), int(self.images.shape[-1])),
+                                      grid=token_grid(model, got))
             if adapters is not None:
                 adapters.to(self.device)
                 if self.progress and not self._adapters_told:

@@ -774,3 +774,34 @@ def test_cli_align_targets_flip():
     assert over["align_targets"] == "flip" and get_protocol("elf", **over).align_targets == "flip"
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--images", "s", "--align-targets", "rotate"])
+
+
+def test_a_timm_vits_prefix_and_register_tokens_are_not_read_as_patches() -> None:
+    """Regression: the token grid was the largest square <= N: a ViT with 4 register tokens on a 2x2 patch grid
+    (9 tokens) was read as 3x3 patches with no prefix, so the rear term fed the class token a corner of the teacher
+    map; a non-square grid (4x6 + class token = 25) was read as 5x5. The trainer now takes timm's grid and the
+    image's aspect ratio."""
+    pytest.importorskip("timm")
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % 3
+    bank = FeatureBank(torch.randn(6, 8, 4, 4), {"teacher_model": "toy"})
+    kw = dict(protocol="elf", adapter="auto", epochs=1, batch_size=6, device="cpu", progress=False, augment=None)
+    trainer = ELFTrainer("timm.vit_tiny_patch16_224:reg_tokens=4,depth=1", x, y, feature_bank=bank, split_at="norm", **kw)
+    trainer.fit(0)
+    assert trainer.adapters is not None
+    source = trainer.adapters.to_teacher.source
+    assert (source.grid, source.prefix) == ((2, 2), 5)
+    assert infer_layout((25, 192), image_size=(32, 48)) == FeatureLayout("tokens", 192, (4, 6), prefix=1)
+
+
+def test_a_non_square_map_is_not_read_as_channels_last() -> None:
+    """Regression: a (C, H, W) map with C == H and H != W (ConvNetW8D1 on 16x32 images: (8, 8, 16)) was read as a
+    channels-last (H, W, C) map, so the adapters mixed width columns as if they were channels."""
+    x, y = torch.randn(6, 3, 16, 32), torch.arange(6) % 3
+    bank = FeatureBank(torch.randn(6, 8, 4, 4), {"teacher_model": "toy"})
+    kw = dict(protocol="elf", adapter="auto", epochs=1, batch_size=6, device="cpu", progress=False, augment=None)
+    trainer = ELFTrainer("ConvNetW8D1", x, y, feature_bank=bank, **kw)
+    trainer.fit(0)
+    assert trainer.adapters is not None
+    source = trainer.adapters.to_teacher.source
+    assert (source.kind, source.channels, source.grid) == ("map", 8, (8, 16))
+    assert infer_layout((8, 8, 16), image_size=(32, 32)).kind == "channels_last"  # a square image's channels-last stage
