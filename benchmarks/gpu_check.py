@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --data PATH --stages teacher,distill,val,tables       # the first call's stages
     python benchmarks/gpu_check.py --device cpu --tiny --data toy_folder --work /tmp/w   # the CPU path CI tests
 
-``--stages`` (comma list; default ``speed,cuda_tests,table5,followups``, what is still missing after the first calls):
+``--stages`` (comma list; default ``speed,cuda_tests,table5``: issue #12's measurements, with table5's 12 cells in
+12 processes and nothing else on the device; add ``followups`` for issue #9's table, answered on the CPU meanwhile):
 
   speed       ``speed.py``'s batched-seeds section alone on the device (ConvNet-BN, k = 1, 5, 10 seeds batched vs one
               by one, eager and compiled; issue #12), time-boxed by ``--speed-seconds``; ``speed-<device>-batched.json``.
@@ -67,7 +68,7 @@ TINY_MODELS = {"val": ["ConvNetW64", TINY_VIT], "dm": ["ConvNet", "AlexNet", "to
                "front_scale_val": ["ConvNetBN"], "onaug_val": ["ConvNet"],
                "chosen_table": ["ConvNetBN", "VGG11"]}  # w128 exact shape; w512 run on the augmented batches
 STAGES = ["speed", "cuda_tests", "table5", "followups", "teacher", "distill", "val", "tables"]
-DEFAULT_STAGES = "speed,cuda_tests,table5,followups"
+DEFAULT_STAGES = "speed,cuda_tests,table5"  # table5 alone on the device: issue #12's block time, not shared
 DEFAULT_FOLLOWUPS = "chosen_table"  # what the CPU could not answer: issue #9's whole table on one machine
 STAGE_STUDIES = {"val": ["val"], "tables": ["dm", "dsa"], "table5": ["table5"]}  # followups: --followups
 
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-seconds", type=float, default=170, help="time box of the DSA distillation")
     ap.add_argument("--speed-seconds", type=float, default=100, help="time box of the batched-seeds speed stage (its "
                     "file is written after every row, so a cut keeps the rows done)")
-    ap.add_argument("--procs", type=int, default=8, help="processes for table5 and the DM table (the DSA table gets half)")
+    ap.add_argument("--procs", type=int, default=12,
+                    help="processes for table5 (12: one per cell) and the DM table (the DSA table gets half)")
     ap.add_argument("--followup-procs", type=int, default=12,
                     help="processes for the follow-up studies in all (split evenly, at most one per unfinished run)")
     ap.add_argument("--followups", type=_followups, default=DEFAULT_FOLLOWUPS,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (see benchmarks/gpu_check.py), within --budget seconds (default 540). The default plan
-# (--stages speed,cuda_tests,table5,followups): issue #12's batched-seeds speed section alone on the device; then,
-# with the CUDA-only tests in the background, one Table 5 row block (benchmarks/gpu_table5_study.toml: bundled DM set,
-# six models, baseline and official ELF, 5 batched seeds, 1000 epochs, full test set -> results/gpu-table5/) in
-# parallel with issue #9's table on one machine (gpu_chosen_table_study.toml -> results/gpu-chosen-table/; the other
-# follow-up studies, answered on the CPU, run again on the GPU with --followups NAMES or --followups all).
+# (--stages speed,cuda_tests,table5): issue #12's batched-seeds speed section alone on the device; then, with the
+# CUDA-only tests in the background, one Table 5 row block (benchmarks/gpu_table5_study.toml: bundled DM set, six
+# models, baseline and official ELF, 5 batched seeds, 1000 epochs, full test set -> results/gpu-table5/), one process
+# per cell. Adding the stage followups runs issue #9's table on one machine beside it (gpu_chosen_table_study.toml ->
+# results/gpu-chosen-table/; the other follow-up studies with --followups NAMES or --followups all).
 # Finished runs are skipped, so a second call continues.
 # The first call's stages (teacher, distill, val, tables) stay selectable with --stages.
 # On a lent device machine (no ../shared; only files directly under $OUT come back): carry a copy of the data in

@@ -96,8 +96,8 @@ def _gpu_check(tmp_path: Path, *extra: str) -> dict:
 
 def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) -> None:
     """A plain call of benchmarks/gpu_check.sh must work the first time on a GPU machine: its default plan (speed,
-    cuda_tests, table5, followups) runs here on toy sizes."""
-    report = _gpu_check(tmp_path, "--followup-procs", "4", "--archive", str(tmp_path / "out" / "gpu-results.tgz"))
+    cuda_tests, table5) runs here on toy sizes; then the followups stage."""
+    report = _gpu_check(tmp_path, "--archive", str(tmp_path / "out" / "gpu-results.tgz"))
     results = tmp_path / "results"
     # what comes back from a lent device is a few files, not a tree: one archive of this call's results and logs
     import tarfile
@@ -107,9 +107,9 @@ def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) 
     assert any(n.endswith("results/gpu-check.json") for n in names) and any(n.endswith("speed-tiny-batched.json") for n in names)
     assert sum("/gpu-table5/runs/" in n for n in names) == 8 and any(n.endswith("logs/speed.log") for n in names)
     assert not any("/partial/" in n for n in names)
-    assert report["stages_selected"] == ["speed", "cuda_tests", "table5", "followups"]
+    assert report["stages_selected"] == ["speed", "cuda_tests", "table5"]  # table5 alone on the device
     summary = report["stage_summary"]
-    assert set(summary) == {"speed", "cuda_tests", "table5", "followups"} and "skipped" in summary["cuda_tests"]
+    assert set(summary) == {"speed", "cuda_tests", "table5"} and "skipped" in summary["cuda_tests"]
     speed = json.loads((results / "speed-tiny-batched.json").read_text())  # issue #12's speed section
     assert [row["k"] for row in speed["batched_seeds"]["rows"]] == [1, 2]
     assert all(row["batched_same_accuracies"] for row in speed["batched_seeds"]["rows"])
@@ -123,8 +123,12 @@ def test_gpu_check_default_plan_tiny(tmp_path: Path, torch_single_thread: None) 
     assert t5["whole_block_done"] and t5["wall_s"] > 0 and t5["whole_block_s"] == t5["wall_s"]
     assert t5["studies"]["table5"]["units_done"] == 4 and not t5["cut_by_budget"]
     assert "| dm200 | VGG11BN |" in (results / "gpu-table5" / "summary.md").read_text()
-    # followups by default: only issue #9's chosen table (the others were answered on the CPU), in a GPU-named folder
-    assert report["followups_selected"] == ["chosen_table"] and set(summary["followups"]["studies"]) == {"chosen_table"}
+    assert not (results / "gpu-chosen-table").exists() and report["followups_selected"] == []
+    # the followups stage by default: only issue #9's chosen table (the others were answered on the CPU), in a
+    # GPU-named folder
+    chosen_call = _gpu_check(tmp_path, "--stages", "followups", "--followup-procs", "4")
+    assert chosen_call["followups_selected"] == ["chosen_table"]
+    assert set(chosen_call["stage_summary"]["followups"]["studies"]) == {"chosen_table"}
     assert len(list((results / "gpu-chosen-table" / "runs").glob("*.json"))) == 2 * 2 * 3
     assert not list(results.glob("gpu-followup-*")) and not (results / "gpu-teacher-choice-study").exists()
     # the chosen column: each model's own setting from the per-model tables (toy models: their entries only)
