@@ -917,5 +917,5 @@ def test_an_elf_result_names_the_teacher_feature_it_trained_against():
     bank = _bank(x)
     result = _trainer(x=x, y=y, feature_bank=bank, epochs=1).run(x, y, [0])
     assert result.data["teacher"] == {k: bank.metadata[k] for k in ("teacher_model", "teacher_sha256", "point", "shape",
-                                                                   "images_sha256")}
+                                                                   "dtype", "images_sha256")}
     assert "teacher" not in _trainer(x=x, y=y, feature_bank=bank, lambda_front=0, lambda_rear=0, epochs=1).run(x, y, [0]).data
