@@ -212,13 +212,16 @@ def prefix_mode_for(rear: nn.Module, layout: FeatureLayout) -> str:
 class ELFAdapters(nn.Module):
     """The pair used by one ELF run: ``to_teacher`` for the front term and ``to_student`` for the rear term."""
 
-    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], student_layout: str = "auto",
-                 learned: bool = False, prefix: str = "pooled", *, image_size: tuple[int, int] | None = None,
-                 grid: tuple[int, int] | None = None) -> None:
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...],
+                 student_layout: str | FeatureLayout = "auto", learned: bool = False, prefix: str = "pooled", *,
+                 image_size: tuple[int, int] | None = None, grid: tuple[int, int] | None = None) -> None:
+        """``student_layout``: a :class:`FeatureLayout`, or a ``kind`` for :func:`infer_layout` (with ``image_size``
+        and ``grid``)."""
         super().__init__()
         if len(teacher_shape) != 3:
             raise ELFError(f"adapters need a teacher feature map (C, H, W); the bank holds {tuple(teacher_shape)}")
-        s = infer_layout(student_shape, student_layout, image_size=image_size, grid=grid)
+        s = (student_layout if isinstance(student_layout, FeatureLayout)
+             else infer_layout(student_shape, student_layout, image_size=image_size, grid=grid))
         t = infer_layout(teacher_shape, "map")
         self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
         self.to_teacher = FeatureAdapter(s, t, learned)
@@ -253,5 +256,4 @@ def build_adapters(mode: str | None, student_shape: tuple[int, ...], teacher_sha
         return None
     layout = infer_layout(tuple(student_shape), image_size=image_size, grid=grid)
     prefix = prefix_mode_for(rear, layout) if rear is not None and layout.prefix else "pooled"
-    return ELFAdapters(tuple(student_shape), tuple(teacher_shape), learned=mode == "always", prefix=prefix,
-                       image_size=image_size, grid=grid)
+    return ELFAdapters(tuple(student_shape), tuple(teacher_shape), layout, learned=mode == "always", prefix=prefix)

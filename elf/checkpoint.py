@@ -54,10 +54,10 @@ def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True) -> nn
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches: one line naming the first few, not torch's one line per tensor
         own = model.state_dict()
-        bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()  # in the model's order
-               if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        mismatched = [k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]  # model order
+        bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
         detail = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else str(e).splitlines()[0]
-        linear_only = bool(bad) and all(own[k.split(" ")[0]].dim() == 2 for k in bad)
+        linear_only = bool(mismatched) and all(own[k].dim() == 2 for k in mismatched)
         why = ("only the fully connected layers differ: the model was built for images of another size than the file "
                "was trained on (a ConvNet's classifier takes its flattened features), so use images of the size it "
                "was trained on, or a checkpoint trained on yours" if linear_only else

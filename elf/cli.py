@@ -546,7 +546,9 @@ def _refuse_overwriting_runs(out: str) -> None:
     except (OSError, ValueError):  # none yet, or not an eval record: written as asked
         return
     if isinstance(data, dict) and data.get("command") == "elf eval":
-        done = sum(len((r.get(m) or {}).get("seeds", [])) for r in data.get("results", []) for m in ("baseline", "elf"))
+        from .evaluation import ModelComparison
+
+        done = _finished_runs([ModelComparison.from_dict(r) for r in data.get("results", [])])
         if done:
             raise ELFError(f"--out {out} holds {done} finished run(s) of an earlier eval: add --resume to continue it "
                            "(same settings), or give another --out (or delete the file) to start over")

@@ -2,10 +2,9 @@
 
 The expert protocol of the public MTT code (``buffer.py``): SGD lr 0.01, momentum 0 and weight decay 0 (the ELF
 paper's feature models: momentum 0.9, weight decay 5e-4), batch 256, DSA augmentation on the real images, constant
-lr. A checkpoint per
-epoch (safetensors, BatchNorm running statistics included, which MTT's expert buffers drop) lets the user pick
-the feature epoch; the paper uses epochs 30-100 and finds the choice matters little. Training resumes after an
-interruption from ``<out_dir>/resume.safetensors``.
+lr. A checkpoint per epoch (safetensors, BatchNorm running statistics included, which MTT's expert buffers drop)
+lets the user pick the feature epoch; the paper uses epochs 30-100 and finds the choice matters little. Training
+resumes after an interruption from ``<out_dir>/resume.safetensors``.
 
 MTT's published experts are ``replay_buffer_<n>.pt`` files of parameter snapshots: :func:`load_expert_buffer` reads
 one snapshot and :func:`load_parameters_into` copies it into a model built like the expert

@@ -325,12 +325,10 @@ def test_speed_benchmark_batched_section(tmp_path):
     assert rows[1]["batched_max_abs_accuracy_diff"] == 0.0 and "partial" not in json.loads(out.read_text())["batched_seeds"]
 
     # regression: the file was written only at the end, so a run cut by its time box (as on the GPU call) kept nothing
-    calls = []
     real_time_seeds = speed.time_seeds
 
     def cut_at_the_second_row(*args, **kw):
-        calls.append(args[4])  # k
-        if args[4] == 2:
+        if args[4] == 2:  # k
             raise KeyboardInterrupt
         return real_time_seeds(*args, **kw)
 
