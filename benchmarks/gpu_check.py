@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -139,6 +140,13 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interruptible() -> None:
+    """In a worker, before its program starts: SIGINT back to the default, so the cut at the deadline is a
+    KeyboardInterrupt (the run saves a checkpoint) even when this script was started from a shell that ignores SIGINT
+    (a non-interactive ``cmd &``), whose children would inherit the ignore and be killed 10 s later instead."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Stage:
     """Background processes with a deadline; their output goes to one log file each."""
 
@@ -151,8 +159,8 @@ class Stage:
     def start(self, name: str, cmd: list[str], deadline: float) -> None:
         log = open(self.logs / f"{name}.log", "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env),
-                            deadline, time.time())
+        self.procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                             preexec_fn=_interruptible), deadline, time.time())
         print(f"[{time.strftime('%H:%M:%S')}] start {name}: {' '.join(cmd)}", flush=True)
 
     def wait(self, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -167,7 +175,7 @@ class Stage:
                 rc = proc.poll()
                 now = time.time()
                 if rc is None and name not in signalled and now > deadline:
-                    proc.send_signal(2)
+                    proc.send_signal(signal.SIGINT)
                     signalled[name] = now
                 elif rc is None and name in signalled and now > signalled[name] + 10:
                     proc.kill()

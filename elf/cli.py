@@ -5,6 +5,7 @@ Run ``elf COMMAND --help`` for every option.
 
 from __future__ import annotations
 
+import contextlib
 import argparse
 import json
 import os
@@ -33,16 +34,18 @@ def _add_import(p: argparse.ArgumentParser) -> None:
                         "elf_dd.models) load without it")
 
 
-def _add_test_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+_SET_NORMALIZATION_HELP = ("mean/std used for real images and assumed for the synthetic set: cifar10_mtt (MTT/ELF; also "
+                           "their CIFAR-100 convention), cifar100_dc, imagenet, none (default: the set's own, else "
+                           "cifar10_mtt; with --zca none, as MTT whitens un-normalized images)")
+
+
+def _add_test_data(p: argparse.ArgumentParser, required: bool = True, normalization_help: str = _SET_NORMALIZATION_HELP) -> None:
     g = p.add_argument_group("real data")
     g.add_argument("--data", required=required, default=None,
                    help="real data: 'cifar10' / 'cifar100' (torchvision download), an ImageFolder directory or a "
                         ".tar/.tar.gz archive of one with train/ and test/ folders (default: $ELF_DATA)")
     g.add_argument("--data-root", default="~/.cache/elf-dd/torchvision", help="download root for cifar10/cifar100")
-    g.add_argument("--normalization", default=None,
-                   help="mean/std used for real images and assumed for the synthetic set: cifar10_mtt (MTT/ELF; also "
-                        "their CIFAR-100 convention), cifar100_dc, imagenet, none (default: the set's own, else "
-                        "cifar10_mtt; with --zca none, as MTT whitens un-normalized images)")
+    g.add_argument("--normalization", default=None, help=normalization_help)
     g.add_argument("--test-per-class", type=int, default=None, help="use a class-balanced test subset of this many per class")
     g.add_argument("--cache-dir", default=None, help="decoded-data and feature cache (default: $ELF_CACHE or ~/.cache/elf-dd)")
 
@@ -190,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="train without DSA")
     p.add_argument("--zca", action="store_true", help="train in ZCA space (eps 0.1, fit on the full training set), for ZCA'd sets")
     p.add_argument("--no-resume", action="store_true", help="start over even if a resume file exists")
-    _add_test_data(p, required=False)
+    _add_test_data(p, required=False, normalization_help=(
+        "mean/std of the real images, recorded in the checkpoints (sets evaluated with this teacher must be in the "
+        "same space): cifar10_mtt (MTT/ELF; also their CIFAR-100 convention), cifar100_dc, imagenet, none (default: "
+        "cifar10_mtt; with --zca none, as MTT whitens un-normalized images)"))
     _add_device(p)
     _add_import(p)
     p.set_defaults(func=_cmd_train_teacher)
@@ -730,7 +736,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     save_synthetic(args.out, sset)
     if default_ckpt:  # the set is written: the default checkpoint folder has done its job
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(f"wrote {args.out}: {len(sset)} images ({sset.ipc} per class), final loss {sset.metadata.get('final_loss', '?')}")
+    loss = sset.metadata.get("final_loss", "?")
+    with contextlib.suppress(ValueError):
+        loss = f"{float(loss):.4g}"
+    print(f"wrote {args.out}: {len(sset)} images ({sset.ipc} per class), final loss {loss}")
     return 0
 
 

@@ -68,6 +68,15 @@ def images_sha256(images: torch.Tensor) -> str:
     return tensor_sha256(images.detach().to(torch.float32))
 
 
+def _options_signature(options: SplitOptions | None) -> str:
+    """The leaf modules and autowrapped functions of ``options`` by qualified name ('' when there are none)."""
+    if options is None:
+        return ""
+    names = [f"leaf:{c.__module__}.{c.__qualname__}" for c in options.leaf_modules]
+    names += [f"fn:{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}" for f in options.autowrap_functions]
+    return ",".join(sorted(names))
+
+
 class FeatureBank:
     """Teacher features ``(N, C, h, w)`` aligned with the synthetic images, resident on one device.
 
@@ -117,10 +126,14 @@ class FeatureBank:
 
     # ---- building -----------------------------------------------------------------------------------------
     @staticmethod
-    def cache_key(teacher_sha256: str, images_sha256: str, point: str, dtype: torch.dtype) -> str:
-        """Content key of a bank: hash of the teacher's weights, the images, the point and the storage dtype."""
+    def cache_key(teacher_sha256: str, images_sha256: str, point: str, dtype: torch.dtype,
+                  options: SplitOptions | None = None) -> str:
+        """Content key of a bank: hash of the teacher's weights, the images, the point, the storage dtype and the
+        trace options (leaf modules and autowrapped functions rename graph nodes, so one node-name point can mean
+        two tensors under two options)."""
         raw = f"{FORMAT}|{teacher_sha256}|{images_sha256}|{point}|{_dtype_name(dtype)}"
-        return hashlib.sha256(raw.encode()).hexdigest()
+        traced = _options_signature(options)
+        return hashlib.sha256((raw + (f"|{traced}" if traced else "")).encode()).hexdigest()
 
     @classmethod
     def build(
@@ -169,7 +182,7 @@ class FeatureBank:
         dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
         teacher_hash = teacher_sha256(teacher)
         images_hash = images_sha256(images)
-        key = cls.cache_key(teacher_hash, images_hash, point, dtype)
+        key = cls.cache_key(teacher_hash, images_hash, point, dtype, options)
         cache_file = Path(cache_dir) / f"features-{key[:40]}.safetensors" if cache_dir is not None else None
         if cache_file is not None and cache_file.exists():
             try:

@@ -56,6 +56,9 @@ class SplitPoint:
         return f"{self.name:<24} {shape}"
 
 
+_WARNED_PRIVATE: set[Callable[..., Any]] = set()
+
+
 @dataclass(frozen=True)
 class SplitOptions:
     """How to cut a model, one value for every trace (student, teacher, feature bank, shape listing, evaluation).
@@ -177,9 +180,23 @@ def _optional_args(model: nn.Module) -> dict[str, Any] | None:
     return extra or None
 
 
+def _warn_private_autowrap(options: SplitOptions) -> None:
+    """Say, once per function, that torch.fx will trace through an autowrap function with a private name."""
+    for fn in options.autowrap_functions:
+        name = getattr(fn, "__name__", "")
+        if name.startswith("_") and fn not in _WARNED_PRIVATE:
+            _WARNED_PRIVATE.add(fn)
+            warnings.warn(f"autowrap function {name!r}: torch.fx wraps a function only where the model calls it by a "
+                          "global name that does not start with '_', so it will be traced through; bind it to a public "
+                          f"name (e.g. {name.lstrip('_') or 'fn'} = {name}) and call that, or make its module a leaf "
+                          "(leaf_modules=)", stacklevel=4)
+
+
 def _trace(model: nn.Module, train: bool, options: SplitOptions) -> _Traced:
     timm_leaves, timm_functions = _notrace_defaults(model)
-    opts = options.merged(model_split_options(model)).merged(SplitOptions(None, tuple(timm_leaves), tuple(timm_functions)))
+    opts = options.merged(model_split_options(model))
+    _warn_private_autowrap(opts)  # the user's and the model's own; timm's defaults are timm's business
+    opts = opts.merged(SplitOptions(None, tuple(timm_leaves), tuple(timm_functions)))
     tracer = NodePathTracer(leaf_modules=list(opts.leaf_modules), autowrap_functions=opts.autowrap_functions)
     was_training = model.training
     model.train(train)

@@ -271,11 +271,15 @@ class ELFTrainer:
             teacher = self.teacher = feature_bank.teacher  # the bank's own teacher
         if runs_teacher and teacher is not None and feature_bank is not None:
             recorded = feature_bank.metadata.get("teacher_sha256")
-            if recorded and teacher is not feature_bank.teacher and teacher_sha256(teacher) != recorded:
-                raise ELFError("teacher= is not the teacher the feature bank was built with (another architecture or "
-                               "other weights), so the front target and the rear term's features would come from two "
-                               "networks: pass the bank's teacher, or leave teacher= out to use a bank made in this "
-                               "process")
+            # hashed even when it is the bank's own module: its weights may have changed since the bank was built
+            if recorded and teacher_sha256(teacher) != recorded:
+                same = teacher is feature_bank.teacher
+                raise ELFError(("the feature bank's teacher has changed since the bank was built (its weights or "
+                                "buffers were modified in place)" if same else
+                                "teacher= is not the teacher the feature bank was built with (another architecture or "
+                                "other weights)") + ", so the front target and the rear term's features would come "
+                               "from two networks: rebuild the bank from the teacher as it is now (FeatureBank.build), "
+                               "or pass the teacher the bank was built with")
         if runs_teacher and teacher is None:
             raise ELFError(f"protocol {p.name!r} has features_on_augmented=True, which runs the teacher on every "
                            "augmented batch: pass teacher=, or a "

@@ -360,3 +360,23 @@ def test_every_committed_study_file_loads() -> None:
         "standings.toml", "standings_dsa.toml"}
     for f in files:
         load_config(f).check(running=True)  # (sets and teachers are read when a study runs; some are made then)
+
+
+def test_gpu_check_cuts_workers_with_a_keyboard_interrupt_even_when_sigint_is_ignored(tmp_path: Path) -> None:
+    """Regression: started from a shell that ignores SIGINT (a non-interactive ``cmd &``), the workers inherited the
+    ignore, so the deadline's SIGINT did nothing and the SIGKILL 10 s later lost the run's last minutes."""
+    import signal
+    import time
+
+    stage_cls = _load("gpu_check").Stage
+    worker = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              f"    open({str(tmp_path / 'cut')!r}, 'w').write('saved')\n")
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stage = stage_cls(tmp_path, time.time())
+        stage.start("worker", [sys.executable, "-c", worker], deadline=time.time() + 1.5)
+        out = stage.wait(["worker"])["worker"]
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert out["cut_by_budget"] and out["rc"] == 0
+    assert (tmp_path / "cut").read_text() == "saved"

@@ -384,3 +384,41 @@ def test_cache_key_includes_teacher_architecture(tmp_path):
         expected = sigmoid.eval().features(x)
     torch.testing.assert_close(bank.features, expected)
     assert len(list(tmp_path.glob("features-*.safetensors"))) == 2
+
+
+
+def shift_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x + 1)
+
+
+class _AddNet(torch.nn.Module):
+    """Traced through, ``shift_relu``'s add is node ``add`` and the net's own is ``add_1``; with the function
+    autowrapped, the net's own add is ``add``: one point name, two tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = shift_relu(self.conv(x)) + 2
+        return self.head(h.mean((2, 3)))
+
+
+def test_cache_key_includes_the_trace_options(tmp_path):
+    """Regression: a bank cached for point "add" traced through a function was returned for "add" with the function
+    autowrapped (another node), because the key left out the split options."""
+    from elf import SplitOptions
+
+    torch.manual_seed(0)
+    teacher, x = _AddNet().eval(), torch.randn(3, 3, 8, 8)
+    wrapped = SplitOptions(autowrap_functions=(shift_relu,))
+    inlined = FeatureBank.build(teacher, x, "add", cache_dir=tmp_path)
+    as_node = FeatureBank.build(teacher, x, "add", cache_dir=tmp_path, options=wrapped)
+    with torch.no_grad():
+        h = teacher.conv(x)
+        torch.testing.assert_close(inlined.features, h + 1)
+        torch.testing.assert_close(as_node.features, torch.relu(h + 1) + 2)
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 2
+    again = FeatureBank.build(teacher, x, "add", cache_dir=tmp_path, options=wrapped)
+    assert again.metadata["key"] == as_node.metadata["key"]  # a cache hit under the same options

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -440,3 +441,36 @@ def test_a_model_that_cannot_run_on_the_shape_says_why(capsys):
     with pytest.raises(ELFError, match=r"\(3, 32, 32\) failed \(RuntimeError: .*to have 1 channels"):
         list_split_points(model)
     assert capsys.readouterr().err == ""
+
+
+def _private_shift(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+
+
+def public_shift(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+
+
+class _ShiftNet(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (_private_shift(self.conv(x)) if self.fn is _private_shift else public_shift(self.conv(x))).mean((2, 3))
+
+
+def test_autowrap_function_with_a_private_name_warns():
+    """torch.fx silently traces through an autowrap function called by a name starting with '_': say so up front."""
+    from elf import SplitOptions
+
+    private = SplitOptions(autowrap_functions=(_private_shift,))
+    with pytest.warns(UserWarning, match="'_private_shift'.*does not start with '_'"):
+        names = [p.name for p in list_split_points(_ShiftNet(_private_shift), (3, 8, 8), options=private)]
+    assert "_private_shift" not in names and "add" in names  # what the warning says: it was traced through
+    public = SplitOptions(autowrap_functions=(public_shift,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        names = [p.name for p in list_split_points(_ShiftNet(public_shift), (3, 8, 8), options=public)]
+    assert "public_shift" in names

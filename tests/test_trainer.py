@@ -421,6 +421,12 @@ def test_features_on_augmented_runs_the_teacher_of_a_built_bank(tmp_path):
     cached = FeatureBank.build(teacher, x, cache_dir=tmp_path / "cache")
     again = FeatureBank.build(teacher, x, cache_dir=tmp_path / "cache")  # read from the cache: still holds its teacher
     assert cached.teacher is teacher and again.teacher is teacher
+    # regression: the bank's own teacher module was never hashed, so one changed in place after the bank was built
+    # trained with stale un-augmented features beside the changed teacher's augmented ones
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.1)
+    with pytest.raises(ELFError, match="changed since the bank was built"):
+        _trainer(feature_bank=bank, **kw)
 
 
 def test_features_on_augmented_runs_the_teacher_at_the_banks_point():
