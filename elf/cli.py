@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-front", type=float, default=None)
     g.add_argument("--lambda-rear", type=float, default=None)
     g.add_argument("--lambda-task", type=float, default=None)
-    g.add_argument("--distance", default=None, choices=["ce", "mse", "mae", "cos"])
+    g.add_argument("--distance", default=None, choices=["ce", "mse", "mae", "cos", "cos-batch"],
+                   help="front-term distance (default ce, the official soft-target CE; cos: one cosine per image; "
+                        "cos-batch: the official code's COS, one cosine over the flattened batch)")
     g.add_argument("--rear-bn-stats", default=None, choices=["features", "student"],
                    help="BatchNorm running stats in the rear: also updated by the pass on teacher features (official "
                         "loop, elf-official) or by the student's own path only (default; see docs/protocols.md)")

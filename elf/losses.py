@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .errors import ELFError
 
-__all__ = ["FeatureDistance", "DISTANCES", "feature_distance", "soft_target_ce", "mse", "mae", "cosine", "prepare_targets", "check_test_labels", "infer_label_kind", "is_distribution"]
+__all__ = ["FeatureDistance", "DISTANCES", "feature_distance", "soft_target_ce", "mse", "mae", "cosine", "cosine_batch", "prepare_targets", "check_test_labels", "infer_label_kind", "is_distribution"]
 
 FeatureDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,11 +39,20 @@ def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1)).mean()
 
 
-DISTANCES: dict[str, FeatureDistance] = {"ce": soft_target_ce, "mse": mse, "mae": mae, "cos": cosine}
+def cosine_batch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The official ELF code's ``COS``: ``1 - <P, T> / (|P| |T| + 1e-6)``, with the whole batch of ``pred`` and of
+    ``target`` ``(N, ...)`` each flattened into *one* vector (so images with large features weigh more than in
+    :func:`cosine`, which averages one cosine per image)."""
+    p, t = pred.flatten(), target.flatten()
+    return 1.0 - (p * t).sum() / (p.norm() * t.norm() + 1e-6)
+
+
+DISTANCES: dict[str, FeatureDistance] = {"ce": soft_target_ce, "mse": mse, "mae": mae, "cos": cosine,
+                                         "cos-batch": cosine_batch}
 
 
 def feature_distance(distance: str | FeatureDistance) -> FeatureDistance:
-    """Resolve ``"ce" | "mse" | "mae" | "cos"`` or pass a callable ``(pred, target) -> scalar`` through."""
+    """Resolve ``"ce" | "mse" | "mae" | "cos" | "cos-batch"`` or pass a callable ``(pred, target) -> scalar`` through."""
     if callable(distance):
         return distance
     try:

@@ -43,7 +43,7 @@ class Protocol:
         reset_optimizer_at_decay: re-create SGD at the decay (momentum buffers reset), as the official code does.
         augment: DSA strategy for the student's images, ``None`` for none. dsa_mode: "S" one op per batch.
         lambda_task, lambda_front, lambda_rear: loss weights; 0 switches a term off (λ_front = λ_rear = 0 is the
-            plain baseline). distance: "ce" | "mse" | "mae" | "cos" or a callable ``(pred, target) -> scalar``.
+            plain baseline). distance: "ce" | "mse" | "mae" | "cos" | "cos-batch" (the official code's COS) or a callable ``(pred, target) -> scalar``.
         features_on_augmented: the front term's target is the teacher run on each augmented batch (teacher in the
             loop) instead of the features computed once on the un-augmented images (official); the rear term still
             reads those. Needs the teacher module, not only a bank (not for a baseline: with λ_front = 0 the

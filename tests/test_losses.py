@@ -57,14 +57,21 @@ def _cos_by_hand(pred, target):
     return total / pred.shape[0]
 
 
-HAND = {"ce": _ce_by_hand, "mse": _mse_by_hand, "mae": _mae_by_hand, "cos": _cos_by_hand}
+def _cos_batch_by_hand(pred, target):
+    """The official ELF code's cos_dis: every sample flattened and joined into one vector, one cosine, +1e-6."""
+    a, b = pred.flatten().tolist(), target.flatten().tolist()
+    dot = sum(u * v for u, v in zip(a, b))
+    return 1.0 - dot / (math.sqrt(sum(u * u for u in a)) * math.sqrt(sum(v * v for v in b)) + 1e-6)
+
+
+HAND = {"ce": _ce_by_hand, "mse": _mse_by_hand, "mae": _mae_by_hand, "cos": _cos_by_hand, "cos-batch": _cos_batch_by_hand}
 
 
 def test_distance_names():
-    assert set(DISTANCES) == {"ce", "mse", "mae", "cos"}
+    assert set(DISTANCES) == {"ce", "mse", "mae", "cos", "cos-batch"}
 
 
-@pytest.mark.parametrize("name", ["ce", "mse", "mae", "cos"])
+@pytest.mark.parametrize("name", ["ce", "mse", "mae", "cos", "cos-batch"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_distance_equals_hand_computation(name, seed):
     pred, target = _pair(seed=seed)
@@ -73,7 +80,7 @@ def test_distance_equals_hand_computation(name, seed):
     assert got.item() == pytest.approx(HAND[name](pred, target), rel=1e-9, abs=1e-12)
 
 
-@pytest.mark.parametrize("name", ["ce", "mse", "mae", "cos"])
+@pytest.mark.parametrize("name", ["ce", "mse", "mae", "cos", "cos-batch"])
 def test_distance_is_differentiable_and_zero_only_where_expected(name):
     pred, target = _pair()
     pred.requires_grad_(True)
@@ -81,8 +88,19 @@ def test_distance_is_differentiable_and_zero_only_where_expected(name):
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     if name in ("mse", "mae"):
         assert feature_distance(name)(target, target).item() == 0.0
-    if name == "cos":
-        assert feature_distance(name)(2 * target, target).item() == pytest.approx(0.0, abs=1e-12)
+    if name in ("cos", "cos-batch"):
+        assert feature_distance(name)(2 * target, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cos_batch_weighs_images_by_their_norm_unlike_cos():
+    """The official COS is one cosine over the flattened batch: an image with 100x larger features dominates it,
+    while "cos" averages one cosine per image."""
+    _, target = _pair(shape=(4, 8, 2, 2), seed=3)
+    target[0] *= 100
+    pred = target.clone()
+    pred[0] = -target[0]  # one image opposite (distance 2) with large features; three aligned (distance 0)
+    assert feature_distance("cos")(pred, target).item() == pytest.approx(0.5, abs=1e-9)  # (2 + 0 + 0 + 0) / 4
+    assert feature_distance("cos-batch")(pred, target).item() > 1.9  # the large image dominates one cosine
 
 
 def test_ce_equals_official_cross_entropy_with_raw_targets():
