@@ -433,18 +433,15 @@ def _normalization(args: argparse.Namespace) -> Any:
 
 def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The synthetic set (in its pixel space) and the real test images ``(M, C, H, W)`` and labels, matched to it."""
-    from .io import load_any, load_mtt
+    from .io import load_assuming, load_mtt
 
     given = _normalization(args)
     name = Path(args.images).name.lower()
     if args.labels:
         sset = load_mtt(args.images, args.labels, normalization=given)
-    elif name.startswith("res_"):  # the DC code's statistics follow from the file name
-        sset = load_any(args.images, experiment=args.experiment)
-    elif name.endswith(".safetensors"):  # elf-dd sets record their own normalization
-        sset = load_any(args.images)
-    else:  # MTT files, .npz, image folders: in the given normalization (uint8 images converted with it)
-        sset = load_any(args.images, normalization=given)
+    else:  # MTT files, .npz, image folders: in the given normalization (uint8 images converted with it); a DC result
+        # infers it from its file name, an elf-dd set records its own
+        sset = load_assuming(args.images, given, **({"experiment": args.experiment} if name.startswith("res_") else {}))
     if sset.normalization is None:  # e.g. a DC/DM result of a dataset without known statistics: said, not silent
         print(f"elf eval: note: {args.images} records no normalization: assuming {given.name} (mean {given.mean}, "
               f"std {given.std}); pass --normalization if the set was made with other statistics", file=sys.stderr)
@@ -452,6 +449,10 @@ def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, t
     if args.zca and name.endswith(".safetensors") and not sset.zca:
         print(f"elf eval: note: --zca overrides {args.images}'s own record that its images are not ZCA-whitened "
               "(elf-dd sets record their pixel space): drop --zca unless that record is wrong", file=sys.stderr)
+    if args.zca and not name.endswith(".safetensors") and not sset.normalization.is_identity:
+        print(f"elf eval: note: --zca with normalization {sset.normalization.name!r}: MTT, TESLA and DATM whiten "
+              "un-normalized images (normalization 'none', what --zca assumes without --normalization); "
+              f"{sset.normalization.name!r} is right only for a set whitened after normalizing", file=sys.stderr)
     if args.zca:
         sset.zca = True
     test = sset.label_real(_load_split(args, "test", args.test_per_class), "the test split", log)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import tarfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,7 +48,7 @@ PathLike = str | os.PathLike[str]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: "L" decoded by PIL only; duplicate archive members kept once
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -240,15 +241,19 @@ def _list_class_folders(root: Path, split: str | None) -> set[tuple[tuple[str, .
 def _decode_bytes(data: bytes, name: str, mode: str) -> Tensor:
     """Encoded image bytes -> uint8 (C, H, W); ``mode`` "RGB" (C=3) or "L" (C=1).
 
-    Uses ``torchvision.io.decode_image`` (about 3x faster than PIL on small JPEGs) when it exists, else PIL.
+    RGB uses ``torchvision.io.decode_image`` (about 3x faster than PIL on small JPEGs; the same pixels) when it
+    exists, else PIL. "L" always uses PIL's ``convert("L")`` (torchvision's GRAY conversion differs by up to 12 grey
+    levels on JPEGs, and formats it cannot read fall back to PIL: one tree would mix two conversions).
     """
-    try:
-        from torchvision.io import ImageReadMode, decode_image
-    except ImportError:  # torchvision moved image decoding to torchcodec; PIL is always there
-        decode_image = None
+    decode_image: Any = None
+    if mode == "RGB":
+        try:
+            from torchvision.io import ImageReadMode, decode_image
+        except ImportError:  # torchvision moved image decoding to torchcodec; PIL is always there
+            decode_image = None
     if decode_image is not None:
         try:
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=getattr(ImageReadMode, "RGB" if mode == "RGB" else "GRAY"))
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError):
             pass  # formats torchvision cannot decode (bmp, tiff, ...): fall back to PIL
     try:
@@ -273,10 +278,12 @@ def _iter_archive(path: Path, split: str | None,
                     key = _classify_folder(member.name, split)
                     if key is not None:
                         folders.add(key)
-                if not member.isfile():
-                    continue
                 key = _classify(member.name, split)
-                if key is None:
+                if key is not None and member.islnk():  # a stream cannot go back to the linked member's bytes
+                    raise ELFError(f"{path}: image {member.name} is a hard link to {member.linkname}, which this reader "
+                                   "(one pass over the archive) cannot follow: extract the archive and pass the folder, "
+                                   "or re-create it without hard links (GNU tar: --hard-dereference)")
+                if not member.isfile() or key is None:
                     continue
                 f = tf.extractfile(member)
                 if f is None:
@@ -323,8 +330,9 @@ def _top_level_folders(path: Path) -> list[str]:
 def _decode_all(
     path: Path, items: Iterable[tuple[str, tuple[str, ...], str, bytes]], mode: str, prefixes: set[tuple[str, ...]]
 ) -> list[tuple[str, str, Tensor]]:
-    """Decode every item into (class, name, uint8 (C, H, W)), checking that all share one shape."""
-    records: list[tuple[str, str, Tensor]] = []
+    """Decode every item into (class, name, uint8 (C, H, W)), checking that all share one shape. A name seen twice
+    (a member appended to an archive with ``tar -r``/``-u``) keeps its last copy, as extracting the archive would."""
+    records: dict[str, tuple[str, str, Tensor]] = {}
     first: tuple[str, tuple[int, ...]] | None = None
     for name, prefix, cls, blob in items:
         prefixes.add(prefix)
@@ -336,8 +344,8 @@ def _decode_all(
                 f"{path}: image {name} has shape (C, H, W) = {tuple(img.shape)} but {first[0]} has {first[1]}; "
                 "all images must share one size: resize them beforehand"
             )
-        records.append((cls, name, img))
-    return records
+        records[posixpath.normpath(name)] = (cls, name, img)
+    return list(records.values())
 
 
 def _assemble(

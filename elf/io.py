@@ -44,6 +44,7 @@ __all__ = [
     "LABEL_KINDS",
     "infer_label_kind",
     "load_tensor_pair",
+    "load_assuming",
     "save_synthetic",
     "load_synthetic",
     "load_mtt",
@@ -333,12 +334,17 @@ def load_npz(
     return SyntheticSet(images, labels, "auto", normalization, zca, classes, None, None, meta)
 
 
-def load_image_dir(path: PathLike, normalization: Normalization | None, *, mode: str = "RGB") -> SyntheticSet:
+def load_image_dir(path: PathLike, normalization: Normalization | None = None, *, mode: str = "RGB") -> SyntheticSet:
     """A folder of class subfolders of images (PNG, ...) -> float set (N, C, H, W), [0, 1] then ``normalization``.
 
     Sorted folder names give the class indices; images are class-major. 8-bit files quantize the images, so a set
-    saved this way is not bit-identical to the float original.
+    saved this way is not bit-identical to the float original. The files record no normalization, so one must be
+    given (:data:`~elf.pixel_space.NO_NORMALIZATION` keeps [0, 1]), as for uint8 tensors.
     """
+    if normalization is None:
+        raise ELFError(f"{path}: a folder of 8-bit images records no normalization, and the set must be in the pixel "
+                       "space of the test data and the teacher: pass normalization= (e.g. elf.pixel_space.CIFAR10_MTT; "
+                       "NO_NORMALIZATION keeps [0, 1]); elf eval: --normalization")
     imgs = decode_image_tree(path, None, mode=mode)
     meta = {"format": "image_dir", "path": str(path), "source_hash": imgs.source_hash}
     return SyntheticSet(imgs.as_float(normalization), imgs.labels, "index", normalization, False, imgs.classes, None, None, meta)
@@ -362,7 +368,6 @@ def load_any(path: PathLike, **kw: Any) -> SyntheticSet:
             loader: Any = load_mtt
         elif any(c.is_dir() for c in p.iterdir()):
             loader = load_image_dir
-            kw.setdefault("normalization", None)
         else:
             raise ELFError(f"{p}: folder holds no images_best.pt and no class subfolders. Supported: {_SUPPORTED}")
     elif not p.exists():
@@ -408,8 +413,17 @@ def load_tensor_pair(path: PathLike, normalization: Normalization | None = None)
         if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj):
             return float_images(obj[0], normalization, p), obj[1]
         raise ELFError(f"{p}: expected {{'images': ..., 'labels': ...}} or an (images, labels) pair of tensors")
-    sset = load_any(p, normalization=normalization) if _takes_normalization(p) else load_any(p)
+    sset = load_assuming(p, normalization)
     return sset.images, sset.labels
+
+
+def load_assuming(path: PathLike, normalization: Normalization | None, **kw: Any) -> SyntheticSet:
+    """:func:`load_any`, with ``normalization`` given to the formats that record none (MTT files, ``.npz``, image
+    folders: the space their float images are taken to be in, and how their 8-bit pixels are converted); an elf-dd
+    set keeps its own and a DC result infers it from its file name. The set's ``normalization`` can still be None
+    (e.g. a DC result of a dataset without known statistics): the caller decides what to assume and says so."""
+    p = Path(path).expanduser()
+    return load_any(p, normalization=normalization, **kw) if _takes_normalization(p) else load_any(p, **kw)
 
 
 def _takes_normalization(p: Path) -> bool:

@@ -138,7 +138,8 @@ class ZCA:
 
     With the data mean m and the unbiased covariance U diag(S) U^T of the flattened (N, C*H*W) images,
     ``transform(x) = (x - m) W`` with W = U diag(1/sqrt(S + eps)) U^T, and ``inverse(z) = z W^-1 + m``.
-    Fit it on the whole *normalized* training set and apply it to normalized images.
+    Fit it on the whole training set in the pixel space the set lives in and apply it to images in that space:
+    MTT, TESLA and DATM fit and apply it to un-normalized [0, 1] images (:data:`NO_NORMALIZATION`).
     """
 
     def __init__(self, mean: Tensor, W: Tensor, W_inv: Tensor, shape: tuple[int, ...], eps: float, info: dict[str, str] | None = None):
@@ -250,7 +251,11 @@ def fit_zca_cached(
 
     zca = ZCA._fit_batches(batches, imageset.image_shape, n, eps)
     zca.info = {"key": key, "source_hash": imageset.source_hash, "normalization": norm}
-    zca.save(path)
+    try:
+        zca.save(path)
+    except (OSError, ELFError) as e:  # the fit is done: keep it, say the cache is not written
+        warnings.warn(f"could not write the ZCA cache {path} ({e}); the fit is kept in memory and will be redone "
+                      "next time", stacklevel=2)
     return zca
 
 

@@ -327,7 +327,8 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
     set): the subset depends only on the size, so one per set would repeat identical runs. Planning them reads
     each set's size.
     """
-    from .io import load_any
+    from .io import load_assuming
+    from .pixel_space import get_normalization
 
     runs = [RunSpec(s, m, v, seed) for s in cfg.sets for m in cfg.models for v in cfg.variants for seed in cfg.seeds]
     if cfg.order not in ("cells", "seeds"):
@@ -335,7 +336,8 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
     baseline_variants = [v for v in cfg.variants if not _is_elf(cfg, v)]
     ref_variant = baseline_variants[0] if baseline_variants else "baseline"
     if cfg.random_real:
-        sizes = dict.fromkeys(_images_per_class(load_any(path)) for path in cfg.sets.values())
+        norm = get_normalization(cfg.normalization)
+        sizes = dict.fromkeys(_images_per_class(load_assuming(path, norm)) for path in cfg.sets.values())
         runs += [RunSpec(random_real_name(n), m, ref_variant, seed) for n in sizes for m in cfg.models for seed in cfg.seeds]
     if cfg.full_data:
         runs += [RunSpec(FULL_DATA, m, ref_variant, seed) for m in cfg.models for seed in cfg.seeds]
@@ -447,7 +449,7 @@ class _Resources:
         return self._get(f"zca:{json.dumps(norm.to_dict())}", lambda: fit_zca_cached(self._load("train"), norm, eps=0.1))
 
     def synthetic(self, name: str) -> Any:
-        from .io import load_any
+        from .io import load_assuming
         from .synthetic import SyntheticSet
 
         def make() -> Any:
@@ -462,7 +464,7 @@ class _Resources:
                 train = self.real("train")
                 return SyntheticSet(train.as_float(self.norm()), train.labels, normalization=self.norm(),
                                     classes=train.classes, metadata={"method": "full real training set"})
-            sset = load_any(self.cfg.sets[name])
+            sset = load_assuming(self.cfg.sets[name], self.norm())
             if sset.normalization is None:
                 sset.normalization = self.norm()
             # classes that cannot match the real data's fail here, before training; a set without names gets theirs
@@ -731,7 +733,8 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     fitted), a teacher's ``point`` or model, other real data, normalization or ``test_per_class``.
     """
     from .fileio import file_sha256
-    from .io import load_any
+    from .io import load_assuming
+    from .pixel_space import get_normalization
 
     out = Path(cfg.out) / "runs"
     stale = []
@@ -744,7 +747,7 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
             if not Path(cfg.sets[name]).exists():  # a set file not at hand (e.g. under benchmarks/work/): not compared
                 set_hashes[name], set_lrs[name] = "", None
                 return
-            sset = load_any(cfg.sets[name])
+            sset = load_assuming(cfg.sets[name], get_normalization(cfg.normalization))
             set_hashes[name], set_lrs[name] = _set_sha256(sset), sset.lr
 
     def set_hash(name: str) -> str:

@@ -146,7 +146,7 @@ def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     ("epochs", -1, "epochs must be >= 0"),
     ("batch_size", 0, "batch_size must be >= 1"),
     ("momentum", math.inf, "momentum must be a finite number"),
-    ("distance", "l2", r"distance must be one of \['ce', 'cos', 'mae', 'mse'\] or a callable, got 'l2'"),
+    ("distance", "l2", r"distance must be one of \['ce', 'cos', 'cos-batch', 'mae', 'mse'\] or a callable, got 'l2'"),
 ])
 def test_protocol_numbers(field: str, value: Any, message: str, xy: tuple[torch.Tensor, torch.Tensor]) -> None:
     with pytest.raises(ELFError, match=message):

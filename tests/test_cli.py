@@ -217,6 +217,23 @@ def test_zca_defaults_to_mtts_space_of_unnormalized_images(tmp_path: Path, image
     assert torch.allclose(test_x, zca.transform(test.as_float(NO_NORMALIZATION)), atol=1e-5)
 
 
+def test_zca_with_a_normalization_on_an_mtt_file_is_said(tmp_path: Path, image_folder: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: `--zca --normalization cifar10_mtt` on an MTT file whitened the test images after normalizing
+    them without a word (load_mtt's warning for that case was never reached: the CLI set zca after loading)."""
+    mtt = tmp_path / "mtt"
+    mtt.mkdir()
+    torch.save(torch.randn(6, 3, 16, 16), mtt / "images_best.pt")
+    torch.save(torch.arange(3).repeat_interleave(2), mtt / "labels_best.pt")
+    common = ["--data", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    for norm, said in (("cifar10_mtt", True), ("none", False)):
+        args = elf.cli.build_parser().parse_args(["eval", "--images", str(mtt / "images_best.pt"), "--zca",
+                                                  "--normalization", norm, *common])
+        sset, _, _ = elf.cli._eval_data(args, lambda s: None)
+        assert sset.zca and sset.normalization.name == norm
+        assert ("whiten un-normalized images" in capsys.readouterr().err) is said
+
+
 def test_load_mtt_zca_assumes_no_normalization(tmp_path: Path) -> None:
     from elf.io import load_mtt
     from elf.pixel_space import CIFAR10_MTT, NO_NORMALIZATION

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -315,3 +317,59 @@ def test_a_nameless_set_matched_with_numeric_folders_sorted_as_text_warns() -> N
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SyntheticSet(torch.zeros(12, 3, 4, 4), torch.arange(12)).label_real(padded)
+
+
+def test_gray_images_are_converted_one_way_in_a_tree_of_mixed_formats(tmp_path):
+    """Regression: mode "L" used torchvision's GRAY for JPEGs and PIL's convert("L") for formats torchvision cannot
+    read (up to 12 grey levels apart on JPEGs): one tree mixed two conversions. Now PIL converts every file."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "mixed"
+    (src / "a").mkdir(parents=True)
+    arr = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(src / "a" / "0.jpg", quality=90)
+    Image.fromarray(arr).save(src / "a" / "1.bmp")
+    got = load_image_folder(src, cache_dir=tmp_path / "c", progress=False, mode="L").images
+    with Image.open(src / "a" / "0.jpg") as im:
+        want_jpg = torch.from_numpy(np.asarray(im.convert("L")).copy())
+    with Image.open(src / "a" / "1.bmp") as im:
+        want_bmp = torch.from_numpy(np.asarray(im.convert("L")).copy())
+    assert torch.equal(got[0, 0], want_jpg) and torch.equal(got[1, 0], want_bmp)
+
+
+def test_an_archive_member_appended_twice_counts_once_and_a_hard_link_is_refused(tmp_path):
+    """Regression: a member appended with `tar -r` was decoded twice (extracting keeps the last copy), and a hard-link
+    member was skipped without a word (the folder it extracts to has the image)."""
+    src = tmp_path / "tree"
+    _write_tree(src, splits=("train",), classes=("a", "b"), per_class=2)
+    archive = tmp_path / "t.tar"
+    with tarfile.open(archive, "w") as tf:
+        for p in sorted(src.rglob("*")):
+            tf.add(p, arcname=p.relative_to(src).as_posix(), recursive=False)
+    replacement = np.full((8, 8, 3), 7, dtype=np.uint8)
+    Image.fromarray(replacement).save(tmp_path / "new.png")
+    with tarfile.open(archive, "a") as tf:  # what `tar -r` does: the same name again, later in the archive
+        tf.add(tmp_path / "new.png", arcname="./train/a/000.png")
+    s = load_image_folder(archive, "train", cache_dir=tmp_path / "c", progress=False)
+    assert s.labels.tolist() == [0, 0, 1, 1]
+    assert torch.equal(s.images[0], torch.from_numpy(replacement).permute(2, 0, 1))  # the last copy, as extracting
+    linked = tmp_path / "linked"
+    shutil.copytree(src, linked)
+    os.link(linked / "train" / "a" / "000.png", linked / "train" / "b" / "009.png")
+    with tarfile.open(tmp_path / "l.tar", "w") as tf:
+        for p in sorted(linked.rglob("*")):
+            tf.add(p, arcname=p.relative_to(linked).as_posix(), recursive=False)
+    with pytest.raises(ELFError, match="hard link"):
+        load_image_folder(tmp_path / "l.tar", "train", cache_dir=tmp_path / "c", progress=False)
+
+
+def test_zca_fit_is_kept_when_its_cache_cannot_be_written(tmp_path):
+    """Regression: an unwritable cache raised after the fit was computed (the image cache only warns)."""
+    from elf.pixel_space import fit_zca_cached
+
+    src = tmp_path / "tree"
+    _write_tree(src, splits=(None,), per_class=2)
+    s = load_image_folder(src, cache_dir=tmp_path / "c", progress=False)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.warns(UserWarning, match="could not write the ZCA cache"):
+        zca = fit_zca_cached(s, None, eps=0.1, cache_dir=tmp_path / "file" / "cache")
+    assert zca.transform(s.images.float() / 255).shape == s.images.shape

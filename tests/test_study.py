@@ -701,3 +701,22 @@ def test_a_missing_teacher_checkpoint_stops_the_study_before_any_run(workspace: 
     with pytest.raises(elf.ELFError, match="teacher 'w4': checkpoint .*teacherX.safetensors does not exist"):
         run_study(cfg, device="cpu", progress=False, log=lambda _: None)
     assert executed == []
+
+
+def test_an_image_folder_set_is_normalized_like_the_test_images(workspace: Path) -> None:
+    """Regression: a set given as a folder of PNGs was loaded in [0, 1] and then labelled with the study's
+    normalization, so it trained on unnormalized pixels and was tested on normalized ones."""
+    from elf.io import load_image_dir
+    from elf.pixel_space import CIFAR10_MTT
+    from elf.study import _Resources, stale_runs
+
+    folder = workspace / "data" / "train"  # class subfolders of PNGs: a set in the image-folder format
+    cfg = _config(workspace, "pngset", sets={"pngs": str(folder)}, random_real=True)
+    got = _Resources(cfg, None, lambda _: None).synthetic("pngs")
+    want = load_image_dir(folder, CIFAR10_MTT)
+    assert got.normalization == CIFAR10_MTT and torch.equal(got.images, want.images)
+    assert float(got.images.min()) < -0.5  # normalized, not [0, 1]
+    assert any(r.set.startswith("random-real") for r in plan_runs(cfg))  # planning reads the folder's size
+    assert stale_runs(cfg) == []  # and the stale check hashes it as the runs load it
+    with pytest.raises(elf.ELFError, match="records no normalization"):
+        load_image_dir(folder)
