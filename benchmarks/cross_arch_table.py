@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,13 @@ def read_runs(study: Path) -> Runs:
     return runs
 
 
-def load_cells(study: Path) -> dict[Key, list[float]]:
-    """``(set, model, variant) -> accuracies`` of the finished runs (not-applicable cells left out)."""
-    cells = {key: [float(r["accuracy"]) for _, r in recs if r.get("accuracy") is not None]
-             for key, recs in read_runs(study).items()}
-    return {key: accs for key, accs in cells.items() if accs}
+def load_cells(study: Path) -> dict[Key, Cell]:
+    """``(set, model, variant) -> Cell`` of a study's runs (test accuracies), each cell read by :func:`load_cell`
+    (a failed run, a validation-only run or a stale run stops the table); not-applicable cells are left out."""
+    runs = read_runs(study)
+    check = study_check(study, Path(__file__).resolve().parent)
+    return {key: load_cell(study, *key, runs, check) for key, recs in runs.items()
+            if not all(r.get("not_applicable") for _, r in recs)}
 
 
 def apart(a: list[float], b: list[float]) -> bool:
@@ -71,21 +73,17 @@ def target(best: list[float], baseline: list[float]) -> tuple[float, str]:
     return gain, "yes" if gain >= 3 and apart(best, baseline) else "no"
 
 
-def table(cells: dict[tuple[str, str, str], list[float]], best: str, baseline: str = "baseline", official: str = "elf") -> str:
-    """Markdown: set | model | baseline | official ELF | best | gain | target met | best vs official."""
-
-    def fmt(xs: list[float] | None) -> str:
-        return f"{np.mean(xs):.2f} ± {np.std(xs):.2f}" if xs else "n/a"
-
-    rows = ["| set | model | baseline | ELF (paper) | " + best + " | gain | +3 and apart | vs paper's ELF |",
-            "|---|---|---|---|---|---|---|---|"]
+def table(cells: dict[Key, Cell], best: str, baseline: str = "baseline", official: str = "elf") -> str:
+    """Markdown: set | model | baseline | official ELF | best | gain | target met | best vs official; each cell with
+    its machine and run count, gains as differences of the printed means."""
+    rows = ["| set | model | baseline (test) | ELF (paper) | " + best + " | gain; +3 and apart? | vs paper's ELF |",
+            "|---|---|---|---|---|---|---|"]
     for s, m in dict.fromkeys((k[0], k[1]) for k in cells):
         b, o, e = cells.get((s, m, baseline)), cells.get((s, m, official)), cells.get((s, m, best))
         if not (b and e):
             continue
-        gain, met = target(e, b)
-        vs = "-" if not o else (f"{np.mean(e) - np.mean(o):+.2f}" + (" (apart)" if separated(e, o) else ""))
-        rows.append(f"| {s} | {m} | {fmt(b)} | {fmt(o)} | {fmt(e)} | {gain:+.2f} | {met} | {vs} |")
+        rows.append(f"| {s} | {m} | {b} | {o if o else 'n/a'} | {e} | {versus_baseline(e, b)} | "
+                    f"{compare(e, o) if o else '-'} |")
     return "\n".join(rows)
 
 
@@ -98,6 +96,8 @@ class Cell:
     machine: str
     test_n: int
     seeds: list[int] | None = None
+    budget: dict[str, Any] = field(default_factory=dict)  # the protocol's BUDGET fields, equal across the cell's runs
+    set_sha256: str = ""
 
     def __str__(self) -> str:
         n = "" if self.test_n == FULL_TEST else f", {self.test_n} test images"
@@ -105,6 +105,10 @@ class Cell:
 
 
 FULL_TEST = 10_000  # CIFAR-10's test split
+
+#: Protocol fields that make a training budget: cells compared in one row must agree on them (the ELF terms may differ)
+BUDGET = ("epochs", "extra_epoch", "lr", "momentum", "weight_decay", "batch_size", "lr_decay_epoch", "lr_decay",
+          "reset_optimizer_at_decay", "augment", "dsa_mode")
 
 
 def test_accuracy(record: dict[str, Any]) -> tuple[float, int] | None:
@@ -127,7 +131,7 @@ def load_cell(study: Path, set_name: str, model: str, variant: str, runs: Runs |
     """The finished runs of ``variant`` for ``model`` on ``set_name`` in ``study`` (a folder with ``runs/``; ``runs``:
     its :func:`read_runs`, when already read). With ``check`` (the study file's seeds and stale runs), records of
     seeds the study no longer has are left out and a stale record stops the table."""
-    accs, machines, ns, seeds = [], set(), set(), []
+    accs, machines, ns, seeds, budgets, sets = [], set(), set(), [], set(), set()
     for f, r in (read_runs(study) if runs is None else runs).get((set_name, model, variant), []):
         seed = (r.get("run") or {}).get("seed")
         if check is not None and seed not in check.seeds:
@@ -145,12 +149,15 @@ def load_cell(study: Path, set_name: str, model: str, variant: str, runs: Runs |
         ns.add(got[1])
         seeds.append(seed)
         machines.add(machine(r))
+        budgets.add(json.dumps({k: (r.get("protocol") or {}).get(k) for k in BUDGET}, sort_keys=True))
+        if r.get("set_sha256"):  # older records have none: not compared
+            sets.add(str(r["set_sha256"]))
     if not accs:
         raise SystemExit(f"{study}: no finished run of {set_name} / {model} / {variant}")
-    if len(machines) > 1 or len(ns) > 1:
-        raise SystemExit(f"{study}: {set_name} / {model} / {variant} mixes machines {sorted(machines)} or test sizes "
-                         f"{sorted(ns)}")
-    return Cell(accs, machines.pop(), ns.pop(), seeds)
+    if len(machines) > 1 or len(ns) > 1 or len(budgets) > 1 or len(sets) > 1:
+        raise SystemExit(f"{study}: {set_name} / {model} / {variant} mixes machines {sorted(machines)}, test sizes "
+                         f"{sorted(ns)}, training budgets {sorted(budgets)} or set files {sorted(sets)}")
+    return Cell(accs, machines.pop(), ns.pop(), seeds, json.loads(budgets.pop()), sets.pop() if sets else "")
 
 
 @dataclass
@@ -189,6 +196,26 @@ def paired(a: Cell, b: Cell) -> str:
     return f" (seeds differ: {sorted(a.seeds)} vs {sorted(b.seeds)})"
 
 
+def versus_baseline(a: Cell, base: Cell) -> str:
+    """``a``'s gain over ``base`` and whether it meets the target (+3, intervals apart), with machine/seed notes."""
+    _, met = target(a.accuracies, base.accuracies)
+    other = ("" if a.machine == base.machine else " (machines differ)") + paired(a, base)
+    return f"{shown_difference(a.accuracies, base.accuracies):+.2f}; {met}{other}"
+
+
+def same_budget(a: Cell, b: Cell | None, where: str) -> None:
+    """Stop when two cells compared in one row were trained on other sets or with another budget (epochs, lr,
+    schedule, batch, augmentation): their difference would not be ELF's."""
+    if b is None:
+        return
+    if a.set_sha256 and b.set_sha256 and a.set_sha256 != b.set_sha256:
+        raise SystemExit(f"{where}: the cells compared come from different set files (set_sha256 "
+                         f"{a.set_sha256[:12]} vs {b.set_sha256[:12]})")
+    differ = {k: (a.budget.get(k), b.budget.get(k)) for k in BUDGET if a.budget.get(k) != b.budget.get(k)}
+    if differ:
+        raise SystemExit(f"{where}: the cells compared were trained with another budget: {differ}")
+
+
 def compare(a: Cell, b: Cell) -> str:
     """``a`` against ``b``: the difference of means, whether the intervals are apart, and whether machines or seeds
     differ."""
@@ -220,10 +247,9 @@ def standings(spec_path: Path) -> str:
     for model, entry in spec["models"].items():
         chosen, base, paper = (cell(model, entry.get(k)) for k in ("chosen", "baseline", "paper"))
         assert chosen is not None and base is not None, f"{model}: chosen and baseline are required"
-        _, met = target(chosen.accuracies, base.accuracies)
-        gain = shown_difference(chosen.accuracies, base.accuracies)
-        other = ("" if chosen.machine == base.machine else " (machines differ)") + paired(chosen, base)
-        rows.append(f"| {entry.get('label', model)} | {entry['setting']} | {chosen} | {base} | {gain:+.2f}; {met}{other} "
+        for other in (base, paper):
+            same_budget(chosen, other, f"{spec_path.name}: {model}")
+        rows.append(f"| {entry.get('label', model)} | {entry['setting']} | {chosen} | {base} | {versus_baseline(chosen, base)} "
                     f"| {paper if paper else 'n/a'} | {compare(chosen, paper) if paper else '-'} |")
     return "\n".join(rows)
 

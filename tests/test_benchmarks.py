@@ -193,13 +193,48 @@ def test_gpu_check_first_call_stages_tiny(tmp_path: Path, torch_single_thread: N
     assert ("dm200", "AlexNet", "elf") not in cells and ("dm200", "AlexNet", "adapt-sbn") in cells
 
 
-def test_cross_arch_table_marks_the_target() -> None:
+def test_cross_arch_table_marks_the_target(tmp_path: Path) -> None:
     table = _load("cross_arch_table")
-    cells = {("s", "M", "baseline"): [30.0, 31.0], ("s", "M", "elf"): [33.0, 33.2], ("s", "M", "best"): [35.0, 35.4],
-             ("s", "N", "baseline"): [30.0, 32.0], ("s", "N", "best"): [32.5, 34.5]}
+    cell = table.Cell
+    cells = {("s", "M", "baseline"): cell([30.0, 31.0], "H200", 10000), ("s", "M", "elf"): cell([33.0, 33.2], "H200", 10000),
+             ("s", "M", "best"): cell([35.0, 35.4], "H200", 10000), ("s", "N", "baseline"): cell([30.0, 32.0], "H200", 10000),
+             ("s", "N", "best"): cell([32.5, 34.5], "H200", 10000)}
     text = table.table(cells, "best")
-    assert "| s | M | 30.50 ± 0.50 | 33.10 ± 0.10 | 35.20 ± 0.20 | +4.70 | yes | +2.10 (apart) |" in text
-    assert "| s | N | 31.00 ± 1.00 | n/a | 33.50 ± 1.00 | +2.50 | no | - |" in text
+    assert ("| s | M | H200 30.50 ± 0.50 (2) | H200 33.10 ± 0.10 (2) | H200 35.20 ± 0.20 (2) | +4.70; yes "
+            "| +2.10, apart |") in text
+    assert "| s | N | H200 31.00 ± 1.00 (2) | n/a | H200 33.50 ± 1.00 (2) | +2.50; no | - |" in text
+    # regression: --best read a folder's accuracies itself, so a cell with a failed seed printed as a normal mean
+    # and a validation study's accuracies printed as test accuracies
+    gpu = {"environment": {"device": "cuda", "device_name": "NVIDIA H200"}, "measured_on": "test", "test_n": 10000}
+    for seed in (0, 1):
+        _record(tmp_path / "st", "M", "baseline", seed, accuracy=30.0 + seed, **gpu)
+    _record(tmp_path / "st", "M", "best", 0, accuracy=35.0, **gpu)
+    _record(tmp_path / "st", "M", "best", 1, accuracy=None, failed="diverged", **gpu)
+    with pytest.raises(SystemExit, match="the run failed"):
+        table.load_cells(tmp_path / "st")
+    _record(tmp_path / "val", "M", "best", 0, accuracy=35.0, measured_on="validation: 200 per class")
+    with pytest.raises(SystemExit, match="no test accuracy"):
+        table.load_cells(tmp_path / "val")
+
+
+def test_standings_refuse_to_compare_cells_of_other_budgets_or_sets(tmp_path: Path) -> None:
+    """Regression: a row compared cells from different studies without checking that they trained alike: a 300-epoch
+    chosen cell against a 1000-epoch baseline printed a gain."""
+    table = _load("cross_arch_table")
+    cpu = {"environment": {"device": "cpu"}, "measured_on": "test", "test_n": 10000, "set_sha256": "aa"}
+    for seed in (0, 1):
+        _record(tmp_path / "a", "M", "chosen", seed, accuracy=40.0 + seed, protocol={"epochs": 300}, **cpu)
+        _record(tmp_path / "b", "M", "baseline", seed, accuracy=30.0 + seed, protocol={"epochs": 1000}, **cpu)
+        _record(tmp_path / "c", "M", "baseline", seed, accuracy=30.0 + seed, protocol={"epochs": 300},
+                **{**cpu, "set_sha256": "bb"})
+        _record(tmp_path / "d", "M", "baseline", seed, accuracy=30.0 + seed, protocol={"epochs": 300}, **cpu)
+    spec = tmp_path / "standings.toml"
+    for base, match in (("b", "another budget: {'epochs': .300, 1000.}"), ("c", "different set files")):
+        spec.write_text(f'set = "s"\n[models.M]\nsetting = "x"\nchosen = "a:chosen"\nbaseline = "{base}:baseline"\n')
+        with pytest.raises(SystemExit, match=match):
+            table.standings(spec)
+    spec.write_text('set = "s"\n[models.M]\nsetting = "x"\nchosen = "a:chosen"\nbaseline = "d:baseline"\n')
+    assert "+10.00; yes" in table.standings(spec)
 
 
 def _record(folder: Path, model: str, variant: str, seed: int, **fields: object) -> None:
