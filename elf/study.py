@@ -1020,7 +1020,8 @@ def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_n
     baseline = next((v for v in variants if not _is_elf(cfg, v)), None)
     elf_variant = next((v for v in variants if _is_elf(cfg, v)), None)
     gain = baseline is not None and elf_variant is not None
-    lines = ["| set | model | " + " | ".join(variants) + (" | ELF gain |" if gain else " |"),
+    # the header names the two variants: with several ELF variants, the gain is the first one's, not the best's
+    lines = ["| set | model | " + " | ".join(variants) + (f" | ELF gain ({elf_variant} − {baseline}) |" if gain else " |"),
              "|---|---|" + "---|" * (len(variants) + (1 if gain else 0))]
     for s in set_names:
         for m in cfg.models:
@@ -1033,7 +1034,7 @@ def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_n
             row = f"| {s} | {m} | " + " | ".join(cells)
             if gain:
                 b, e = acc.get((s, m, baseline)), acc.get((s, m, elf_variant))
-                row += f" | {np.mean(e) - np.mean(b):+.2f}" if b and e else " | -"
+                row += f" | {round(float(np.mean(e)), 2) - round(float(np.mean(b)), 2):+.2f}" if b and e else " | -"
                 if b and e and len(b) != len(e):  # not the same seeds on both sides: the gain mixes seed effects
                     row += f" ({len(e)} vs {len(b)} runs)"
             lines.append(row + " |")

@@ -72,7 +72,7 @@ def test_run_skip_summarize(workspace: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert len(rows) == 16
     expected = np.mean([float(r["accuracy"]) for r in rows if r["model"] == "ConvNetW4D2BN" and r["variant"] == "elf-mse" and r["set"] == "noise"])
     assert f"{expected:.2f} ±" in table and "| noise | ConvNetW4D2BN |" in table
-    assert "| random-real:ipc2 | ConvNetW4D2 |" in table and "ELF gain" in table
+    assert "| random-real:ipc2 | ConvNetW4D2 |" in table and "ELF gain (elf − baseline)" in table
 
 
 def test_shards_partition_the_runs(workspace: Path) -> None:
