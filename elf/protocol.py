@@ -217,7 +217,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "dm": _ELF.replace(name="dm", lambda_front=0.0, lambda_rear=0.0,
                             notes="DM public code main_DM.py: epoch_eval_train 1000, lr 0.01, DSA"),
     "dc": _ELF.replace(name="dc", epochs=300, augment=None, lambda_front=0.0, lambda_rear=0.0,
-                            notes="DC/DSA repository main.py: epoch_eval_train 300, no augmentation for DC on CIFAR"),
+                            notes="DC/DSA repository main.py: epoch_eval_train 300, no augmentation for DC on CIFAR (DC's "
+                                  "get_daparam augments a ConvNetBN student with its per-image crop/noise, which this "
+                                  "preset does not: compare ConvNet-BN numbers with care)"),
     "mtt": _ELF.replace(name="mtt", lambda_front=0.0, lambda_rear=0.0, learned_lr=True,
                              notes="MTT public code distill.py: epoch_eval_train 1000, learned lr when present, DSA, "
                                    "ZCA images evaluated in ZCA space"),
