@@ -53,6 +53,7 @@ class _LoopState:
     dsa: DSA | None
     lr: float
     epoch: int
+    cut: bool = False  # the last epoch was stopped after a batch: the state is not at an epoch boundary
 
 
 class DivergenceWatch:
@@ -541,7 +542,7 @@ class ELFTrainer:
                     break
             epoch_lr = lr
             lr, opt = p.after_epoch(epoch, lr, opt, lambda new_lr: self._optimizer(model, new_lr))
-            self._loop = _LoopState(seed, opt, gen, dsa, lr, epoch)
+            self._loop = _LoopState(seed, opt, gen, dsa, lr, epoch, cut=seen < n)
             watch.update(epoch, sums[0])
             logged = epoch % log_every == 0 or epoch == total - 1 or self.stop_training
             if logged:
@@ -675,6 +676,10 @@ class ELFTrainer:
         if self.model is None or self._loop is None:
             raise ELFError("save_state() needs a running or finished fit()")
         loop = self._loop
+        if loop.cut:  # a resume would count the cut epoch as whole and skip the rest of its batches
+            raise ELFError(f"save_state(): the fit was stopped after a batch in the middle of epoch {loop.epoch}, so "
+                           "there is no state after a finished epoch to resume from; set stop_training in "
+                           "on_epoch_end (the epoch then finishes) to save and resume exactly")
         sections = {"model": self.model.state_dict()}
         if self.adapters is not None:
             sections["adapter"] = self.adapters.state_dict()

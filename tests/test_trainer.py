@@ -328,7 +328,7 @@ def test_callback_order():
     assert all(isinstance(v, torch.Tensor) for v in cap.steps[0].values())
 
 
-def test_stop_training_in_on_batch_end():
+def test_stop_training_in_on_batch_end(tmp_path):
     class Stop(Callback):
         def on_batch_end(self, trainer, step, logs):
             if step == 2:
@@ -343,6 +343,9 @@ def test_stop_training_in_on_batch_end():
     assert trainer.history[-1]["epoch"] == 1
     # the stopped epoch's means are over the one batch it trained (they were divided by all 4 images: half the loss)
     assert trainer.history[-1]["loss"] == pytest.approx(float(cap.steps[2]["loss"]), rel=1e-6)
+    # regression: save_state() then wrote a state that resumed after the cut epoch, skipping the rest of its batches
+    with pytest.raises(ELFError, match="middle of epoch 1"):
+        trainer.save_state(tmp_path / "cut.safetensors")
     assert trainer.history[-1]["task"] == pytest.approx(float(cap.steps[2]["task"]), rel=1e-6)
     trainer.fit(0)  # the flag is reset for the next fit
     assert len(cap.steps) == 3 + 3
@@ -645,7 +648,7 @@ def test_front_loss_at_a_cut_before_inplace_relu():
     assert logs["front"].item() == pytest.approx(((h - bank.features) ** 2).mean().item(), rel=1e-5)
 
 
-def test_stop_in_on_epoch_end_keeps_that_epochs_record():
+def test_stop_in_on_epoch_end_keeps_that_epochs_record(tmp_path):
     """Regression: the epoch whose on_epoch_end sets stop_training is still logged."""
     x, y = torch.randn(6, 3, 8, 8), torch.arange(3).repeat(2)
 
@@ -658,6 +661,7 @@ def test_stop_in_on_epoch_end_keeps_that_epochs_record():
                    progress=False, device="cpu", callbacks=[StopAtOne()])
     history = t.fit(0)
     assert [h["epoch"] for h in history] == [0.0, 1.0]
+    t.save_state(tmp_path / "whole.safetensors")  # stopped at an epoch's end: a state to resume from
 
 
 def test_seed_makes_dropout_reproducible():
