@@ -192,9 +192,10 @@ _OFFICIAL = Protocol(name="elf-official", rear_bn_stats_from_features=True,
                      notes="the public ELF evaluation code exactly (Dec 2023): ELF terms on, lr 0.01, 1000 epochs, DSA; "
                            "the rear's pass on F(x) also updates BatchNorm running statistics")
 _ELF = _OFFICIAL.replace(name="elf", rear_bn_stats_from_features=False,
-                         notes="official ELF numbers; BatchNorm running statistics of the rear follow the student's path "
-                               "only (library default, chosen on validation data; same as elf-official for models "
-                               "without BatchNorm in the rear, e.g. ConvNet)")
+                         notes="the official ELF numbers (lr, epochs, schedule, DSA, λ) with one change: BatchNorm "
+                               "running statistics of the rear follow the student's path only (library default, "
+                               "chosen on validation data; same as elf-official for models without BatchNorm in the "
+                               "rear, e.g. ConvNet)")
 
 PROTOCOLS: dict[str, Protocol] = {
     "elf": _ELF,
