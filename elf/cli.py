@@ -453,6 +453,10 @@ def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, t
         print(f"elf eval: note: --zca with normalization {sset.normalization.name!r}: MTT, TESLA and DATM whiten "
               "un-normalized images (normalization 'none', what --zca assumes without --normalization); "
               f"{sset.normalization.name!r} is right only for a set whitened after normalizing", file=sys.stderr)
+    if args.zca and name.endswith(".npz"):
+        from .io import KIP_ZCA_NOTE
+
+        print(f"elf eval: note: --zca on an .npz set: {KIP_ZCA_NOTE}", file=sys.stderr)
     if args.zca:
         sset.zca = True
     test = sset.label_real(_load_split(args, "test", args.test_per_class), "the test split", log)

@@ -280,6 +280,13 @@ def _one_hot_index(labels: np.ndarray) -> np.ndarray | None:
     return labels.argmax(1)
 
 
+#: Why ``zca`` on a KIP ``.npz`` set is not KIP's space: the test images are whitened the MTT/TESLA way
+KIP_ZCA_NOTE = ("KIP's released .npz sets were whitened KIP's way (per-channel standardization, layer norm, then ZCA "
+                "regularized by 0.1 x the mean eigenvalue), while elf-dd whitens the test images as MTT and TESLA do "
+                "(kornia ZCA, eps 0.1, on [0, 1] images): the two spaces differ, so the accuracies are not KIP's; "
+                "a set whitened the MTT way is fine")
+
+
 def load_npz(
     path: PathLike,
     *,
@@ -292,9 +299,11 @@ def load_npz(
     """KIP-style ``.npz``: float images NHWC (N, H, W, C) (NCHW also accepted) and labels one-hot (N, K) or (N,).
 
     One-hot rows (also centered ones such as 0.9/-0.1) become "index" labels; other (N, K) labels stay soft
-    ("prob" when rows are distributions, else "logits").
+    ("prob" when rows are distributions, else "logits"). ``zca=True`` warns (:data:`KIP_ZCA_NOTE`).
     """
     path = Path(path).expanduser()
+    if zca:
+        warnings.warn(f"load_npz(zca=True): {KIP_ZCA_NOTE}", stacklevel=2)
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())

@@ -178,6 +178,8 @@ def test_load_npz(tmp_path):
     assert s.label_kind == "index" and s.labels.tolist() == _class_major().tolist() and s.ipc == IPC
     np.savez(tmp_path / "centered.npz", x=x, y=onehot - 1.0 / K)  # KIP regression targets
     assert load_any(tmp_path / "centered.npz").label_kind == "index"
+    with pytest.warns(UserWarning, match="whitened KIP's way"):  # KIP's ZCA is not the one elf-dd applies to test images
+        assert load_npz(tmp_path / "kip.npz", zca=True).zca
     probs = np.full((N, K), 0.1, np.float32)
     probs[:, 0] = 0.8
     probs[0] = [0.5, 0.25, 0.25]
