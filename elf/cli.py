@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "replay_buffer_*.pt expert buffer); repeat for several")
     g.add_argument("--teacher-model", action="append", default=[], help="teacher model name per --teacher (default ConvNet)")
     g.add_argument("--teacher-point", action="append", default=[], help="teacher split point per --teacher (default: its last conv block)")
-    g.add_argument("--buffer-trajectory", type=int, default=0, help="trajectory of an MTT replay_buffer_*.pt teacher")
-    g.add_argument("--buffer-epoch", type=int, default=-1, help="snapshot (epoch) of an MTT replay_buffer_*.pt teacher (default: last)")
+    g.add_argument("--buffer-trajectory", type=int, default=-1,
+                   help="trajectory of an MTT replay_buffer_*.pt teacher (default: the last, as ELF's script takes)")
+    g.add_argument("--buffer-epoch", type=int, default=-1, help="snapshot (epoch) of an MTT replay_buffer_*.pt teacher (default: last; ELF's runs: 100 of 200)")
     g.add_argument("--feature-dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="feature storage dtype")
     g = p.add_argument_group("evaluation")
     g.add_argument("--models", nargs="+", default=["ConvNetBN"], help="evaluation models (see `elf models`)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +179,11 @@ def load_teacher(model: str, checkpoint: PathLike, *, channel: int = 3, num_clas
 # MTT expert buffers
 
 
-def load_expert_buffer(path: PathLike, trajectory: int = 0, epoch: int = -1) -> list[Tensor]:
+def load_expert_buffer(path: PathLike, trajectory: int = -1, epoch: int = -1) -> list[Tensor]:
     """Parameters of one snapshot of an MTT ``replay_buffer_<n>.pt``: a list of tensors in ``model.parameters()`` order.
+
+    Defaults: the last trajectory (as the ELF evaluation script takes ``buffer[-1]``) and its last snapshot; ELF's
+    published runs take epoch 100 of 200-epoch buffers (``--feature_epochs 100``: ``epoch=100``).
 
     The file is a list of trajectories; each trajectory a list of (epochs + 1) snapshots; each snapshot a list of
     CPU tensors. BatchNorm running statistics are *not* stored: after :func:`load_parameters_into`, a model with
@@ -227,13 +231,31 @@ def load_parameters_into(model: nn.Module, params: Sequence[Tensor]) -> nn.Modul
     return model
 
 
+def _check_buffer_folder(path: Path, teacher: nn.Module, model: str, image_shape: tuple[int, int, int],
+                         num_classes: int) -> None:
+    """Warn when ``path``'s parent folder names a model (MTT's ``<dataset>/<model>/`` layout) built differently from
+    ``teacher`` (``model``)."""
+    folder = path.expanduser().parent.name
+    if not folder or folder == model:
+        return
+    c, h, w = image_shape
+    try:
+        named = create_model(folder, channel=c, num_classes=num_classes, im_size=(h, w))
+    except Exception:  # not a model name (a dataset, a run folder): nothing to compare
+        return
+    if repr(named) != repr(teacher):
+        warnings.warn(f"{path} sits in a folder named {folder!r} (MTT saves buffers under <dataset>/<model>/), another "
+                      f"architecture than {model!r}, which it is read as: parameters of the same shapes load into "
+                      "either (e.g. instance norm and BatchNorm), so check the teacher model name", stacklevel=3)
+
+
 def teacher_from_expert_buffer(
     path: PathLike,
     model: str,
     image_shape: tuple[int, int, int],
     num_classes: int,
     *,
-    trajectory: int = 0,
+    trajectory: int = -1,
     epoch: int = -1,
     bn_images: Callable[[], Tensor] | Tensor | None = None,
     log: Callable[[str], None] = print,
@@ -242,12 +264,15 @@ def teacher_from_expert_buffer(
 
     Buffers hold parameters only: for a model with BatchNorm, the running statistics are recomputed on ``bn_images``
     (real training images ``(M, C, H, W)`` prepared like the synthetic set, or a function returning them, called
-    only when needed); without them such a teacher is refused.
+    only when needed); without them such a teacher is refused. MTT's ``buffer.py`` saves buffers under
+    ``<dataset>/<model>/``: a parent folder named after another registered model (an instance-norm ``ConvNet`` buffer
+    read as ``ConvNetBN``, whose parameters have the same shapes) warns.
     """
     from .batchnorm import has_batchnorm, recompute_bn_stats
 
     c, h, w = image_shape
     teacher = create_model(model, channel=c, num_classes=num_classes, im_size=(h, w))
+    _check_buffer_folder(Path(path), teacher, model, image_shape, num_classes)
     load_parameters_into(teacher, load_expert_buffer(path, trajectory, epoch))
     if has_batchnorm(teacher):
         if bn_images is None:

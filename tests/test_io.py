@@ -252,6 +252,28 @@ def _small_net(bn: bool) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, K))
 
 
+def test_a_buffer_in_another_models_folder_warns(tmp_path):
+    """Regression: an instance-norm ConvNet buffer (MTT's <dataset>/<model>/ layout) read as ConvNetBN loaded without a
+    word: GroupNorm and BatchNorm parameters have the same shapes."""
+    import warnings
+
+    from elf import create_model
+    from elf.teacher import teacher_from_expert_buffer
+
+    folder = tmp_path / "CIFAR10" / "ConvNetW8D1"
+    folder.mkdir(parents=True)
+    snap = [p.detach().clone() for p in create_model("ConvNetW8D1", im_size=(8, 8)).parameters()]
+    torch.save([[snap]], folder / "replay_buffer_0.pt")
+    images = torch.randn(8, 3, 8, 8)
+    with pytest.warns(UserWarning, match="folder named 'ConvNetW8D1'"):
+        teacher_from_expert_buffer(folder / "replay_buffer_0.pt", "ConvNetW8D1BN", (3, 8, 8), 10, bn_images=images,
+                                   log=lambda s: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        teacher_from_expert_buffer(folder / "replay_buffer_0.pt", "ConvNetW8D1", (3, 8, 8), 10)
+        teacher_from_expert_buffer(folder / "replay_buffer_0.pt", "ConvNetW8D1IN", (3, 8, 8), 10)  # the same network
+
+
 def test_expert_buffer_and_parameter_loading(tmp_path):
     torch.manual_seed(0)
     trajectories = []
@@ -261,7 +283,8 @@ def test_expert_buffer_and_parameter_loading(tmp_path):
     torch.save(trajectories, tmp_path / "replay_buffer_0.pt")
     params = load_expert_buffer(tmp_path / "replay_buffer_0.pt", trajectory=1, epoch=2)
     assert all(torch.equal(a, b) for a, b in zip(params, trajectories[1][2]))
-    assert all(torch.equal(a, b) for a, b in zip(load_expert_buffer(tmp_path / "replay_buffer_0.pt"), trajectories[0][-1]))
+    # the default is ELF's: the last trajectory (its script takes buffer[-1]), its last snapshot
+    assert all(torch.equal(a, b) for a, b in zip(load_expert_buffer(tmp_path / "replay_buffer_0.pt"), trajectories[-1][-1]))
     with pytest.raises(ELFError, match="holds 2 trajectories"):
         load_expert_buffer(tmp_path / "replay_buffer_0.pt", trajectory=2)
     with pytest.raises(ELFError, match="holds 3 snapshots"):
