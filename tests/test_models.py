@@ -226,15 +226,31 @@ def test_default_split_matches_convnet_teachers_at_32px():
     assert tuple(w512) == (512, 4, 4)
 
 
-@pytest.mark.parametrize("name", ["ResNet18", "VGG11"])
-def test_default_split_matches_convnet_d4w512_at_64px(name):
+@pytest.mark.parametrize(("name", "teacher", "shape"), [("ResNet18", "ConvNetD4W256", (256, 4, 4)),
+                                                          ("VGG11", "ConvNetD4W512", (512, 4, 4))])
+def test_default_split_matches_elfs_teacher_at_64px(name, teacher, shape):
+    """At 64x64 the default cuts are the ELF code's (ResNet18ImageNet_L4: after the third stage, teacher
+    ConvNetD4W256; VGG11ImageNet_L6: after the pool that follows the 6th conv, teacher ConvNetD4W512)."""
     x = _x(64)
     with torch.no_grad():
-        teacher_shape = create_model("ConvNetD4W512", im_size=(64, 64)).eval().features(x).shape[1:]
+        teacher_shape = create_model(teacher, im_size=(64, 64)).eval().features(x).shape[1:]
         model = create_model(name, im_size=(64, 64)).eval()
         front_shape = split_model(model, model.elf_split_point).front(x).shape[1:]
-    assert tuple(teacher_shape) == (512, 4, 4)
+    assert tuple(teacher_shape) == shape
     assert front_shape == teacher_shape
+
+
+def test_64px_resnet_and_vgg_are_the_elf_codes_imagenet_models():
+    """Regression: at 64x64 (Tiny-ImageNet) ResNet-18 had a stride-2 3x3 stem no code base uses and VGG-11 a single
+    linear head; the ELF code's ResNet18ImageNet (7x7/2 stem + max-pool) and VGG11ImageNet (4096-4096 head) have
+    11,279,112 and 35,219,400 parameters for 200 classes."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    resnet = create_model("ResNet18", num_classes=200, im_size=(64, 64))
+    assert count(resnet) == 11_279_112 and resnet.conv1.kernel_size == (7, 7)
+    assert count(create_model("ResNet18ImageNet", num_classes=200, im_size=(64, 64))) == 11_279_112
+    assert count(create_model("VGG11", num_classes=200, im_size=(64, 64))) == 35_219_400
+    assert count(create_model("ResNet18", num_classes=10)) == 11_173_962  # 32x32: unchanged, DC's CIFAR ResNet
+    assert count(create_model("VGG11", num_classes=10)) == 9_231_114
 
 
 def test_vgg_default_point_depends_on_size():

@@ -1,4 +1,5 @@
-"""ResNet-18 as used in the dataset-distillation literature: CIFAR stem (3x3 conv, no max-pool)."""
+"""ResNet-18 as used in the dataset-distillation literature: CIFAR stem (3x3 conv, no max-pool) below 64 pixels, and
+the ImageNet stem (7x7/2 conv + 3x3/2 max-pool) of the ELF code's ``ResNet18ImageNet`` from 64 pixels up."""
 
 from __future__ import annotations
 
@@ -45,13 +46,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(FeaturesHeadNet):
-    """ResNet with a CIFAR stem; four stages of 64/128/256/512 channels, global average pool, linear classifier.
+    """ResNet; four stages of 64/128/256/512 channels, global average pool, linear classifier.
 
-    At 32x32 the stages output 32, 16, 8 and 4 pixels; ``layer4.0`` (the paper's "conv5_2" cut) gives
-    ``(N, 512, 4, 4)``. ``stem_stride=2`` (used for 64x64 inputs) halves every stage so the same cut is 4x4 again.
+    ``stem="cifar"``: a 3x3 conv, no max-pool (DC/MTT/ELF at 32x32): the stages output 32, 16, 8 and 4 pixels and the
+    default cut ``layer4.0`` (the paper's "conv5_2") gives ``(N, 512, 4, 4)``. ``stem="imagenet"``: a 7x7 stride-2
+    conv and a 3x3 stride-2 max-pool (the ELF code's ``ResNet18ImageNet``, its Tiny-ImageNet model): at 64x64 the
+    stages output 16, 8, 4 and 2 pixels and the default cut is ELF's, after the third stage: ``layer3``,
+    ``(N, 256, 4, 4)`` (teacher ``ConvNetD4W256``).
     """
 
-    elf_split_point = "layer4.0"  # the default ELF cut: the paper's conv5_2
+    elf_split_point: str
 
     def __init__(
         self,
@@ -59,11 +63,19 @@ class ResNet(FeaturesHeadNet):
         channel: int = 3,
         num_classes: int = 10,
         norm: str = "instancenorm",
-        stem_stride: int = 1,
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ELFError(f"ResNet stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.in_planes = 64
-        self.conv1 = nn.Conv2d(channel, 64, 3, stride=stem_stride, padding=1, bias=False)
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(channel, 64, 3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(channel, 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.elf_split_point = "layer4.0" if stem == "cifar" else "layer3"
         self.bn1 = _norm(norm, 64)
         self.layer1 = self._stage(64, num_blocks[0], 1, norm)
         self.layer2 = self._stage(128, num_blocks[1], 2, norm)
@@ -79,8 +91,8 @@ class ResNet(FeaturesHeadNet):
         return nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` -> last stage output ``(N, 512, H/8, W/8)`` (stem stride 1)."""
-        out = F.relu(self.bn1(self.conv1(x)))
+        """``(N, C, H, W)`` -> last stage output ``(N, 512, H/8, W/8)`` (CIFAR stem; ``H/32`` with the ImageNet stem)."""
+        out = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(out))))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,11 +101,17 @@ class ResNet(FeaturesHeadNet):
 
 
 
-def resnet18(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size: tuple[int, int] = (32, 32)) -> ResNet:
-    """ResNet-18; inputs of 64 pixels or more use a stride-2 stem (Tiny-ImageNet setting)."""
-    return ResNet((2, 2, 2, 2), channel, num_classes, norm, stem_stride=2 if im_size[0] >= 64 else 1)
+def resnet18(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size: tuple[int, int] = (32, 32),
+             stem: str | None = None) -> ResNet:
+    """ResNet-18: the CIFAR stem below 64 pixels, the ImageNet stem (ELF's ``ResNet18ImageNet``) from 64 up;
+    ``stem`` forces one."""
+    return ResNet((2, 2, 2, 2), channel, num_classes, norm, stem or ("imagenet" if im_size[0] >= 64 else "cifar"))
 
 
 for _model_name, _norm_kind in (("ResNet18", "instancenorm"), ("ResNet18BN", "batchnorm")):
     register_model(_model_name, functools.partial(resnet18, norm=_norm_kind),
-                   f"ResNet-18, CIFAR stem, {_norm_kind}; default cut layer4.0 (paper's conv5_2), 512x4x4")
+                   f"ResNet-18, {_norm_kind}; CIFAR stem, default cut layer4.0 (paper's conv5_2), 512x4x4; from 64x64 "
+                   "ELF's ImageNet stem, cut layer3, 256x4x4")
+    register_model(f"{_model_name}ImageNet", functools.partial(resnet18, norm=_norm_kind, stem="imagenet"),
+                   f"ResNet-18, {_norm_kind}, ImageNet stem (7x7/2 conv + max-pool) at any size, as the ELF code's "
+                   f"{_model_name}ImageNet; default cut layer3 (256x4x4 at 64x64)")

@@ -1,4 +1,5 @@
-"""VGG-11 as used in the dataset-distillation literature (no dropout head, one linear classifier)."""
+"""VGG-11 as used in the dataset-distillation literature: one linear classifier below 64 pixels (DC/MTT/ELF), and the
+ELF code's ``VGG11ImageNet`` head (4096-4096 with dropout) from 64 pixels up."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
 
 
 class VGG(FeaturesHeadNet):
-    """VGG feature stack of conv3x3 -> norm -> ReLU and 2x2 max-pools, then ``Linear(512 * (H/32)**2, classes)``.
+    """VGG feature stack of conv3x3 -> norm -> ReLU and 2x2 max-pools, then ``Linear(512 * (H/32)**2, classes)``
+    below 64 pixels; from 64 pixels up ELF's ``VGG11ImageNet`` head, ``Linear(512 * (H/32)**2, 4096)`` -> ReLU ->
+    Dropout -> ``Linear(4096, 4096)`` -> ReLU -> Dropout -> ``Linear(4096, classes)``.
 
     ``self.features`` is one ``nn.Sequential``; ``features.<i>`` names the point after layer ``i``. The default ELF
     cut (``elf_split_point``) is the paper's: after the 5th conv block at 32x32 (``features.17``, 512x4x4); at 64x64
@@ -47,13 +50,19 @@ class VGG(FeaturesHeadNet):
                 layers.append(nn.MaxPool2d(2, 2))
                 continue
             assert isinstance(v, int)
-            layers.append(nn.Conv2d(in_c, v, 3, padding=3 if channel == 1 and i == 0 else 1))
+            # DC's 28x28 one-channel input is padded to 32 by the first conv; ELF's VGG11ImageNet pads by 1 only
+            layers.append(nn.Conv2d(in_c, v, 3, padding=3 if channel == 1 and i == 0 and im_size[0] < 64 else 1))
             layers.append(nn.GroupNorm(v, v, affine=True) if norm == "instancenorm" else nn.BatchNorm2d(v))
             layers.append(nn.ReLU(inplace=True))
             in_c = v
         self.features = nn.Sequential(*layers)
         side = max(1, im_size[0] // 32) * max(1, im_size[1] // 32)
-        self.classifier = nn.Linear(512 * side, num_classes)
+        if im_size[0] < 64:
+            self.classifier: nn.Module = nn.Linear(512 * side, num_classes)
+        else:
+            self.classifier = nn.Sequential(nn.Linear(512 * side, 4096), nn.ReLU(inplace=True), nn.Dropout(),
+                                            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(),
+                                            nn.Linear(4096, num_classes))
         self.elf_split_point = "features.17" if im_size[0] < 64 else "features.21"
 
 
@@ -67,4 +76,5 @@ def vgg11(channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", i
 
 for _model_name, _norm_kind in (("VGG11", "instancenorm"), ("VGG11BN", "batchnorm")):
     register_model(_model_name, functools.partial(vgg11, norm=_norm_kind),
-                   f"VGG-11, {_norm_kind}; default cut after the 5th conv (features.17), 512x4x4")
+                   f"VGG-11, {_norm_kind}; default cut after the 5th conv (features.17), 512x4x4; from 64x64 ELF's "
+                   "VGG11ImageNet head (4096-4096, dropout), cut features.21, 512x4x4")
