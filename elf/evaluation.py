@@ -351,7 +351,20 @@ def environment(device: torch.device | str | None = None) -> dict[str, str]:
         "platform": platform.platform(),
         "device": str(dev),
         "threads": str(torch.get_num_threads()),
+        "cpu": _cpu_model(),
     }
     if dev.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(dev)
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else what :mod:`platform` knows, possibly ``""``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -102,6 +102,8 @@ def test_train_teacher_then_eval(tmp_path: Path, image_folder: Path, synthetic_f
     assert result["test"]["n"] == 3 * 8
     assert result["teachers"][0]["teacher_model"] == "ConvNetW8D2"
     assert result["environment"]["torch_version"] == torch.__version__
+    # the CPU is named (BENCHMARKS once named the wrong CPU for a file that did not record it)
+    assert "cpu" in result["environment"] and isinstance(result["environment"]["cpu"], str)
     assert row["elf"]["protocol"]["rear_bn_stats_from_features"] is False  # library default
     result_file.unlink()  # (a finished --out is not overwritten without --resume)
     assert main(["eval", "--images", str(synthetic_file), "--teacher", str(ckpt), "--teacher-model", "ConvNetW8D2",
