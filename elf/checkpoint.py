@@ -29,7 +29,8 @@ def load_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
     """``(state_dict, metadata)`` from a ``.safetensors`` file or a ``.pt``/``.pth`` state dict.
 
     ``.pt`` files are read with ``weights_only=True``; a dict holding the state under ``"state_dict"``,
-    ``"model"`` or ``"net"`` is unwrapped.
+    ``"model"`` or ``"net"`` is unwrapped, and the ``module.`` prefix of a model saved inside ``nn.DataParallel`` (the
+    DC code's ``get_network`` wraps models in it on several GPUs) is dropped when every key has it.
     """
     p = Path(path)
     if p.suffix == ".safetensors":
@@ -41,7 +42,10 @@ def load_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
                 obj = obj[key]
                 break
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj), {}
+            state = dict(obj)
+            if state and all(k.startswith("module.") for k in state):
+                state = {k[len("module."):]: v for k, v in state.items()}
+            return state, {}
     raise ELFError(f"{p}: expected a state dict (a mapping of parameter names to tensors), got {type(obj).__name__}")
 
 

@@ -103,6 +103,15 @@ def test_plain_pt_state_dict_loads(tmp_path, wrap):
         assert torch.equal(value, state[key]), key
 
 
+def test_a_dataparallel_state_dict_loads(tmp_path):
+    """Regression: a state dict saved from nn.DataParallel (the DC code wraps models in it on several GPUs) has every
+    key prefixed with "module." and failed with "missing keys"."""
+    source = _model()
+    torch.save(torch.nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    target = load_checkpoint(_model(seed=9), tmp_path / "dp.pt")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+
+
 def test_mtt_parameter_list_is_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([p.detach() for p in _model().parameters()], path)
