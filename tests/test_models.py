@@ -323,3 +323,19 @@ def test_a_module_given_as_the_model_warns_about_parameters_it_cannot_reset() ->
         warnings.simplefilter("error")
         build_model(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), (3, 2, 2), 3)  # every parameter is reset: silent
         build_model(_WithToken, (3, 2, 2), 3)  # a factory builds afresh: silent
+
+
+@pytest.mark.parametrize("name", ["ResNet18_AP", "ResNet18BN_AP"])
+def test_resnet18_ap_is_dcs(name):
+    """DC/MTT's ResNet18_AP (MTT's cross-architecture pool): stride-1 convs with 2x2 average pools, the last stage
+    flattened into the classifier; 11,250,762 parameters at 32x32 (checked against the official definition, weights
+    copied in state-dict order, outputs equal), its state-dict keys DC's, and the ELF cut 512x4x4 at layer4.0."""
+    model = create_model(name).eval()
+    assert sum(p.numel() for p in model.parameters()) == 11_250_762
+    keys = model.state_dict().keys()
+    assert "layer2.0.shortcut.2.weight" in keys and model.classifier.weight.shape == (10, 512 * 4 * 4)
+    x = _x(32)
+    with torch.no_grad():
+        assert split_model(model, model.elf_split_point).front(x).shape[1:] == (512, 4, 4)
+        assert model(x).shape == (x.shape[0], 10)
+    assert create_model(name.replace("_", "-")).elf_model_name == name  # typed with '-' or '_' alike
