@@ -339,3 +339,15 @@ def test_resnet18_ap_is_dcs(name):
         assert split_model(model, model.elf_split_point).front(x).shape[1:] == (512, 4, 4)
         assert model(x).shape == (x.shape[0], 10)
     assert create_model(name.replace("_", "-")).elf_model_name == name  # typed with '-' or '_' alike
+
+
+@pytest.mark.parametrize(("elf_name", "ours", "size"), [
+    ("ConvNet_L3", "ConvNet", 32), ("ConvNetBN_L3", "ConvNetBN", 32), ("ResNet18_Layered", "ResNet18", 32),
+    ("ResNet18BN_Layered", "ResNet18BN", 32), ("VGG11_L5", "VGG11", 32), ("VGG11BN_L5", "VGG11BN", 32),
+    ("ConvNetD4_L4", "ConvNetD4", 64), ("ResNet18ImageNet_L4", "ResNet18ImageNet", 64),
+    ("VGG11ImageNet_L6", "VGG11", 64), ("VGG11BNImageNet", "VGG11BN", 64)])
+def test_the_elf_codes_model_names_are_accepted(elf_name, ours, size):
+    """Users coming from the ELF scripts type their layered names: the same networks, our default cut."""
+    a = create_model(elf_name, im_size=(size, size))
+    b = create_model(ours, im_size=(size, size))
+    assert a.elf_model_name == ours and repr(a) == repr(b) and a.elf_split_point == b.elf_split_point

@@ -385,11 +385,22 @@ def _flat(name: str) -> str:
     return name.replace("-", "").replace("_", "").lower()
 
 
+#: The ELF code's names for its layered models (``ConvNet_L3``, ``ResNet18_Layered``, ``VGG11ImageNet_L6``, ...): the
+#: same networks as ours, the suffix naming where its forward splits (here: the default split point)
+_ELF_LAYERED = re.compile(r"^(.+?)_(L\d+|Layered)$")
+_ELF_ALIASES = {"vgg11imagenet": "VGG11", "vgg11bnimagenet": "VGG11BN"}  # its 64x64 VGG: our VGG11 at 64x64
+
+
 def _canonical(name: str) -> str:
     flat = name.replace("-", "").replace("_", "")
     for key in list(_REGISTRY) + ["ConvNet"]:
         if flat.lower() == _flat(key):
             return key
+    layered = _ELF_LAYERED.match(name)
+    if layered:
+        return _canonical(layered.group(1))
+    if flat.lower() in _ELF_ALIASES:
+        return _ELF_ALIASES[flat.lower()]
     if flat.lower().startswith("convnet"):
         return "ConvNet" + flat[len("convnet") :].upper()
     return flat
