@@ -51,7 +51,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` atomically; returns ``path``.
 
     A crash while writing leaves at most a stray ``*.tmp`` file, never a half-written ``path``; the file's bytes are
-    flushed to disk (fsync) before the rename, so a power loss right after it cannot leave an empty ``path`` either.
+    flushed to disk (fsync) before the rename, so a power loss right after it cannot leave an empty ``path`` either,
+    and the folder is flushed after it (POSIX), so the rename itself survives a power loss.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,12 +62,29 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the final file the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the final file the usual permissions
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk where the OS allows it (POSIX; a no-op elsewhere)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot flush a folder: the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_writable(path: PathLike, what: str = "output") -> Path:
@@ -100,6 +118,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+#: read once at import: setting and restoring the umask around every write is not thread-safe (another thread's file
+#: created in between would get mode 0666)
+_UMASK = _umask()
 
 
 def file_sha256(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
