@@ -1,5 +1,8 @@
-"""ResNet-18 as used in the dataset-distillation literature: CIFAR stem (3x3 conv, no max-pool) below 64 pixels, and
-the ImageNet stem (7x7/2 conv + 3x3/2 max-pool) of the ELF code's ``ResNet18ImageNet`` from 64 pixels up."""
+"""ResNet-18 as used in the dataset-distillation literature, with its CIFAR, ImageNet and average-pool variants.
+
+The CIFAR stem (3x3 conv, no max-pool) below 64 pixels, the ImageNet stem (7x7/2 conv + 3x3/2 max-pool) of the ELF
+code's ``ResNet18ImageNet`` from 64 pixels up, and DC/MTT's ``ResNet18_AP``.
+"""
 
 from __future__ import annotations
 

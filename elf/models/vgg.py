@@ -1,5 +1,8 @@
-"""VGG-11 as used in the dataset-distillation literature: one linear classifier below 64 pixels (DC/MTT/ELF), and the
-ELF code's ``VGG11ImageNet`` head (4096-4096 with dropout) from 64 pixels up."""
+"""VGG-11 as used in the dataset-distillation literature, at CIFAR and Tiny-ImageNet sizes.
+
+One linear classifier below 64 pixels (DC/MTT/ELF), and the ELF code's ``VGG11ImageNet`` head (4096-4096 with
+dropout) from 64 pixels up.
+"""
 
 from __future__ import annotations
 
