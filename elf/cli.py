@@ -5,8 +5,8 @@ Run ``elf COMMAND --help`` for every option.
 
 from __future__ import annotations
 
-import contextlib
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -34,9 +34,10 @@ def _add_import(p: argparse.ArgumentParser) -> None:
                         "elf_dd.models) load without it")
 
 
-_SET_NORMALIZATION_HELP = ("mean/std used for real images and assumed for the synthetic set: cifar10_mtt (MTT/ELF; also "
-                           "their CIFAR-100 convention), cifar100_dc, imagenet, none (default: the set's own, else "
-                           "cifar10_mtt; with --zca none, as MTT whitens un-normalized images)")
+_NORMALIZATIONS_HELP = "cifar10_mtt (MTT/ELF; also their CIFAR-100 convention), cifar100_dc, imagenet, none"
+_SET_NORMALIZATION_HELP = (f"mean/std used for real images and assumed for the synthetic set: {_NORMALIZATIONS_HELP} "
+                           "(default: the set's own, else cifar10_mtt; with --zca none, as MTT whitens un-normalized "
+                           "images)")
 
 
 def _add_test_data(p: argparse.ArgumentParser, required: bool = True, normalization_help: str = _SET_NORMALIZATION_HELP) -> None:
@@ -198,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if a resume file exists")
     _add_test_data(p, required=False, normalization_help=(
         "mean/std of the real images, recorded in the checkpoints (sets evaluated with this teacher must be in the "
-        "same space): cifar10_mtt (MTT/ELF; also their CIFAR-100 convention), cifar100_dc, imagenet, none (default: "
-        "cifar10_mtt; with --zca none, as MTT whitens un-normalized images)"))
+        f"same space): {_NORMALIZATIONS_HELP} (default: cifar10_mtt; with --zca none, as MTT whitens un-normalized "
+        "images)"))
     _add_device(p)
     _add_import(p)
     p.set_defaults(func=_cmd_train_teacher)
