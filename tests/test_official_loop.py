@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elf import ELFTrainer, FeatureBank, create_model
-from elf.trainer import Callback
+from elf import Callback, ELFTrainer, FeatureBank, create_model
 
 N, K, BATCH, EPOCHS = 30, 10, 8, 4
 
