@@ -351,3 +351,19 @@ def test_the_elf_codes_model_names_are_accepted(elf_name, ours, size):
     a = create_model(elf_name, im_size=(size, size))
     b = create_model(ours, im_size=(size, size))
     assert a.elf_model_name == ours and repr(a) == repr(b) and a.elf_split_point == b.elf_split_point
+
+
+@pytest.mark.parametrize(("name", "channel", "size", "params"), [
+    ("MLP", 3, 32, 411_146), ("MLP", 1, 28, 118_282), ("LeNet", 3, 32, 62_006), ("LeNet", 1, 28, 61_706)])
+def test_dcs_mlp_and_lenet(name, channel, size, params):
+    """DC's cross-architecture MLP and LeNet: the official definitions' parameter counts (checked with their weights
+    copied in: equal outputs), LeNet's default cut 16x5x5 at both input sizes."""
+    model = create_model(name, channel=channel, im_size=(size, size)).eval()
+    assert sum(p.numel() for p in model.parameters()) == params
+    x = torch.randn(2, channel, size, size)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+        if name == "LeNet":
+            assert split_model(model, model.elf_split_point).front(x).shape[1:] == (16, 5, 5)
+    if name == "MLP":
+        assert not hasattr(model, "elf_split_point")  # no conv map to match a teacher's: no default cut

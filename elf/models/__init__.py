@@ -5,12 +5,15 @@ from .registry import (ModelInfo, build_model, create_model, default_split_point
 from .alexnet import AlexNet  # noqa: E402  (the model files register themselves with the registry above)
 from .convnet import ConvNet
 from .resnet import BasicBlock, ResNet, resnet18
+from .small import MLP, LeNet
 from .vgg import VGG, vgg11
 
 __all__ = [
     "AlexNet",
     "BasicBlock",
     "ConvNet",
+    "LeNet",
+    "MLP",
     "ModelInfo",
     "ResNet",
     "VGG",
