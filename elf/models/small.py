@@ -20,8 +20,8 @@ __all__ = ["MLP", "LeNet"]
 class MLP(FeaturesHeadNet):
     """Flattened image -> ``fc1`` (128) -> ReLU -> ``fc2`` (128) -> ReLU -> ``fc3`` (classes), as DC's ``MLP``.
 
-    ``forward_features`` gives the ``(N, 128)`` hidden code after ``fc2``'s ReLU; no default ELF cut (no conv
-    feature map to match a teacher's: ``split_at="auto"`` or a point with an adapter).
+    ``forward_features`` gives the ``(N, 128)`` hidden code after ``fc2``'s ReLU; no default ELF cut: its features
+    are vectors, which no teacher map or adapter fits, so the MLP serves baselines.
     """
 
     def __init__(self, channel: int = 3, num_classes: int = 10, im_size: tuple[int, int] = (32, 32)) -> None:
