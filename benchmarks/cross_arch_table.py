@@ -53,8 +53,11 @@ def load_cells(study: Path) -> dict[Key, Cell]:
     (a failed run, a validation-only run or a stale run stops the table); not-applicable cells are left out."""
     runs = read_runs(study)
     check = study_check(study, Path(__file__).resolve().parent)
+    def current(recs: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:  # of the seeds the study has now
+        return [r for _, r in recs if check is None or (r.get("run") or {}).get("seed") in check.seeds]
+
     return {key: load_cell(study, *key, runs, check) for key, recs in runs.items()
-            if not all(r.get("not_applicable") for _, r in recs)}
+            if current(recs) and not all(r.get("not_applicable") for r in current(recs))}
 
 
 def apart(a: list[float], b: list[float]) -> bool:
@@ -149,7 +152,8 @@ def load_cell(study: Path, set_name: str, model: str, variant: str, runs: Runs |
         ns.add(got[1])
         seeds.append(seed)
         machines.add(machine(r))
-        budgets.add(json.dumps({k: (r.get("protocol") or {}).get(k) for k in BUDGET}, sort_keys=True))
+        if r.get("protocol"):  # records without one (none committed) are not compared
+            budgets.add(json.dumps({k: r["protocol"].get(k) for k in BUDGET}, sort_keys=True))
         if r.get("set_sha256"):  # older records have none: not compared
             sets.add(str(r["set_sha256"]))
     if not accs:
@@ -157,7 +161,8 @@ def load_cell(study: Path, set_name: str, model: str, variant: str, runs: Runs |
     if len(machines) > 1 or len(ns) > 1 or len(budgets) > 1 or len(sets) > 1:
         raise SystemExit(f"{study}: {set_name} / {model} / {variant} mixes machines {sorted(machines)}, test sizes "
                          f"{sorted(ns)}, training budgets {sorted(budgets)} or set files {sorted(sets)}")
-    return Cell(accs, machines.pop(), ns.pop(), seeds, json.loads(budgets.pop()), sets.pop() if sets else "")
+    return Cell(accs, machines.pop(), ns.pop(), seeds, json.loads(budgets.pop()) if budgets else {},
+                sets.pop() if sets else "")
 
 
 @dataclass
@@ -211,6 +216,8 @@ def same_budget(a: Cell, b: Cell | None, where: str) -> None:
     if a.set_sha256 and b.set_sha256 and a.set_sha256 != b.set_sha256:
         raise SystemExit(f"{where}: the cells compared come from different set files (set_sha256 "
                          f"{a.set_sha256[:12]} vs {b.set_sha256[:12]})")
+    if not (a.budget and b.budget):  # a cell of records without a protocol: not compared
+        return
     differ = {k: (a.budget.get(k), b.budget.get(k)) for k in BUDGET if a.budget.get(k) != b.budget.get(k)}
     if differ:
         raise SystemExit(f"{where}: the cells compared were trained with another budget: {differ}")

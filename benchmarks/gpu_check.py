@@ -374,7 +374,7 @@ def _plan(args: argparse.Namespace, selected: list[str], t_start: float, argv: l
         device_kind = "tiny" if args.tiny else args.device.split(":")[0]
         runs = {"speed": (results / f"speed-{device_kind}-batched.json",
                           ["--seeds", "1", "2", "--batched-epochs", "2", "--images", "20"] if args.tiny
-                          else ["--seeds", "1", "5", "10", "--batched-epochs", "20", "--repeats", "1"], 0.4)}
+                          else ["--seeds", "1", "5", "10", "--batched-epochs", "20", "--repeats", "1"], 0.5)}
         if not args.tiny:
             runs["speed_compile"] = (results / f"speed-{device_kind}-batched-compile.json",
                                      ["--seeds", "1", "5", "--batched-epochs", "20", "--repeats", "1", "--compile",

@@ -29,8 +29,7 @@ def load_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
     """``(state_dict, metadata)`` from a ``.safetensors`` file or a ``.pt``/``.pth`` state dict.
 
     ``.pt`` files are read with ``weights_only=True``; a dict holding the state under ``"state_dict"``,
-    ``"model"`` or ``"net"`` is unwrapped, and the ``module.`` prefix of a model saved inside ``nn.DataParallel`` (the
-    DC code's ``get_network`` wraps models in it on several GPUs) is dropped when every key has it.
+    ``"model"`` or ``"net"`` is unwrapped.
     """
     p = Path(path)
     if p.suffix == ".safetensors":
@@ -42,18 +41,23 @@ def load_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
                 obj = obj[key]
                 break
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            state = dict(obj)
-            if state and all(k.startswith("module.") for k in state):
-                state = {k[len("module."):]: v for k, v in state.items()}
-            return state, {}
+            return dict(obj), {}
     raise ELFError(f"{p}: expected a state dict (a mapping of parameter names to tensors), got {type(obj).__name__}")
 
 
 def load_checkpoint(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
-    """Load a checkpoint into ``model`` (in place; returned for chaining), with an error naming mismatched keys."""
+    """Load a checkpoint into ``model`` (in place; returned for chaining), with an error naming mismatched keys.
+
+    A state dict saved from ``nn.DataParallel`` (the DC code's ``get_network`` wraps models in it on several GPUs)
+    has every key prefixed with ``module.``: the prefix is dropped when the model's own keys do not have it.
+    """
     state, meta = load_state_dict(path)
     if "sha256" in meta and meta["sha256"] != state_dict_sha256(state):
         raise ELFError(f"{path}: the weights do not match the checksum stored in the file; it is corrupt, recreate it")
+    own_keys = model.state_dict().keys()
+    if (state and all(k.startswith("module.") for k in state)
+            and not any(k.startswith("module.") for k in own_keys)):
+        state = {k[len("module."):]: v for k, v in state.items()}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches: one line naming the first few, not torch's one line per tensor

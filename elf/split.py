@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import inspect
 import io
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -180,11 +181,16 @@ def _optional_args(model: nn.Module) -> dict[str, Any] | None:
     return extra or None
 
 
-def _warn_private_autowrap(options: SplitOptions) -> None:
-    """Say, once per function, that torch.fx will trace through an autowrap function with a private name."""
+def _warn_private_autowrap(options: SplitOptions, model: nn.Module) -> None:
+    """Say, once per function, that torch.fx will trace through an autowrap function it can only find under a
+    private name (fx wraps a global name that does not start with '_' in the model's module)."""
     for fn in options.autowrap_functions:
         name = getattr(fn, "__name__", "")
-        if name.startswith("_") and fn not in _WARNED_PRIVATE:
+        if not name.startswith("_") or fn in _WARNED_PRIVATE:
+            continue
+        scopes = [vars(sys.modules[m]) for m in {getattr(fn, "__module__", None), type(model).__module__}
+                  if m in sys.modules]
+        if not any(v is fn and not k.startswith("_") for scope in scopes for k, v in scope.items()):
             _WARNED_PRIVATE.add(fn)
             warnings.warn(f"autowrap function {name!r}: torch.fx wraps a function only where the model calls it by a "
                           "global name that does not start with '_', so it will be traced through; bind it to a public "
@@ -195,7 +201,7 @@ def _warn_private_autowrap(options: SplitOptions) -> None:
 def _trace(model: nn.Module, train: bool, options: SplitOptions) -> _Traced:
     timm_leaves, timm_functions = _notrace_defaults(model)
     opts = options.merged(model_split_options(model))
-    _warn_private_autowrap(opts)  # the user's and the model's own; timm's defaults are timm's business
+    _warn_private_autowrap(opts, model)  # the user's and the model's own; timm's defaults are timm's business
     opts = opts.merged(SplitOptions(None, tuple(timm_leaves), tuple(timm_functions)))
     tracer = NodePathTracer(leaf_modules=list(opts.leaf_modules), autowrap_functions=opts.autowrap_functions)
     was_training = model.training

@@ -235,12 +235,15 @@ def _check_buffer_folder(path: Path, teacher: nn.Module, model: str, image_shape
                          num_classes: int) -> None:
     """Warn when ``path``'s parent folder names a model (MTT's ``<dataset>/<model>/`` layout) built differently from
     ``teacher`` (``model``)."""
+    from .models.registry import RESERVED_PREFIXES, canonical_name
+
     folder = path.expanduser().parent.name
-    if not folder or folder == model:
-        return
+    if not folder or folder.startswith(RESERVED_PREFIXES) or canonical_name(folder) == canonical_name(model):
+        return  # torchvision/timm names are not MTT's folders (and could be huge); the same name needs no build
     c, h, w = image_shape
     try:
-        named = create_model(folder, channel=c, num_classes=num_classes, im_size=(h, w))
+        with torch.device("meta"):  # no memory, no draw from the global RNG
+            named = create_model(folder, channel=c, num_classes=num_classes, im_size=(h, w))
     except Exception:  # not a model name (a dataset, a run folder): nothing to compare
         return
     if repr(named) != repr(teacher):

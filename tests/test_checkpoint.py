@@ -111,6 +111,15 @@ def test_a_dataparallel_state_dict_loads(tmp_path):
     target = load_checkpoint(_model(seed=9), tmp_path / "dp.pt")
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
 
+    class Wrapper(torch.nn.Module):  # a model whose own keys start with "module.": its files keep the prefix
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = torch.nn.Linear(3, 2)
+
+    wrapped = Wrapper()
+    torch.save(wrapped.state_dict(), tmp_path / "w.pt")
+    assert torch.equal(load_checkpoint(Wrapper(), tmp_path / "w.pt").module.weight, wrapped.module.weight)
+
 
 def test_mtt_parameter_list_is_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pt"

@@ -272,6 +272,20 @@ def test_a_buffer_in_another_models_folder_warns(tmp_path):
         warnings.simplefilter("error")
         teacher_from_expert_buffer(folder / "replay_buffer_0.pt", "ConvNetW8D1", (3, 8, 8), 10)
         teacher_from_expert_buffer(folder / "replay_buffer_0.pt", "ConvNetW8D1IN", (3, 8, 8), 10)  # the same network
+    # the check builds the folder's model on the meta device: no memory, no draw from the global RNG; never a
+    # torchvision/timm name (a folder "torchvision.vit_h_14" would have built a 600M-parameter model)
+    big = tmp_path / "torchvision.vit_h_14"
+    big.mkdir()
+    torch.save([[snap]], big / "replay_buffer_0.pt")
+    torch.manual_seed(0)
+    teacher_from_expert_buffer(big / "replay_buffer_0.pt", "ConvNetW8D1", (3, 8, 8), 10)
+    after_big = torch.rand(1)
+    torch.manual_seed(0)
+    create_model("ConvNetW8D1", im_size=(8, 8))  # what teacher_from_expert_buffer builds itself
+    assert torch.equal(torch.rand(1), after_big)
+    torch.manual_seed(0)  # folder ConvNetW8D1, read as ConvNetW8D1IN: the folder's model is built to compare, on meta
+    teacher_from_expert_buffer(folder / "replay_buffer_0.pt", "ConvNetW8D1IN", (3, 8, 8), 10)
+    assert torch.equal(torch.rand(1), after_big)  # without a draw from the global RNG
 
 
 def test_expert_buffer_and_parameter_loading(tmp_path):

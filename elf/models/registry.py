@@ -22,7 +22,7 @@ from ..errors import ELFError
 from ..split import SplitOptions
 
 __all__ = ["create_model", "list_models", "default_split_point", "register_model", "ModelInfo", "build_model",
-           "has_default_split_point", "parse_model_spec", "model_info", "RESERVED_PREFIXES"]
+           "has_default_split_point", "parse_model_spec", "model_info", "RESERVED_PREFIXES", "canonical_name"]
 
 _NORM_CODES = {"BN": "batchnorm", "IN": "instancenorm", "LN": "layernorm", "GN": "groupnorm", "NN": "none"}
 _ACT_CODES = {"AS": "sigmoid", "AR": "relu", "AL": "leakyrelu"}
@@ -155,7 +155,7 @@ def register_model(
             raise ELFError(f"register_model({name!r}): the builder must be callable, got {type(fn).__name__}")
         key = _flat(name)
         clash = next((k for k in _REGISTRY if _flat(k) == key), None)
-        if clash is None and _CONVNET_RE.match(_canonical(name)):
+        if clash is None and _CONVNET_RE.match(_canonical(name, aliases=False)):  # "ConvNet_L3" may be registered
             clash = name
         if clash is not None and not override:
             raise ELFError(f"a model named {clash!r} is already registered; pass override=True to replace it, or choose "
@@ -387,23 +387,30 @@ def _flat(name: str) -> str:
 
 #: The ELF code's names for its layered models (``ConvNet_L3``, ``ResNet18_Layered``, ``VGG11ImageNet_L6``, ...): the
 #: same networks as ours, the suffix naming where its forward splits (here: the default split point)
-_ELF_LAYERED = re.compile(r"^(.+?)_(L\d+|Layered)$")
+_ELF_LAYERED = re.compile(r"^(.+?)_(L\d+|Layered)$", re.IGNORECASE)
 _ELF_ALIASES = {"vgg11imagenet": "VGG11", "vgg11bnimagenet": "VGG11BN"}  # its 64x64 VGG: our VGG11 at 64x64
 
 
-def _canonical(name: str) -> str:
+def _canonical(name: str, aliases: bool = True) -> str:
+    """The registry's spelling of ``name`` (case, '-' and '_' ignored); with ``aliases`` also the ELF code's names."""
     flat = name.replace("-", "").replace("_", "")
     for key in list(_REGISTRY) + ["ConvNet"]:
         if flat.lower() == _flat(key):
             return key
-    layered = _ELF_LAYERED.match(name)
+    layered = _ELF_LAYERED.match(name) if aliases else None
     if layered:
         return _canonical(layered.group(1))
-    if flat.lower() in _ELF_ALIASES:
+    if aliases and flat.lower() in _ELF_ALIASES:
         return _ELF_ALIASES[flat.lower()]
     if flat.lower().startswith("convnet"):
         return "ConvNet" + flat[len("convnet") :].upper()
     return flat
+
+
+def canonical_name(name: str) -> str:
+    """The registry's spelling of a model name: ``"resnet18-bn"`` -> ``"ResNet18BN"``, ``"ConvNet_L3"`` ->
+    ``"ConvNet"`` (case, '-' and '_' ignored; the ELF code's layered names resolved); keyword arguments dropped."""
+    return _canonical(parse_model_spec(name)[0])
 
 
 def has_default_split_point(model: nn.Module) -> bool:
