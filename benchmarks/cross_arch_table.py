@@ -53,11 +53,11 @@ def load_cells(study: Path) -> dict[Key, Cell]:
     (a failed run, a validation-only run or a stale run stops the table); not-applicable cells are left out."""
     runs = read_runs(study)
     check = study_check(study, Path(__file__).resolve().parent)
-    def current(recs: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:  # of the seeds the study has now
-        return [r for _, r in recs if check is None or (r.get("run") or {}).get("seed") in check.seeds]
+    def reported(recs: list[tuple[Path, dict[str, Any]]]) -> bool:  # a record of a current seed that is applicable
+        now = [r for _, r in recs if check is None or (r.get("run") or {}).get("seed") in check.seeds]
+        return any(not r.get("not_applicable") for r in now)
 
-    return {key: load_cell(study, *key, runs, check) for key, recs in runs.items()
-            if current(recs) and not all(r.get("not_applicable") for r in current(recs))}
+    return {key: load_cell(study, *key, runs, check) for key, recs in runs.items() if reported(recs)}
 
 
 def apart(a: list[float], b: list[float]) -> bool:
@@ -190,8 +190,10 @@ def study_check(folder: Path, where: Path) -> StudyCheck | None:
 
 
 def shown_difference(a: list[float], b: list[float]) -> float:
-    """The difference of the two means as printed (2 decimals each), so a row's numbers add up as read."""
-    return round(float(np.mean(a)), 2) - round(float(np.mean(b)), 2)
+    """The difference of the two means as printed (2 decimals each): the study summaries' rule."""
+    from elf.study import printed_difference
+
+    return printed_difference(a, b)
 
 
 def paired(a: Cell, b: Cell) -> str:

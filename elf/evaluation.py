@@ -7,6 +7,7 @@ output at its split point (so a ConvNet student gets the width-128 teacher and R
 from __future__ import annotations
 
 import difflib
+import functools
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -358,6 +359,7 @@ def environment(device: torch.device | str | None = None) -> dict[str, str]:
     return info
 
 
+@functools.cache
 def _cpu_model() -> str:
     """The CPU's model name (Linux ``/proc/cpuinfo``; else what :mod:`platform` knows, possibly ``""``)."""
     try:

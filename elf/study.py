@@ -327,17 +327,13 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
     set): the subset depends only on the size, so one per set would repeat identical runs. Planning them reads
     each set's size.
     """
-    from .io import load_assuming
-    from .pixel_space import get_normalization
-
     runs = [RunSpec(s, m, v, seed) for s in cfg.sets for m in cfg.models for v in cfg.variants for seed in cfg.seeds]
     if cfg.order not in ("cells", "seeds"):
         raise ELFError(f"study order must be 'cells' or 'seeds', got {cfg.order!r}")
     baseline_variants = [v for v in cfg.variants if not _is_elf(cfg, v)]
     ref_variant = baseline_variants[0] if baseline_variants else "baseline"
     if cfg.random_real:
-        norm = get_normalization(cfg.normalization)
-        sizes = dict.fromkeys(_images_per_class(load_assuming(path, norm)) for path in cfg.sets.values())
+        sizes = dict.fromkeys(_images_per_class(_load_set(cfg, path)) for path in cfg.sets.values())
         runs += [RunSpec(random_real_name(n), m, ref_variant, seed) for n in sizes for m in cfg.models for seed in cfg.seeds]
     if cfg.full_data:
         runs += [RunSpec(FULL_DATA, m, ref_variant, seed) for m in cfg.models for seed in cfg.seeds]
@@ -449,7 +445,6 @@ class _Resources:
         return self._get(f"zca:{json.dumps(norm.to_dict())}", lambda: fit_zca_cached(self._load("train"), norm, eps=0.1))
 
     def synthetic(self, name: str) -> Any:
-        from .io import load_assuming
         from .synthetic import SyntheticSet
 
         def make() -> Any:
@@ -464,9 +459,7 @@ class _Resources:
                 train = self.real("train")
                 return SyntheticSet(train.as_float(self.norm()), train.labels, normalization=self.norm(),
                                     classes=train.classes, metadata={"method": "full real training set"})
-            sset = load_assuming(self.cfg.sets[name], self.norm())
-            if sset.normalization is None:
-                sset.normalization = self.norm()
+            sset = _load_set(self.cfg, self.cfg.sets[name])
             # classes that cannot match the real data's fail here, before training; a set without names gets theirs
             sset.label_real(self.real("train"), "the real training data")
             return sset
@@ -505,6 +498,24 @@ class _Resources:
             return out
 
         return self._get(f"banks:{set_name}", make)
+
+
+def _load_set(cfg: StudyConfig, path: str) -> Any:
+    """A set file as every run of the study reads it (planning, training, the stale check alike): in the study's
+    normalization where the file records none (MTT files, ``.npz``, image folders)."""
+    from .io import load_assuming
+    from .pixel_space import get_normalization
+
+    norm = get_normalization(cfg.normalization)
+    sset = load_assuming(path, norm)
+    if sset.normalization is None:  # e.g. a DC result of a dataset without known statistics
+        sset.normalization = norm
+    return sset
+
+
+def printed_difference(a: Sequence[float], b: Sequence[float]) -> float:
+    """``mean(a) - mean(b)`` of the means as printed (2 decimals each), so a table's numbers add up as read."""
+    return round(float(np.mean(a)), 2) - round(float(np.mean(b)), 2)
 
 
 def _set_sha256(sset: Any) -> str:
@@ -733,8 +744,6 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     fitted), a teacher's ``point`` or model, other real data, normalization or ``test_per_class``.
     """
     from .fileio import file_sha256
-    from .io import load_assuming
-    from .pixel_space import get_normalization
 
     out = Path(cfg.out) / "runs"
     stale = []
@@ -747,7 +756,7 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
             if not Path(cfg.sets[name]).exists():  # a set file not at hand (e.g. under benchmarks/work/): not compared
                 set_hashes[name], set_lrs[name] = "", None
                 return
-            sset = load_assuming(cfg.sets[name], get_normalization(cfg.normalization))
+            sset = _load_set(cfg, cfg.sets[name])
             set_hashes[name], set_lrs[name] = _set_sha256(sset), sset.lr
 
     def set_hash(name: str) -> str:
@@ -1034,7 +1043,7 @@ def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_n
             row = f"| {s} | {m} | " + " | ".join(cells)
             if gain:
                 b, e = acc.get((s, m, baseline)), acc.get((s, m, elf_variant))
-                row += f" | {round(float(np.mean(e)), 2) - round(float(np.mean(b)), 2):+.2f}" if b and e else " | -"
+                row += f" | {printed_difference(e, b):+.2f}" if b and e else " | -"
                 if b and e and len(b) != len(e):  # not the same seeds on both sides: the gain mixes seed effects
                     row += f" ({len(e)} vs {len(b)} runs)"
             lines.append(row + " |")
