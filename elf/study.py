@@ -319,13 +319,14 @@ def random_real_name(ipc: int) -> str:
     return f"{RANDOM_REAL}:ipc{ipc}"
 
 
-def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
+def plan_runs(cfg: StudyConfig, *, sets_at_hand: bool = False) -> list[RunSpec]:
     """Every run of the study in a fixed order (sets, models, variants, seeds; then references; with
     ``order = "seeds"`` the same runs sorted by seed, stably).
 
     Random-real references are planned once per distinct set size (``random-real:ipc10`` serves every 10-per-class
     set): the subset depends only on the size, so one per set would repeat identical runs. Planning them reads
-    each set's size.
+    each set's size; ``sets_at_hand=True`` leaves out the sizes of set files that do not exist here (their sets'
+    own runs are still planned) instead of failing on them.
     """
     runs = [RunSpec(s, m, v, seed) for s in cfg.sets for m in cfg.models for v in cfg.variants for seed in cfg.seeds]
     if cfg.order not in ("cells", "seeds"):
@@ -333,7 +334,8 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
     baseline_variants = [v for v in cfg.variants if not _is_elf(cfg, v)]
     ref_variant = baseline_variants[0] if baseline_variants else "baseline"
     if cfg.random_real:
-        sizes = dict.fromkeys(_images_per_class(_load_set(cfg, path)) for path in cfg.sets.values())
+        sizes = dict.fromkeys(_images_per_class(_load_set(cfg, path)) for path in cfg.sets.values()
+                              if not sets_at_hand or Path(path).exists())
         runs += [RunSpec(random_real_name(n), m, ref_variant, seed) for n in sizes for m in cfg.models for seed in cfg.seeds]
     if cfg.full_data:
         runs += [RunSpec(FULL_DATA, m, ref_variant, seed) for m in cfg.models for seed in cfg.seeds]
@@ -741,7 +743,9 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     teacher file replaced under the same name is found too. Records written since 2026-12-02 also hold what the study
     file ``asked`` (:func:`_asked`), compared in full: a split point set back to the default, another teacher list
     where the library chose the teacher (a teacher added before the one used, or one that now fits a run no teacher
-    fitted), a teacher's ``point`` or model, other real data, normalization or ``test_per_class``.
+    fitted), a teacher's ``point`` or model, other real data, normalization or ``test_per_class``. A set whose file is
+    not at hand is not compared on its hash, and the random-real references of a size no set at hand has are not
+    compared at all (their size cannot be read).
     """
     from .fileio import file_sha256
 
@@ -777,7 +781,7 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     def teacher_hash(label: str) -> str:
         return teacher_file_hash(cfg.teachers[label]["checkpoint"])
 
-    for run in plan_runs(cfg):
+    for run in plan_runs(cfg, sets_at_hand=True):
         path = out / f"{run.run_id}.json"
         if not path.exists():
             continue

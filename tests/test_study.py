@@ -443,6 +443,27 @@ def test_a_set_or_teacher_file_replaced_under_the_same_name_makes_its_runs_stale
     assert sorted(why.split(":")[0] for _, why in stale_runs(cfg)) == ["set 'noise'", "set 'noise'"]
 
 
+def test_the_stale_check_works_with_a_set_file_not_at_hand(workspace: Path, tmp_path: Path) -> None:
+    """Regression: with random-real references, the stale check planned the references by reading every set's size,
+    so a study whose set file is not here (e.g. made under the ignored benchmarks/work/) could not be checked at all
+    ("no such file"), and its summary said its runs were not compared."""
+    import shutil
+
+    from elf.study import stale_runs
+
+    syn = tmp_path / "syn.safetensors"
+    shutil.copy(workspace / "syn.safetensors", syn)
+    kw = dict(data=str(workspace / "data"), sets={"noise": str(syn)}, models=["ConvNetW4D2"], seeds=[0],
+              variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}})
+    run_study(_config(workspace, str(tmp_path / "out"), **kw), device="cpu", progress=False, log=lambda _: None)
+    syn.unlink()
+    changed = _config(workspace, str(tmp_path / "out"), **{**kw, "overrides": {"epochs": 2, "batch_size": 3}})
+    assert sorted(stale_runs(changed)) == [("noise__ConvNetW4D2__baseline__s0", "epochs: recorded 1, study file now 2")]
+    assert "not compared" not in summarize(changed).read_text()
+    with pytest.raises(elf.ELFError, match="no such file"):  # planning a study to run it still needs its sets
+        plan_runs(changed)
+
+
 def test_runs_of_another_teacher_label_or_another_split_of_the_data_are_stale(workspace: Path, tmp_path: Path) -> None:
     """A variant switched to another teacher (both still in the file), or a study switched between validation and
     test, left its finished runs to be skipped and summarized under the new setting (the test table's heading over
