@@ -7,6 +7,7 @@ Public API::
 
 from .augment import DSA, DSAParams
 from .checkpoint import load_checkpoint, save_checkpoint
+from .dc_augment import DCAugment
 from .errors import DivergedError, ELFError
 from .feature_bank import FeatureBank
 from .losses import DISTANCES, feature_distance
@@ -22,6 +23,7 @@ __all__ = [
     "ConvNet",
     "DISTANCES",
     "DSA",
+    "DCAugment",
     "DSAParams",
     "ELFError",
     "DivergedError",

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .adapters import ELFAdapters
-from .augment import DSA
+from .dc_augment import make_augmentation
 from .errors import DivergedError
 from .losses import FeatureDistance, feature_distance
 from .trainer import DivergenceWatch, ELFTrainer
@@ -262,7 +262,7 @@ def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], param
     gens = [torch.Generator(device=device) for _ in seeds]
     for gen, seed in zip(gens, seeds):
         gen.manual_seed(seed)
-    dsas = [DSA(p.augment, mode=p.dsa_mode, seed=seed) if p.augment else None for seed in seeds]
+    dsas = [make_augmentation(p.augment, p.dsa_mode, seed) for seed in seeds]
 
     def sgd(lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(list(params.values()), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--protocol", default="elf", help="protocol preset: elf (default: official numbers, rear BatchNorm "
                                                    "statistics from the student's path), elf-official (the public code "
                                                    "exactly), elf-cross (elf + adapters + aligned targets), elf-aug (elf + "
-                                                   "adapters + the teacher on each augmented batch), dsa, dm, dc, mtt, "
+                                                   "adapters + the teacher on each augmented batch), dsa, dm, dc, dc-aug (DC with its crop/noise augmentation, for a ConvNet-BN student), mtt, "
                                                    "glad; see docs/protocols.md. ELF runs always have the ELF terms on")
     g.add_argument("--epochs", type=int, default=None, help="the protocol's Epoch (official 1000; the loop runs Epoch+1)")
     g.add_argument("--runs", type=int, default=5, help="runs per model and method (seeds --seed .. --seed + runs - 1)")
@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "un-augmented images; it replaces a preset's aligned targets (--protocol elf-cross) and "
                         "cannot be combined with --align-targets")
     g.add_argument("--no-augment", action="store_true", help="train without DSA")
+    g.add_argument("--augment", default=None, metavar="STRATEGY",
+                   help="the student's augmentation instead of the protocol's: a DSA strategy (ops joined by '_'), "
+                        "'dc:crop_noise' (DC's per-image crop/noise, what DC's main.py gives a ConvNet-BN student; "
+                        "preset dc-aug), or 'none'")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     g.add_argument("--no-elf", action="store_true", help="skip the ELF runs")
     g.add_argument("--batched", nargs="?", const=True, default=False, type=int, metavar="M",
@@ -352,6 +356,10 @@ def _protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = {"epochs": "epochs", "lr": "lr", "batch_size": "batch_size", "lambda_front": "lambda_front",
              "lambda_rear": "lambda_rear", "lambda_task": "lambda_task", "distance": "distance"}
     out = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
+    if getattr(args, "augment", None) is not None:
+        if getattr(args, "no_augment", False):
+            raise ELFError("--augment and --no-augment: give one (--augment none is --no-augment)")
+        out["augment"] = None if args.augment == "none" else args.augment
     if getattr(args, "no_augment", False):
         out["augment"] = None
     if getattr(args, "adapter", None) is not None:
@@ -545,6 +553,8 @@ def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], te
     out: dict[str, Any] = {k: getattr(args, k) for k in keys}
     if args.teacher_on_augmented:  # only when given, so evals saved before the option existed still resume
         out["teacher_on_augmented"] = True
+    if args.augment is not None:  # (likewise)
+        out["augment"] = args.augment
     out["images_n"] = len(sset)
     out["normalization"] = norm.to_dict()
     out["teachers"] = [b.metadata.get("teacher_sha256", "") for b in banks]

@@ -41,7 +41,8 @@ class Protocol:
         lr, momentum, weight_decay, batch_size: SGD settings (lr per step, batch in images).
         lr_decay_epoch: epoch index after which lr is multiplied by ``lr_decay``; ``None`` = ``epochs // 2 + 1``.
         reset_optimizer_at_decay: re-create SGD at the decay (momentum buffers reset), as the official code does.
-        augment: DSA strategy for the student's images, ``None`` for none. dsa_mode: "S" one op per batch.
+        augment: DSA strategy for the student's images, ``None`` for none, or ``"dc:<ops>"`` for DC's per-image
+            augmentation (:mod:`elf.dc_augment`, e.g. ``"dc:crop_noise"``). dsa_mode: "S" one op per batch.
         lambda_task, lambda_front, lambda_rear: loss weights; 0 switches a term off (λ_front = λ_rear = 0 is the
             plain baseline). distance: "ce" | "mse" | "mae" | "cos" | "cos-batch" (the official code's COS) or a callable ``(pred, target) -> scalar``.
         features_on_augmented: the front term's target is the teacher run on each augmented batch (teacher in the
@@ -100,6 +101,15 @@ class Protocol:
 
             if self.distance not in DISTANCES:
                 raise ELFError(f"protocol distance must be one of {sorted(DISTANCES)} or a callable, got {self.distance!r}")
+        from .dc_augment import DC_PREFIX, make_augmentation
+
+        try:
+            make_augmentation(self.augment, self.dsa_mode)
+        except ELFError as e:
+            raise ELFError(f"protocol augment {self.augment!r}: {e}") from None
+        if self.align_targets and isinstance(self.augment, str) and self.augment.startswith(DC_PREFIX):
+            raise ELFError(f"protocol align_targets needs a DSA strategy (whose geometric draws it applies to the teacher "
+                           f"maps); augment {self.augment!r} is DC's augmentation: set align_targets off")
         if self.align_targets and self.features_on_augmented:
             raise ELFError("align_targets and features_on_augmented (--align-targets, --teacher-on-augmented) both make "
                            "targets match the augmented view: choose one")
@@ -213,14 +223,16 @@ PROTOCOLS: dict[str, Protocol] = {
                                   "benchmarks/gpu_chosen_table_study.toml)"),
     # the same training with the ELF terms off: how DSA / DM / MTT-era papers evaluate (DSA and DM code: 1000 epochs)
     "dsa": _ELF.replace(name="dsa", lambda_front=0.0, lambda_rear=0.0,
-                             notes="DSA sets as DM and ELF evaluate them: lr 0.01, 1000 (+1) epochs, DSA, no ELF terms "
-                                   "(the DC/DSA repository's main.py defaults to epoch_eval_train 300: epochs=300 matches it)"),
+                             notes="DSA sets as the DC/DSA repository's main.py (which sets epoch_eval_train to 1000 "
+                                   "for DSA), DM and ELF evaluate them: lr 0.01, 1000 (+1) epochs, DSA, no ELF terms"),
     "dm": _ELF.replace(name="dm", lambda_front=0.0, lambda_rear=0.0,
                             notes="DM public code main_DM.py: epoch_eval_train 1000, lr 0.01, DSA"),
     "dc": _ELF.replace(name="dc", epochs=300, augment=None, lambda_front=0.0, lambda_rear=0.0,
-                            notes="DC/DSA repository main.py: epoch_eval_train 300, no augmentation for DC on CIFAR (DC's "
-                                  "get_daparam augments a ConvNetBN student with its per-image crop/noise, which this "
-                                  "preset does not: compare ConvNet-BN numbers with care)"),
+                            notes="DC/DSA repository main.py for a DC set and any student but ConvNet-BN: epoch_eval_train "
+                                  "300, no augmentation (CIFAR); for a ConvNet-BN student use 'dc-aug'"),
+    "dc-aug": _ELF.replace(name="dc-aug", augment="dc:crop_noise", lambda_front=0.0, lambda_rear=0.0,
+                                notes="DC/DSA repository main.py for a DC set and a ConvNet-BN student: get_daparam's "
+                                      "per-image crop/noise augmentation (elf.dc_augment), epoch_eval_train 1000"),
     "mtt": _ELF.replace(name="mtt", lambda_front=0.0, lambda_rear=0.0, learned_lr=True,
                              notes="MTT public code distill.py: epoch_eval_train 1000, learned lr when present, DSA, "
                                    "ZCA images evaluated in ZCA space"),

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ELFAdapters, build_adapters, token_grid
-from .augment import DSA
+from .augment import DSA, DSASample
+from .dc_augment import DCAugment, make_augmentation
 from .batchnorm import frozen_bn_stats
 from .errors import DivergedError, ELFError
 from .feature_bank import FeatureBank, teacher_sha256
@@ -50,7 +51,7 @@ class _LoopState:
     seed: int
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
-    dsa: DSA | None
+    dsa: DSA | DCAugment | None
     lr: float
     epoch: int
     cut: bool = False  # the last epoch was stopped after a batch: the state is not at an epoch boundary
@@ -484,7 +485,7 @@ class ELFTrainer:
         self.model, self.front, self.rear = model, front, rear
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
-        dsa = DSA(p.augment, mode=p.dsa_mode, seed=seed) if p.augment else None
+        dsa = make_augmentation(p.augment, p.dsa_mode, seed)
         distance = feature_distance(p.distance)
         teacher_front = self.teacher_front()
         lr = p.lr
@@ -577,7 +578,7 @@ class ELFTrainer:
         rear: nn.Module | None,
         opt: torch.optim.Optimizer,
         idx: torch.Tensor,
-        dsa: DSA | None,
+        dsa: DSA | DCAugment | None,
         gen: torch.Generator,
         distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         teacher_front: nn.Module | None,
@@ -595,7 +596,7 @@ class ELFTrainer:
         return {"loss": loss.detach(), "task": loss_task.detach(), "front": loss_front.detach(),
                 "rear": loss_rear.detach(), "correct": correct.float()}
 
-    def batch(self, idx: torch.Tensor, dsa: DSA | None,
+    def batch(self, idx: torch.Tensor, dsa: DSA | DCAugment | None,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Images ``(B, C, H, W)`` (augmented with a draw from ``dsa`` and ``gen``), targets and teacher features
         (aligned with the draw when the protocol says so; None without feature terms) of the batch ``idx``.
@@ -611,7 +612,7 @@ class ELFTrainer:
             x = dsa.apply(x, sample)
         # gathered once per step, shared by the front target and the rear input
         feats = self.feature_bank[idx] if self.feature_bank is not None and p.uses_features else None
-        if feats is not None and p.align_targets and sample is not None:
+        if feats is not None and p.align_targets and isinstance(sample, DSASample):
             only = ("flip",) if p.align_targets == "flip" else None
             feats = dsa.apply_geometric(feats, sample, (x.shape[2], x.shape[3]), only=only)  # type: ignore[union-attr]
         return x, y, feats
@@ -711,7 +712,7 @@ class ELFTrainer:
             gens["global_cuda"] = torch.cuda.default_generators[index]
         return gens
 
-    def _load_state(self, path: PathLike, model: nn.Module, gen: torch.Generator, dsa: DSA | None,
+    def _load_state(self, path: PathLike, model: nn.Module, gen: torch.Generator, dsa: DSA | DCAugment | None,
                     seed: int) -> tuple[int, float, SavedState]:
         saved = read_state(path, STATE_FORMAT, what="an ELFTrainer state file (written by save_state)")
         meta = saved.meta

@@ -170,7 +170,7 @@ def test_validation_split_is_disjoint_and_balanced() -> None:
 
 def test_method_presets_share_the_library_default_for_elf_runs() -> None:
     """ELF runs under a method's preset (``with_elf()``) use the measured default, not the official BN behaviour."""
-    for name in ("dsa", "dm", "dc", "mtt", "glad"):
+    for name in ("dsa", "dm", "dc", "dc-aug", "mtt", "glad"):
         assert not elf.PROTOCOLS[name].with_elf().rear_bn_stats_from_features
 
 
