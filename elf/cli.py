@@ -45,7 +45,8 @@ def _add_test_data(p: argparse.ArgumentParser, required: bool = True, normalizat
     g.add_argument("--data", required=required, default=None,
                    help="real data: 'cifar10' / 'cifar100' (torchvision download), an ImageFolder directory or a "
                         ".tar/.tar.gz archive of one with train/ and test/ folders (default: $ELF_DATA)")
-    g.add_argument("--data-root", default="~/.cache/elf-dd/torchvision", help="download root for cifar10/cifar100")
+    g.add_argument("--data-root", default=None,
+                   help="download root for cifar10/cifar100 (default: torchvision/ in $ELF_CACHE or ~/.cache/elf-dd)")
     g.add_argument("--normalization", default=None, help=normalization_help)
     g.add_argument("--test-per-class", type=int, default=None, help="use a class-balanced test subset of this many per class")
     g.add_argument("--cache-dir", default=None, help="decoded-data and feature cache (default: $ELF_CACHE or ~/.cache/elf-dd)")
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("real data")
     g.add_argument("--data", default=None, help="real data: 'cifar10' / 'cifar100', an ImageFolder directory or a .tar/.tar.gz "
                                                "archive of one with a train/ folder (default: $ELF_DATA)")
-    g.add_argument("--data-root", default="~/.cache/elf-dd/torchvision", help="download root for cifar10/cifar100")
+    g.add_argument("--data-root", default=None,
+                   help="download root for cifar10/cifar100 (default: torchvision/ in $ELF_CACHE or ~/.cache/elf-dd)")
     g.add_argument("--normalization", default=None, help="mean/std of the real images and of the set (cifar10_mtt, "
                                                              "cifar100_dc, imagenet, none; default cifar10_mtt)")
     g.add_argument("--train-per-class", type=int, default=None, help="distill from a class-balanced subset (quick runs)")
@@ -340,11 +342,12 @@ def _data_spec(args: argparse.Namespace) -> str:
 
 
 def _load_split(args: argparse.Namespace, split: str, per_class: int | None, seed: int = 0) -> Any:
-    from .data import load_cifar, load_dataset
+    from .data import default_download_root, load_cifar, load_dataset
 
     spec = _data_spec(args)
     if spec.lower() in ("cifar10", "cifar100"):
-        images = load_cifar(spec.lower(), Path(args.data_root).expanduser(), train=(split == "train"))
+        root = Path(args.data_root).expanduser() if args.data_root else default_download_root()
+        images = load_cifar(spec.lower(), root, train=(split == "train"))
     else:
         images = load_dataset(spec, split, cache_dir=args.cache_dir, progress=not args.no_progress)
     if per_class is not None:

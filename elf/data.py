@@ -190,6 +190,11 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "elf-dd"
 
 
+def default_download_root() -> Path:
+    """Where torchvision's CIFAR downloads go by default: ``torchvision/`` in :func:`default_cache_dir`."""
+    return default_cache_dir() / "torchvision"
+
+
 def default_data_path() -> Path | None:
     """The dataset path in env ``ELF_DATA``, or None when unset."""
     env = os.environ.get("ELF_DATA")
@@ -552,7 +557,7 @@ def load_dataset(spec: str | PathLike, split: str | None = "train", **kw: Any) -
     if s.lower().replace("-", "") in ("cifar10", "cifar100") and not Path(s).exists():
         if split not in ("train", "test"):
             raise ELFError(f"{s}: split must be 'train' or 'test', got {split!r}")
-        root = kw.pop("root", default_cache_dir() / "torchvision")
+        root = kw.pop("root", default_download_root())
         download = kw.pop("download", True)
         if kw:
             raise ELFError(f"load_dataset({s!r}) does not take {', '.join(sorted(kw))}; it takes root= and download=")

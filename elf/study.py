@@ -389,12 +389,12 @@ class _Resources:
 
     def _load(self, which: str) -> Any:
         """The dataset's own ``"train"`` or ``"test"`` split."""
-        from .data import load_cifar, load_dataset
+        from .data import default_download_root, load_cifar, load_dataset
 
         def make() -> Any:
             spec = self.cfg.data
             if spec.lower() in ("cifar10", "cifar100"):
-                return load_cifar(spec.lower(), Path("~/.cache/elf-dd/torchvision").expanduser(), train=which == "train")
+                return load_cifar(spec.lower(), default_download_root(), train=which == "train")
             return load_dataset(spec, which, progress=False)
 
         return self._get(f"raw:{which}", make)

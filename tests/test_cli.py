@@ -365,3 +365,31 @@ def test_eval_says_which_normalization_it_assumes_for_a_set_without_one(tmp_path
     assert main(["eval", "--images", str(path), "--no-elf", "--models", "ConvNetW8D2", "--epochs", "1", "--runs", "1",
                  "--data", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress", "--device", "cpu"]) == 0
     assert "records no normalization: assuming cifar10_mtt" in capsys.readouterr().err  # also with --no-progress
+
+
+def test_cifar_downloads_go_under_elf_cache_by_default(tmp_path, monkeypatch) -> None:
+    """Regression: --data-root (elf eval, elf distill) and a study's cifar10 had ~/.cache/elf-dd/torchvision hard-coded,
+    so a user who moved every cache with ELF_CACHE still got the downloads in the home folder."""
+    import argparse
+
+    import elf.data
+    import elf.study
+    from elf.cli import _load_split
+
+    roots: list[Path] = []
+
+    def fake_load_cifar(name, root, train, download=True):
+        roots.append(Path(root))
+        raise elf.ELFError("offline")
+
+    monkeypatch.setattr(elf.data, "load_cifar", fake_load_cifar)
+    monkeypatch.setenv("ELF_CACHE", str(tmp_path / "cache"))
+    args = argparse.Namespace(data="cifar10", data_root=None, cache_dir=None, no_progress=True)
+    for given in (None, str(tmp_path / "mine")):
+        args.data_root = given
+        with pytest.raises(elf.ELFError, match="offline"):
+            _load_split(args, "train", None)
+    cfg = elf.study.StudyConfig(sets={}, models=["ConvNet"], data="cifar10", out=str(tmp_path / "out"))
+    with pytest.raises(elf.ELFError, match="offline"):
+        elf.study._Resources(cfg, torch.device("cpu"), lambda _: None)._load("train")
+    assert roots == [tmp_path / "cache" / "torchvision", tmp_path / "mine", tmp_path / "cache" / "torchvision"]
