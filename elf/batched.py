@@ -8,19 +8,25 @@ step runs all k with :func:`torch.func.vmap` over :func:`torch.func.functional_c
 
 * the batch order: each seed has its own ``torch.Generator`` seeded with the seed and draws ``torch.randperm`` from it
   once per epoch, as ``fit`` does;
-* the DSA draws: each seed has its own ``DSA(..., seed=seed)`` and samples and applies its op with its own generator
-  (``ELFTrainer.batch``, as ``fit`` does); the k augmented batches are then stacked to ``(k, B, C, H, W)``.
+* the augmentation draws: each seed has its own augmentation object (``make_augmentation(..., seed=seed)``: DSA or
+  DC's) and samples and applies it with its own generator (``ELFTrainer.batch``, as ``fit`` does); the k augmented
+  batches are then stacked to ``(k, B, C, H, W)``.
 
 BatchNorm running statistics are stacked buffers ``(k, C)`` updated in place inside vmap, so they come out per seed.
 The optimizer is ``torch.optim.SGD`` itself over the stacked parameters: its update is elementwise, so on a
 ``(k, ...)`` tensor it is k independent SGD updates; the loss that is differentiated is the sum of the k per-seed
 losses, whose gradient with respect to seed i's slice is seed i's own gradient. The lr decay (and the optimizer
-reset) follow the protocol as in ``fit``. The k accuracies therefore equal those of k sequential runs up to float
-rounding (vmapped convolutions sum in another order).
+reset) follow the protocol as in ``fit``. The k runs therefore equal k sequential runs up to float rounding
+(vmapped convolutions sum in another order); over many steps that rounding can grow in deep BatchNorm networks
+(ResNet-18) until an accuracy differs by a few test images, as a channels-last run's does.
 
 Random operations inside the model (dropout, drop-path) draw from torch's global RNG, whose per-seed streams vmap
 cannot reproduce: such models, and runs with callbacks or a (front, rear) pair, fall back to sequential runs with a
-one-line reason (printed to stderr and kept in ``EvalResult.data["batched"]``).
+one-line reason (printed to stderr and kept in ``EvalResult.data["batched"]``). So do models whose state vmap would
+get wrong without an error: a buffer the forward pass reassigns instead of updating in place
+(``self.n = self.n + 1``: only its in-place updates reach the stacked buffers), a tensor attribute that is neither
+parameter nor buffer but differs between seeds (only one seed's would be used), and seeds whose models differ in
+structure.
 
 With ``features_on_augmented`` the teacher (shared by the seeds, in eval mode) runs outside vmap, once per step on
 the k augmented batches flattened to ``(k * B, C, H, W)``; its features, unflattened to ``(k, B, *F)``, are the front
@@ -40,7 +46,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .adapters import ELFAdapters
 from .dc_augment import make_augmentation
-from .errors import DivergedError
+from .errors import DivergedError, ELFError
 from .losses import FeatureDistance, feature_distance
 from .trainer import DivergenceWatch, ELFTrainer
 
@@ -139,7 +145,9 @@ def _probe(step: StepFn, params: Tensors, buffers: Tensors, x: Tensor, y: Tensor
     try:
         scratch = {name: b.clone() for name, b in buffers.items()}
         step(params, scratch, x, y, feats, target)[0].sum().backward()
-    except Exception as e:  # noqa: BLE001 - any failure of the probe means: run the seeds one by one
+    except ELFError:  # a mistake in the inputs or the model (not a limit of vmap): the sequential fit would raise it too
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure of the probe means: run the seeds one by one
         return e
     finally:
         for p in params.values():
@@ -150,8 +158,11 @@ def _probe(step: StepFn, params: Tensors, buffers: Tensors, x: Tensor, y: Tensor
 def _reason(error: BaseException) -> str:
     """Why the seeds cannot be batched, in one line, from what the eager probe step raised."""
     if "randomness" in str(error):
-        return ("the model draws random numbers in training (dropout, drop-path) from torch's global RNG, whose "
-                "per-seed streams vmap cannot reproduce")
+        return ("the model draws random numbers in training (e.g. dropout, drop-path, noise) from torch's global RNG, "
+                "whose per-seed streams vmap cannot reproduce")
+    if ".item()" in str(error):
+        return ("the model reads a tensor's value on the host in training (.item(), float(), a Python branch on a "
+                "tensor; e.g. BatchNorm with momentum=None), which vmap cannot batch")
     return f"vmap cannot run a training step of this model ({_one_line(error)})"
 
 
@@ -192,7 +203,55 @@ def _prepare(trainer: ELFTrainer, template: _Bundle, params: Tensors, buffers: T
         info["compile"] = f"failed, ran eagerly ({_one_line(failed)})"
         print(f"{trainer.model_name}: torch.compile of the batched step {info['compile']}", file=sys.stderr)
     error = _probe(step, params, buffers, *probe)
-    return step, info, None if error is None else _reason(error)
+    if error is not None:
+        return step, info, _reason(error)
+    return step, info, _reassigned_buffer(trainer, template, x, y, feats, teacher_front)
+
+
+def _reassigned_buffer(trainer: ELFTrainer, template: _Bundle, x: Tensor, y: Tensor, feats: Tensor | None,
+                       teacher_front: nn.Module | None) -> str | None:
+    """Why the seeds must run one by one when one eager training step of ``template`` (on one batch ``x``
+    ``(B, C, H, W)``, no gradient, its state restored afterwards) replaces a buffer with a new tensor: under
+    :func:`functional_call` the new tensor would be dropped after every step, silently. None when none is."""
+    kept = [(name, module, attr, buf, buf.clone()) for name, module in template.named_modules()
+            for attr, buf in module._buffers.items() if buf is not None]
+    replaced = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        template.train()
+        template(x, y, feats, ELFTrainer.front_target(teacher_front, x))
+        for name, module, attr, buf, value in kept:
+            if module._buffers.get(attr) is not buf:
+                replaced.append(f"{name}.{attr}".lstrip("."))
+                module._buffers[attr] = buf
+            buf.copy_(value)
+    if not replaced:
+        return None
+    return (f"the forward pass reassigns buffer {replaced[0]} (a new tensor, e.g. self.n = self.n + 1) instead of "
+            "updating it in place (self.n += 1, copy_()), which vmap's stacked buffers would not keep")
+
+
+def _plain_tensors(bundle: _Bundle) -> dict[str, Tensor]:
+    """The tensors a bundle's modules hold as plain attributes (neither parameters nor buffers), by name."""
+    return {f"{name}.{attr}".lstrip("."): value for name, module in bundle.named_modules()
+            for attr, value in vars(module).items() if isinstance(value, Tensor)}
+
+
+def _differs(template: _Bundle, bundles: list[_Bundle]) -> str | None:
+    """Why ``bundles`` cannot run as ``template`` with their parameters and buffers swapped in: a plain tensor
+    attribute with another value (only ``template``'s would be used), or another structure. None when they can."""
+    mine = _plain_tensors(template)
+    shapes = {name: t.shape for name, t in [*template.named_parameters(), *template.named_buffers()]}
+    for bundle in bundles:
+        other = {name: t.shape for name, t in [*bundle.named_parameters(), *bundle.named_buffers()]}
+        if other != shapes:
+            return "the seeds' models differ in structure (their parameters or buffers differ in names or shapes)"
+        theirs = _plain_tensors(bundle)
+        for name, t in mine.items():
+            u = theirs.get(name)
+            if u is None or u.shape != t.shape or not torch.equal(u, t):
+                return (f"{name} is a tensor attribute (not a parameter or buffer) that differs between seeds; "
+                        "register it as a buffer (register_buffer) to batch the seeds")
+    return None
 
 
 def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, result: EvalResult, *,
@@ -222,6 +281,10 @@ def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, r
     for chunk in [seeds[i : i + size] for i in range(0, len(seeds), size)]:
         t0 = time.perf_counter()
         bundles = [_Bundle(trainer, *trainer._init_model(seed), distance) for seed in chunk]
+        why = _differs(template or bundles[0], bundles)
+        if why is not None:  # (in a later group: its seeds are discarded with the groups before, and all run again)
+            result.accuracies.clear(), result.histories.clear(), result.wall_time_s.clear(), result.also.clear()
+            return _fall_back(trainer, result, why)
         params, buffers = stack_module_state(bundles)  # type: ignore[arg-type]
         if step is None:
             template = bundles[0]

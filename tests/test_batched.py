@@ -10,7 +10,6 @@ from torch import nn
 
 import elf.batched as batched_mod
 from elf import Callback, ELFError, ELFTrainer, FeatureBank, create_model
-from elf.augment import DSA
 from toy_data import lifted_channel_data
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -126,7 +125,8 @@ def test_elf_with_bank_split_and_adapters(monkeypatch, extra):
 
 
 def test_the_teacher_on_augmented_batches_runs_once_per_step_for_all_seeds():
-    """features_on_augmented: one teacher forward per step on the k seeds' batches (plus the probe step), not k."""
+    """features_on_augmented: one teacher forward per step on the k seeds' batches (plus the probe step and the
+    one-batch check for reassigned buffers), not k."""
     bank = _bank("features.3")
     batches = []
     bank.teacher.features[0].register_forward_hook(lambda _m, args, _o: batches.append(args[0].shape[0]))
@@ -135,9 +135,9 @@ def test_the_teacher_on_augmented_batches_runs_once_per_step_for_all_seeds():
     result = trainer.run(*TEST, SEEDS, batched=True)
     assert result.data["batched"]["seeds"] == len(SEEDS)
     steps = trainer.protocol.total_epochs * 3  # 12 images in batches of 5
-    assert len(batches) == 1 + steps  # the probe, then one per step
     k = len(SEEDS)
-    assert batches[1:] == [5 * k, 5 * k, 2 * k] * trainer.protocol.total_epochs  # each step: the k batches at once
+    assert batches[:2] == [5 * k, 5]  # the probe (k batches), the buffer check (one)
+    assert batches[2:] == [5 * k, 5 * k, 2 * k] * trainer.protocol.total_epochs  # each step: the k batches at once
 
 
 def test_soft_labels(monkeypatch):
@@ -204,7 +204,8 @@ def test_shared_augmentation_draws_would_be_caught(monkeypatch):
     """With every seed drawing from seed 0's DSA, the batched run no longer equals the sequential one: the equality
     tests above detect seeds that share augmentation draws."""
     seq, _ = _run(_trainer(), monkeypatch)
-    monkeypatch.setattr(batched_mod, "DSA", lambda *a, seed=None, **kw: DSA(*a, seed=0, **kw))
+    make = batched_mod.make_augmentation
+    monkeypatch.setattr(batched_mod, "make_augmentation", lambda strategy, mode, seed: make(strategy, mode, 0))
     shared, _ = _run(_trainer(), monkeypatch, batched=True)
     assert shared.data["batched"]["seeds"] == len(SEEDS)
     assert [h[-1]["loss"] for h in shared.histories] != pytest.approx([h[-1]["loss"] for h in seq.histories], rel=1e-4)
@@ -237,9 +238,66 @@ class _Dropped(nn.Module):
         return self.net(x)
 
 
+class _Small(nn.Module):
+    """A tiny model whose ``post`` the cases below change."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, width, 3, padding=1), nn.Linear(width, K)
+
+    def post(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.post(self.conv(x))).mean((2, 3)))
+
+
+class _ReassignedBuffer(_Small):
+    """A warm-up counter kept as a buffer but reassigned, not updated in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+
+    def post(self, h: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps = self.steps + 1
+        return h * torch.clamp(self.steps / 3, max=1.0)
+
+
+class _PlainMask(_Small):
+    """A random channel mask drawn at init and kept as a plain attribute (not a buffer): it differs per seed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask = (torch.rand(1, 8, 1, 1) > 0.5).float()
+
+    def post(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.mask
+
+
+class _CumulativeBN(_Small):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8, momentum=None)  # a cumulative average: reads the batch count on the host
+
+    def post(self, h: torch.Tensor) -> torch.Tensor:
+        return self.bn(h)
+
+
+def _varying_width() -> nn.Module:
+    return _Small(int(torch.randint(4, 9, (1,))))  # the width drawn from the seed
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda: _trainer(callbacks=[_Noop()]), "callbacks"),
     (lambda: _trainer(_Dropped), "random numbers"),
+    # regression: these ran vmapped and silently wrong (the counter stayed 0; every seed used seed 0's mask), or
+    # stopped with torch's own error (structures that differ), or gave a reason cut off mid-word (.item())
+    (lambda: _trainer(_ReassignedBuffer), "reassigns buffer model.steps"),
+    (lambda: _trainer(_PlainMask), "model.mask is a tensor attribute"),
+    (lambda: _trainer(_varying_width), "differ in structure"),
+    (lambda: _trainer(_CumulativeBN), "momentum=None"),
 ])
 def test_fallback_runs_sequentially_with_a_reason(make, reason, capsys):
     expected = make().run(*TEST, SEEDS)
@@ -376,3 +434,25 @@ def test_no_host_sync_per_step_or_epoch(host_reads, monkeypatch):
         return counts["n"]
 
     assert syncs(1) == syncs(5) > 0
+
+
+def test_a_mistake_in_the_model_is_raised_not_taken_for_a_limit_of_vmap(capsys):
+    """Regression: the probe step caught every error, so a model that returns a tuple in train mode was first
+    reported as something vmap cannot run, then failed the same way in the sequential fit."""
+
+    class Tuple(_Small):
+        def forward(self, x: torch.Tensor):  # type: ignore[override]
+            out = super().forward(x)
+            return (out, out) if self.training else out
+
+    with pytest.raises(ELFError, match="tuple"):
+        _trainer(Tuple).run(*TEST, SEEDS, batched=True)
+    assert "fall back" not in capsys.readouterr().err
+
+
+def test_a_later_group_whose_plain_attribute_differs_reruns_every_seed_sequentially():
+    """With groups of one seed, the step's module is seed 0's: seed 1's own mask must not be replaced by it."""
+    expected = _trainer(_PlainMask).run(*TEST, SEEDS)
+    result = _trainer(_PlainMask).run(*TEST, SEEDS, batched=1)
+    assert "mask is a tensor attribute" in result.data["batched"]["fallback"]
+    assert result.accuracies == expected.accuracies and len(result.histories) == len(SEEDS) == len(result.wall_time_s)
