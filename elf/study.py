@@ -655,7 +655,10 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
 
 def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progress: bool) -> list[dict[str, Any]]:
     """The seeds of one cell (same set, model, variant) trained at once (``batched``); records as :func:`_execute`
-    writes them. A cell whose batched run diverges is rerun seed by seed, so only the diverged seed is recorded failed."""
+    writes them. A cell whose batched run diverges is rerun seed by seed, so only the diverged seed is recorded failed;
+    one whose model cannot be batched (:func:`~elf.batched.fallback_reason`) runs seed by seed from the start, each
+    run with its checkpoints as without ``batched``."""
+    from .batched import fallback_reason
     from .trainer import ELFTrainer
 
     prepared = _prepare(runs[0], cfg, res)
@@ -664,6 +667,11 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     proto, sset, bank, split_at = prepared
     trainer = ELFTrainer.from_synthetic(runs[0].model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress, channels_last=cfg.channels_last)
+    group = None if cfg.batched is True else int(cfg.batched)
+    why = fallback_reason(trainer, [r.seed for r in runs], group)
+    if why is not None:
+        res.log(f"{runs[0].set}/{runs[0].model}/{runs[0].variant}: batched seeds fall back to one run at a time: {why}")
+        return [{**_execute(r, cfg, res, progress), "batched": {"fallback": why}} for r in runs]
     try:
         result = trainer.run(*res.test(runs[0].set), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile,
                              also_evaluate={"test": res.test(runs[0].set, final=True)} if cfg.also_test else None)

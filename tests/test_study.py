@@ -290,6 +290,37 @@ def test_batched_study_equals_sequential(workspace: Path) -> None:
         run_study(_config(workspace, "x", compile=True), device="cpu", progress=False, log=lambda _: None)
 
 
+def test_a_batched_cell_that_cannot_be_batched_runs_each_seed_with_its_checkpoints(workspace: Path, monkeypatch) -> None:
+    """Regression: a cell whose model falls back (dropout) trained its seeds one by one inside one batched call,
+    without the per-run checkpoints of a sequential study, and a divergence then retrained every seed again."""
+    from torch import nn
+
+    import elf.study
+    from elf.models import register_model
+
+    class DropNet(nn.Module):
+        def __init__(self, channel: int = 3, num_classes: int = 3) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(channel, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(4, num_classes))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.features(x))
+
+    register_model("DropNetStudyTest", lambda channel, num_classes: DropNet(channel, num_classes), override=True)
+    executed: list[str] = []
+    execute = elf.study._execute
+    monkeypatch.setattr(elf.study, "_execute", lambda run, *a: executed.append(run.run_id) or execute(run, *a))
+    said: list[str] = []
+    cfg = _config(workspace, "drop-b", models=["DropNetStudyTest"], random_real=False, seeds=[0, 1], batched=True,
+                  variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}})
+    files = run_study(cfg, device="cpu", progress=False, log=said.append)
+    assert executed == ["noise__DropNetStudyTest__baseline__s0", "noise__DropNetStudyTest__baseline__s1"]
+    for f in files:
+        assert "random numbers" in json.loads(f.read_text())["batched"]["fallback"]
+    assert any("fall back to one run at a time" in line for line in said)
+
+
 class _Killed(BaseException):
     """Stands in for the process being killed (not an Exception: keep_going must not swallow it)."""
 
