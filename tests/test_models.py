@@ -367,3 +367,23 @@ def test_dcs_mlp_and_lenet(name, channel, size, params):
             assert split_model(model, model.elf_split_point).front(x).shape[1:] == (16, 5, 5)
     if name == "MLP":
         assert not hasattr(model, "elf_split_point")  # no conv map to match a teacher's: no default cut
+
+
+def test_alexnet_bn_and_the_swish_convnet_of_dm_evaluation_pool():
+    """DC/DM's 'B' evaluation pool (ConvNetBN, ConvNetASwishBN, AlexNetBN, VGG11BN, ResNet18BN): the two that were
+    missing. AlexNetBN is AlexNet with conv -> BatchNorm -> ReLU; AlexNet keeps its parameter names (checkpoints)."""
+    plain, bn = create_model("AlexNet"), create_model("AlexNetBN")
+    assert [n for n, _ in plain.named_parameters()] == [
+        "features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias", "features.6.weight",
+        "features.6.bias", "features.8.weight", "features.8.bias", "features.10.weight", "features.10.bias",
+        "fc.weight", "fc.bias"]  # fmt: skip
+    kinds = [type(m).__name__ for m in bn.features]
+    assert kinds[:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] and kinds.count("BatchNorm2d") == 5
+    assert [m.num_features for m in bn.features if isinstance(m, nn.BatchNorm2d)] == [128, 192, 256, 192, 192]
+    assert bn.features(torch.randn(2, 3, 32, 32)).shape == (2, 192, 4, 4) and default_split_point(bn) == "features"
+    swish = create_model("ConvNet-ASwish-BN")
+    assert isinstance(swish.features[1], nn.BatchNorm2d) and isinstance(swish.features[2], nn.SiLU)
+    x = torch.randn(5)
+    assert torch.allclose(swish.features[2](x), x * torch.sigmoid(x))  # DC's Swish
+    assert registry.canonical_name("convnet-aswish-bn") == "ConvNetASwishBN" and "ConvNetASwish" in list_models()
+    assert isinstance(create_model("ConvNetASBN").features[2], nn.Sigmoid)  # "AS" is still sigmoid

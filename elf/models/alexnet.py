@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ELFError
 from .base import FeaturesHeadNet
 from .registry import register_model
 
@@ -12,28 +13,34 @@ __all__ = ["AlexNet"]
 
 
 class AlexNet(FeaturesHeadNet):
-    """Five convs (128-192-256-192-192) with three 2x2 max-pools, then one linear layer.
+    """Five convs (128-192-256-192-192) with three 2x2 max-pools, then one linear layer; ``norm="batchnorm"``
+    puts a BatchNorm after every conv (the DC code's AlexNetBN).
 
     At 32x32, ``features`` outputs ``(N, 192, 4, 4)``: the default ELF cut.
     """
 
     elf_split_point = "features"
 
-    def __init__(self, channel: int = 3, num_classes: int = 10, im_size: tuple[int, int] = (32, 32)) -> None:
+    def __init__(self, channel: int = 3, num_classes: int = 10, im_size: tuple[int, int] = (32, 32),
+                 norm: str = "none") -> None:
         super().__init__()
+        if norm not in ("none", "batchnorm"):
+            raise ELFError(f"AlexNet norm must be 'none' or 'batchnorm', got {norm!r}")
+
+        def conv(c_in: int, c_out: int, kernel: int, padding: int) -> list[nn.Module]:
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=kernel, padding=padding)]
+            if norm == "batchnorm":
+                layers.append(nn.BatchNorm2d(c_out))
+            return [*layers, nn.ReLU(inplace=True)]
+
         self.features = nn.Sequential(
-            nn.Conv2d(channel, 128, kernel_size=5, stride=1, padding=4 if channel == 1 else 2),
-            nn.ReLU(inplace=True),
+            *conv(channel, 128, 5, 4 if channel == 1 else 2),
             nn.MaxPool2d(kernel_size=2, stride=2),
-            nn.Conv2d(128, 192, kernel_size=5, padding=2),
-            nn.ReLU(inplace=True),
+            *conv(128, 192, 5, 2),
             nn.MaxPool2d(kernel_size=2, stride=2),
-            nn.Conv2d(192, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, 192, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(192, 192, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
+            *conv(192, 256, 3, 1),
+            *conv(256, 192, 3, 1),
+            *conv(192, 192, 3, 1),
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
         h = (32 if im_size[0] == 28 else im_size[0]) // 8
@@ -48,3 +55,9 @@ class AlexNet(FeaturesHeadNet):
 def alexnet(channel: int = 3, num_classes: int = 10, im_size: tuple[int, int] = (32, 32)) -> AlexNet:
     """AlexNet of the DC code; default cut features, 192x4x4"""
     return AlexNet(channel, num_classes, im_size)
+
+
+@register_model("AlexNetBN")
+def alexnet_bn(channel: int = 3, num_classes: int = 10, im_size: tuple[int, int] = (32, 32)) -> AlexNet:
+    """AlexNet with BatchNorm after every conv (DC/DM's AlexNetBN); default cut features, 192x4x4"""
+    return AlexNet(channel, num_classes, im_size, norm="batchnorm")

@@ -16,7 +16,7 @@ from .base import FeaturesHeadNet
 __all__ = ["ConvNet", "NORMS", "ACTIVATIONS", "POOLINGS"]
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
-ACTIVATIONS = ("relu", "leakyrelu", "sigmoid")
+ACTIVATIONS = ("relu", "leakyrelu", "sigmoid", "swish")
 POOLINGS = ("avgpooling", "maxpooling", "none")
 _POOL_ALIASES = {"avg": "avgpooling", "max": "maxpooling", "avgpool": "avgpooling", "maxpool": "maxpooling"}
 
@@ -41,6 +41,8 @@ def _activation(act: str) -> nn.Module:
         return nn.LeakyReLU(negative_slope=0.01)
     if act == "sigmoid":
         return nn.Sigmoid()
+    if act == "swish":
+        return nn.SiLU()  # x * sigmoid(x): the DC code's Swish
     raise ELFError(f"unknown activation {act!r}; choose one of {ACTIVATIONS}")
 
 
@@ -53,7 +55,7 @@ class ConvNet(FeaturesHeadNet):
     Args:
         channel: input channels. num_classes: output classes.
         width: conv channels (literature default 128). depth: conv blocks (default 3; 4 for 64x64 inputs).
-        activation: "relu" | "leakyrelu" | "sigmoid". norm: "instancenorm" (``GroupNorm(C, C)`` with affine, the
+        activation: "relu" | "leakyrelu" | "sigmoid" | "swish". norm: "instancenorm" (``GroupNorm(C, C)`` with affine, the
             literature's default) | "batchnorm" | "layernorm" | "groupnorm" | "none".
         pooling: "avgpooling" | "maxpooling" | "none" ("avg"/"max" accepted). im_size: input (H, W); 28x28 inputs
             are treated as 32x32 (the first conv pads by 3 for one-channel input), as in the published code.

@@ -25,10 +25,10 @@ __all__ = ["create_model", "list_models", "default_split_point", "register_model
            "has_default_split_point", "parse_model_spec", "model_info", "RESERVED_PREFIXES", "canonical_name"]
 
 _NORM_CODES = {"BN": "batchnorm", "IN": "instancenorm", "LN": "layernorm", "GN": "groupnorm", "NN": "none"}
-_ACT_CODES = {"AS": "sigmoid", "AR": "relu", "AL": "leakyrelu"}
+_ACT_CODES = {"ASwish": "swish", "AS": "sigmoid", "AR": "relu", "AL": "leakyrelu"}
 _POOL_CODES = {"NP": "none", "MP": "maxpooling", "AP": "avgpooling"}
-_CONVNET_RE = re.compile(r"^ConvNet((?:W\d+|D\d+|BN|IN|LN|GN|NN|AS|AR|AL|NP|MP|AP)*)$")
-_CONVNET_TOKEN = re.compile(r"W\d+|D\d+|BN|IN|LN|GN|NN|AS|AR|AL|NP|MP|AP")
+_CONVNET_RE = re.compile(r"^ConvNet((?:W\d+|D\d+|BN|IN|LN|GN|NN|ASwish|AS|AR|AL|NP|MP|AP)*)$")
+_CONVNET_TOKEN = re.compile(r"W\d+|D\d+|BN|IN|LN|GN|NN|ASwish|AS|AR|AL|NP|MP|AP")
 RESERVED_PREFIXES = ("torchvision.", "tv.", "timm.")
 
 SplitPointSpec = str | Callable[[tuple[int, int]], str] | None
@@ -204,6 +204,7 @@ _CONVNET_EXAMPLES = {
     "ConvNetD5": "ConvNet of depth 5 (128x128 inputs)",
     "ConvNetAS": "ConvNet with sigmoid activation",
     "ConvNetAL": "ConvNet with leaky ReLU",
+    "ConvNetASwish": "ConvNet with Swish (x * sigmoid(x)); ConvNetASwishBN is in DM's BatchNorm evaluation pool",
     "ConvNetMP": "ConvNet with max pooling",
     "ConvNetNP": "ConvNet without pooling",
 }
@@ -403,7 +404,7 @@ def _canonical(name: str, aliases: bool = True) -> str:
     if aliases and flat.lower() in _ELF_ALIASES:
         return _ELF_ALIASES[flat.lower()]
     if flat.lower().startswith("convnet"):
-        return "ConvNet" + flat[len("convnet") :].upper()
+        return "ConvNet" + flat[len("convnet") :].upper().replace("ASWISH", "ASwish")  # tokens are upper case but one
     return flat
 
 
