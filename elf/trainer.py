@@ -26,8 +26,8 @@ from torch import nn
 
 from .adapters import ELFAdapters, build_adapters, token_grid
 from .augment import DSA, DSASample
-from .dc_augment import DCAugment, make_augmentation
 from .batchnorm import frozen_bn_stats
+from .dc_augment import DCAugment, make_augmentation
 from .errors import DivergedError, ELFError
 from .feature_bank import FeatureBank, teacher_sha256
 from .fileio import PathLike, tensor_sha256
