@@ -53,7 +53,7 @@ from .trainer import DivergenceWatch, ELFTrainer
 if TYPE_CHECKING:
     from .trainer import EvalResult
 
-__all__ = ["run_batched", "batched_unsupported", "fallback_reason"]
+__all__ = ["run_batched", "batched_unsupported"]
 
 #: What ``EvalResult.data["batched"]["wall_time_s"]`` says about the per-seed wall times of a batched run.
 WALL_TIME_NOTE = "each group's wall time (build, train, test), split evenly over its seeds"
@@ -252,22 +252,6 @@ def _differs(template: _Bundle, bundles: list[_Bundle]) -> str | None:
                 return (f"{name} is a tensor attribute (not a parameter or buffer) that differs between seeds; "
                         "register it as a buffer (register_buffer) to batch the seeds")
     return None
-
-
-def fallback_reason(trainer: ELFTrainer, seeds: list[int], group: int | None = None) -> str | None:
-    """Why ``trainer.run(..., seeds, batched=group or True)`` would run the seeds one by one, or None when it would
-    batch them: the checks :func:`run_batched` makes before training (on the first group; eager, nothing trained),
-    for a caller that runs sequential seeds its own way (e.g. a study, which checkpoints each run)."""
-    why = batched_unsupported(trainer)
-    if why is not None:
-        return why
-    distance = feature_distance(trainer.protocol.distance)
-    bundles = [_Bundle(trainer, *trainer._init_model(seed), distance) for seed in seeds[: group or len(seeds)]]
-    why = _differs(bundles[0], bundles)
-    if why is not None:
-        return why
-    params, buffers = stack_module_state(bundles)  # type: ignore[arg-type]
-    return _prepare(trainer, bundles[0], params, buffers, trainer.teacher_front(), compile=False)[2]
 
 
 def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, result: EvalResult, *,

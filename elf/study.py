@@ -656,9 +656,8 @@ def _execute(run: RunSpec, cfg: StudyConfig, res: _Resources, progress: bool) ->
 def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progress: bool) -> list[dict[str, Any]]:
     """The seeds of one cell (same set, model, variant) trained at once (``batched``); records as :func:`_execute`
     writes them. A cell whose batched run diverges is rerun seed by seed, so only the diverged seed is recorded failed;
-    one whose model cannot be batched (:func:`~elf.batched.fallback_reason`) runs seed by seed from the start, each
-    run with its checkpoints as without ``batched``."""
-    from .batched import fallback_reason
+    one whose model cannot be batched runs seed by seed through :func:`_execute`, each run with its checkpoints as
+    without ``batched``."""
     from .trainer import ELFTrainer
 
     prepared = _prepare(runs[0], cfg, res)
@@ -667,16 +666,16 @@ def _execute_cell(runs: list[RunSpec], cfg: StudyConfig, res: _Resources, progre
     proto, sset, bank, split_at = prepared
     trainer = ELFTrainer.from_synthetic(runs[0].model, sset, protocol=proto, feature_bank=bank, split_at=split_at,
                                         device=res.device, progress=progress, channels_last=cfg.channels_last)
-    group = None if cfg.batched is True else int(cfg.batched)
-    why = fallback_reason(trainer, [r.seed for r in runs], group)
+    try:
+        result = trainer.run(*res.test(runs[0].set), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile,
+                             also_evaluate={"test": res.test(runs[0].set, final=True)} if cfg.also_test else None,
+                             fall_back=False)
+    except DivergedError:
+        return [_execute(r, cfg, res, progress) for r in runs]
+    why = result.data["batched"].get("fallback")
     if why is not None:
         res.log(f"{runs[0].set}/{runs[0].model}/{runs[0].variant}: batched seeds fall back to one run at a time: {why}")
         return [{**_execute(r, cfg, res, progress), "batched": {"fallback": why}} for r in runs]
-    try:
-        result = trainer.run(*res.test(runs[0].set), [r.seed for r in runs], batched=cfg.batched, compile=cfg.compile,
-                             also_evaluate={"test": res.test(runs[0].set, final=True)} if cfg.also_test else None)
-    except DivergedError:
-        return [_execute(r, cfg, res, progress) for r in runs]
     return [{
         "run": asdict(r), "run_id": r.run_id, "accuracy": result.accuracies[i], "wall_time_s": result.wall_time_s[i],
         "protocol": proto.to_dict(), "split_at": result.data.get("split_at") or split_at,

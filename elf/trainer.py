@@ -779,7 +779,8 @@ class ELFTrainer:
 
     def run(self, test_images: torch.Tensor, test_labels: torch.Tensor, seeds: int | Sequence[int] = 5, *,
             batched: bool | int = False, compile: bool = False,
-            also_evaluate: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> EvalResult:
+            also_evaluate: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+            fall_back: bool = True) -> EvalResult:
         """``fit`` then ``evaluate`` once per seed (an int ``k`` means seeds ``0..k-1``); accuracy at the final epoch.
 
         ``batched=True`` trains the seeds at once as one vectorized model (:mod:`elf.batched`; same accuracies up to
@@ -789,6 +790,8 @@ class ELFTrainer:
         in one line and record ``data["channels_last"] = False``; seeds that fall back to sequential runs use it.
         ``also_evaluate`` names more ``(images, labels)`` sets to test each seed's final model on (e.g. the test split
         next to a validation split); their accuracies land in ``result.also[name]``, in seed order.
+        ``fall_back=False``: seeds that cannot be batched are not run one by one here; the result comes back without
+        accuracies, ``data["batched"]["fallback"]`` saying why (for a caller that runs seeds its own way).
         """
         seed_list = resolve_seeds(seeds, "run() seeds")
         result = EvalResult(self.model_name, [], seed_list, self.protocol.to_dict(), data=dict(self.data_info))
@@ -802,6 +805,8 @@ class ELFTrainer:
             group = None if batched is True else int(batched)
             batched = run_batched(self, test_images, test_labels, result, compile=compile, group=group,
                                   also_evaluate=also_evaluate)
+            if not batched and not fall_back:
+                return result
             if batched and self.channels_last:  # the vectorized seeds ran (and were tested) contiguous
                 print(f"{self.model_name}: batched seeds ignore channels_last (vmap has no channels-last path); "
                       "they ran in the contiguous format", file=sys.stderr)

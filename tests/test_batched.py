@@ -456,3 +456,14 @@ def test_a_later_group_whose_plain_attribute_differs_reruns_every_seed_sequentia
     result = _trainer(_PlainMask).run(*TEST, SEEDS, batched=1)
     assert "mask is a tensor attribute" in result.data["batched"]["fallback"]
     assert result.accuracies == expected.accuracies and len(result.histories) == len(SEEDS) == len(result.wall_time_s)
+
+
+def test_fall_back_false_leaves_the_seeds_to_the_caller():
+    """``run(fall_back=False)`` (a study's batched cell) trains nothing when the seeds cannot be batched: the caller
+    runs them its own way (with checkpoints), instead of a probe beforehand repeating run_batched's checks."""
+    calls: list[int] = []
+    trainer = _trainer(_Dropped)
+    trainer.fit = lambda seed, **kw: calls.append(seed)  # type: ignore[method-assign]
+    result = trainer.run(*TEST, SEEDS, batched=True, fall_back=False)
+    assert "random numbers" in result.data["batched"]["fallback"]
+    assert result.accuracies == [] and calls == []
