@@ -385,7 +385,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sset, test_x, test_y = _eval_data(args, log)
     device = torch.device(args.device) if args.device else None
     banks = [] if args.no_elf else _eval_banks(args, sset, device, log)
-    settings = _eval_settings(args, sset, banks, test_x, sset.normalization)
+    settings = _eval_settings(args, sset, banks, test_x, test_y, sset.normalization)
     rows_before: list[Any] = []
     if previous is not None:
         rows_before = _resumable_rows(args.out, previous, settings)
@@ -548,8 +548,11 @@ def _finished_runs(rows: Sequence[Any]) -> int:
     return sum(len(r.baseline.seeds if r.baseline else []) + len(r.elf.seeds if r.elf else []) for r in rows)
 
 
-def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], test_x: torch.Tensor, norm: Any) -> dict[str, Any]:
+def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], test_x: torch.Tensor, test_y: torch.Tensor,
+                   norm: Any) -> dict[str, Any]:
     """Everything that decides the numbers of an `elf eval`: a resumed eval must have the same."""
+    from .fileio import tensor_sha256
+
     keys = ("images", "labels", "experiment", "zca", "models", "split_at", "protocol", "epochs", "seed", "lr",
             "batch_size", "lambda_front", "lambda_rear", "lambda_task", "distance", "rear_bn_stats", "adapter",
             "align_targets", "no_augment", "no_baseline", "no_elf", "test_per_class", "feature_dtype")
@@ -564,7 +567,14 @@ def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], te
     if args.teacher_point:  # only when given (evals saved before it was recorded still resume); omitting it differs
         out["teacher_points"] = [b.point for b in banks]
     out["test_n"] = int(test_x.shape[0])
+    # the contents, not only the paths: a set file replaced in place, or other --data, must not be resumed into
+    out["set_sha256"] = tensor_sha256(sset.images, sset.labels)
+    out["test_sha256"] = tensor_sha256(test_x, test_y)
     return json.loads(json.dumps(out, default=str))
+
+
+#: Settings recorded since a later version: an earlier record without them still resumes (they are not compared).
+_RECORDED_LATER = frozenset({"set_sha256", "test_sha256"})
 
 
 def _refuse_overwriting_runs(out: str) -> None:
@@ -601,9 +611,12 @@ def _resumable_rows(out: str, previous: dict[str, Any], settings: dict[str, Any]
     from .evaluation import ModelComparison
     from .resume import changed_settings
 
-    shown = changed_settings(previous["settings"], settings, new_keys=True)
+    later = frozenset(k for k in _RECORDED_LATER if k not in previous["settings"])
+    shown = changed_settings(previous["settings"], settings, later, new_keys=True)
     if shown:
-        raise ELFError(f"--resume: {out} was computed with other settings ({shown}); use the same command, or "
+        why = {"set_sha256": "the synthetic set's contents differ", "test_sha256": "the test images differ (--data)"}
+        hints = "".join(f"; {why[k]}" for k in why if k + ":" in shown)
+        raise ELFError(f"--resume: {out} was computed with other settings ({shown}{hints}); use the same command, or "
                        "another --out to start over")
     return [ModelComparison.from_dict(r) for r in previous.get("results", [])]
 

@@ -548,6 +548,38 @@ def test_eval_resume_with_other_settings(tmp_path: Path, folder: Path, cache: Pa
     cli_error(capsys, "eval", ["eval", "--images", "x", "--resume", "--no-elf", *common(folder, cache)], "--resume continues")
 
 
+def test_eval_resume_refuses_other_contents_at_the_same_paths(tmp_path: Path, folder: Path, cache: Path, train: Any,
+                                                              make_image_folder, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the resume settings held the set's path but not its contents, and no test data at all, so a set
+    file replaced in place, or another --data, was resumed into: seeds of two sets (or test sets) made one mean."""
+    syn = tmp_path / "syn.safetensors"
+
+    def write_set(seed: int) -> None:
+        sub = train.per_class(2, torch.Generator().manual_seed(seed))
+        save_synthetic(syn, SyntheticSet(sub.as_float(CIFAR10_MTT), sub.labels, normalization=CIFAR10_MTT, classes=sub.classes))
+
+    write_set(0)
+    out = tmp_path / "r.json"
+    argv = ["eval", "--images", str(syn), "--no-elf", "--models", TINY, "--epochs", "1", "--out", str(out)]
+    assert main([*argv, "--runs", "1", *common(folder, cache)]) == 0
+    before = out.read_text()
+    counter = FitCounter(monkeypatch)
+    write_set(1)
+    cli_error(capsys, "eval", [*argv, "--runs", "2", "--resume", *common(folder, cache)], "set_sha256",
+              "the synthetic set's contents differ")
+    write_set(0)
+    other = make_image_folder(tmp_path / "other", SIDE, 5, 4, CLASSES)  # as many test images, other pixels
+    cli_error(capsys, "eval", [*argv, "--runs", "2", "--resume", *common(other, cache)], "test_sha256",
+              "the test images differ")
+    assert counter.calls == 0 and out.read_text() == before
+    # a record written before the hashes were recorded still resumes (they are not compared then)
+    old = json.loads(before)
+    del old["settings"]["set_sha256"], old["settings"]["test_sha256"]
+    out.write_text(json.dumps(old))
+    assert main([*argv, "--runs", "2", "--resume", *common(folder, cache)]) == 0 and counter.calls == 1
+
+
 def test_eval_resume_with_more_runs_adds_seeds(tmp_path: Path, folder: Path, cache: Path, synthetic: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "r.json"
