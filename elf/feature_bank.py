@@ -8,6 +8,7 @@ same (teacher, images, point) again compute nothing; every read is verified agai
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -61,6 +62,26 @@ def teacher_sha256(teacher: nn.Module) -> str:
     """Content hash of a teacher: its weights and buffers *and* its architecture (the module tree's repr), so two
     teachers with equal weights but, say, different activations or pooling never share cached features."""
     return hashlib.sha256(f"{state_dict_sha256(teacher)}|{teacher!r}".encode()).hexdigest()
+
+
+def front_code_sha256(front: nn.Module) -> str:
+    """Hash of the code that computes a teacher's features: the generated code of every traced (fx) module in
+    ``front`` and the source of every other module class in it that is not torch's own, so a teacher whose
+    ``forward`` was edited (same modules, same weights) does not get the features cached for the old code. A class
+    without retrievable source (defined in a REPL) counts by its qualified name."""
+    parts = []
+    seen: set[type] = set()
+    for name, module in front.named_modules():
+        cls = type(module)
+        if isinstance(module, torch.fx.GraphModule):
+            parts.append(f"{name}:{module.code}")
+        elif cls not in seen and not cls.__module__.startswith("torch."):
+            seen.add(cls)
+            try:
+                parts.append(inspect.getsource(cls))
+            except (OSError, TypeError):
+                parts.append(f"{cls.__module__}.{cls.__qualname__}")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def images_sha256(images: torch.Tensor) -> str:
@@ -127,13 +148,14 @@ class FeatureBank:
     # ---- building -----------------------------------------------------------------------------------------
     @staticmethod
     def cache_key(teacher_sha256: str, images_sha256: str, point: str, dtype: torch.dtype,
-                  options: SplitOptions | None = None) -> str:
-        """Content key of a bank: hash of the teacher's weights, the images, the point, the storage dtype and the
+                  options: SplitOptions | None = None, code_sha256: str = "") -> str:
+        """Content key of a bank: hash of the teacher's weights, the images, the point, the storage dtype, the
         trace options (leaf modules and autowrapped functions rename graph nodes, so one node-name point can mean
-        two tensors under two options)."""
+        two tensors under two options) and the front's code (:func:`front_code_sha256`)."""
         raw = f"{FORMAT}|{teacher_sha256}|{images_sha256}|{point}|{_dtype_name(dtype)}"
         traced = _options_signature(options)
-        return hashlib.sha256((raw + (f"|{traced}" if traced else "")).encode()).hexdigest()
+        extra = (f"|{traced}" if traced else "") + (f"|code:{code_sha256}" if code_sha256 else "")
+        return hashlib.sha256((raw + extra).encode()).hexdigest()
 
     @classmethod
     def build(
@@ -180,9 +202,15 @@ class FeatureBank:
         dtype = _resolve_dtype(dtype)
         param = next(teacher.parameters(), None)
         dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        was_training = teacher.training
+        teacher.eval()  # before tracing: a forward that branches on self.training is traced in eval mode
+        try:
+            front = split_model(teacher, point, options=options).front
+        finally:
+            teacher.train(was_training)
         teacher_hash = teacher_sha256(teacher)
         images_hash = images_sha256(images)
-        key = cls.cache_key(teacher_hash, images_hash, point, dtype, options)
+        key = cls.cache_key(teacher_hash, images_hash, point, dtype, options, front_code_sha256(front))
         cache_file = Path(cache_dir) / f"features-{key[:40]}.safetensors" if cache_dir is not None else None
         if cache_file is not None and cache_file.exists():
             try:
@@ -196,9 +224,7 @@ class FeatureBank:
                 warnings.warn(f"feature cache {cache_file} holds another key; recomputing", stacklevel=2)
             except ELFError as e:
                 warnings.warn(f"feature cache {cache_file} is unusable ({e}); recomputing", stacklevel=2)
-        was_training = teacher.training
         teacher.eval()
-        front = split_model(teacher, point, options=options).front
         chunks = []
         peak = torch.zeros((), device=dev)  # the largest |feature| before the cast to ``dtype``
         batches = range(0, images.shape[0], batch_size)

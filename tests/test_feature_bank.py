@@ -422,3 +422,68 @@ def test_cache_key_includes_the_trace_options(tmp_path):
     assert len(list(tmp_path.glob("features-*.safetensors"))) == 2
     again = FeatureBank.build(teacher, x, "add", cache_dir=tmp_path, options=wrapped)
     assert again.metadata["key"] == as_node.metadata["key"]  # a cache hit under the same options
+
+
+
+_USER_TEACHER = """
+import torch
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x){block_edit})
+
+
+class Teacher(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(x{forward_edit}).mean((2, 3)))
+"""
+
+
+def _user_teacher(folder, block_edit: str = "", forward_edit: str = "") -> torch.nn.Module:
+    """``Teacher`` of a user's module ``user_teacher`` (``folder/user_teacher.py``) as written now, imported afresh
+    into ``sys.modules`` (the caller restores it), with seed-0 weights."""
+    import importlib.util
+    import sys
+
+    path = folder / "user_teacher.py"
+    path.write_text(_USER_TEACHER.format(block_edit=block_edit, forward_edit=forward_edit))
+    spec = importlib.util.spec_from_file_location("user_teacher", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["user_teacher"] = module
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.Teacher()
+
+
+def test_cache_key_includes_the_teachers_code(tmp_path, monkeypatch):
+    """Regression: the key held the weights and the module tree's repr, so a teacher whose code was edited (same
+    class names, modules and weights) got the features cached for the old code: traced code, and leaf modules."""
+    from elf import SplitOptions
+
+    import sys
+
+    monkeypatch.setitem(sys.modules, "user_teacher", None)  # (restored at the end)
+    x = torch.randn(3, 3, 8, 8)
+    cache = tmp_path / "cache"
+    FeatureBank.build(_user_teacher(tmp_path), x, "block", cache_dir=cache)
+    edited = _user_teacher(tmp_path, forward_edit=" * 2")  # traced through: the front's generated code changes
+    bank = FeatureBank.build(edited, x, "block", cache_dir=cache)
+    with torch.no_grad():
+        torch.testing.assert_close(bank.features, edited.block(x * 2))
+    first = _user_teacher(tmp_path)
+    FeatureBank.build(first, x, "block", cache_dir=cache, options=SplitOptions(leaf_modules=(type(first.block),)))
+    edited = _user_teacher(tmp_path, block_edit=" + 1")  # a leaf module, not traced: its class's source changes
+    bank = FeatureBank.build(edited, x, "block", cache_dir=cache, options=SplitOptions(leaf_modules=(type(edited.block),)))
+    with torch.no_grad():
+        torch.testing.assert_close(bank.features, edited.block(x))
+    assert len(list(cache.glob("features-*.safetensors"))) == 4
