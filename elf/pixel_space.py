@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import ELFError
-from .fileio import PathLike, load_tensors, save_tensors
+from .fileio import PathLike, load_tensors, save_tensors, tensor_sha256
 
 if TYPE_CHECKING:
     from .data import ImageSet
@@ -205,19 +205,25 @@ class ZCA:
 
     def save(self, path: PathLike) -> Path:
         """Write to a safetensors file (atomic)."""
-        meta = {"format": "elf-dd/zca", "eps": repr(self.eps), "shape": json.dumps(list(self.shape)), "info": json.dumps(self.info)}
+        meta = {"format": "elf-dd/zca", "eps": repr(self.eps), "shape": json.dumps(list(self.shape)), "info": json.dumps(self.info),
+                "tensors_sha256": tensor_sha256(self.mean, self.W, self.W_inv)}
         return save_tensors(path, {"mean": self.mean, "W": self.W, "W_inv": self.W_inv}, meta)
 
     @classmethod
     def load(cls, path: PathLike) -> "ZCA":
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`, verified against the hash of its matrices it records (files written
+        before the hash was recorded are read unverified)."""
         tensors, meta = load_tensors(path)
         if meta.get("format") != "elf-dd/zca":
             raise ELFError(f"{path}: not an elf-dd ZCA file (format {meta.get('format')!r}); create it with ZCA.save")
         try:
-            return cls(tensors["mean"], tensors["W"], tensors["W_inv"], tuple(json.loads(meta["shape"])), float(meta["eps"]), json.loads(meta.get("info", "{}")))
+            zca = cls(tensors["mean"], tensors["W"], tensors["W_inv"], tuple(json.loads(meta["shape"])), float(meta["eps"]), json.loads(meta.get("info", "{}")))
         except (KeyError, ValueError) as e:
             raise ELFError(f"{path}: incomplete ZCA file ({e}); delete it and fit again") from e
+        recorded = meta.get("tensors_sha256")
+        if recorded is not None and recorded != tensor_sha256(zca.mean, zca.W, zca.W_inv):
+            raise ELFError(f"{path}: damaged ZCA file (its matrices do not match the hash it records); delete it and fit again")
+        return zca
 
 
 def fit_zca_cached(

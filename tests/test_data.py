@@ -274,6 +274,26 @@ def test_fit_zca_cached(tmp_path, monkeypatch):
         fit_zca_cached(s, CIFAR100_DC, 0.1, tmp_path)  # other normalization, other key
 
 
+def test_damaged_zca_cache_is_refit(tmp_path):
+    """Regression: a cached ZCA was used as read (only its key checked), so flipped bits in W whitened every image
+    wrongly without a word; it now records a hash of its matrices and is fit again when they do not match."""
+    from elf.fileio import load_tensors, save_tensors
+
+    s = _toy_set(n_per=20)
+    z = fit_zca_cached(s, CIFAR10_MTT, 0.1, tmp_path)
+    (path,) = tmp_path.glob("zca-*.safetensors")
+    tensors, meta = load_tensors(path)
+    tensors["W"] = tensors["W"].clone()
+    tensors["W"][0, 0] += 1e30
+    save_tensors(path, tensors, meta)
+    with pytest.raises(ELFError, match="damaged ZCA file"):
+        ZCA.load(path)
+    with pytest.warns(UserWarning, match="unusable"):
+        again = fit_zca_cached(s, CIFAR10_MTT, 0.1, tmp_path)
+    assert torch.equal(again.W, z.W)
+    assert torch.equal(ZCA.load(path).W, z.W)  # the refit replaced the damaged file
+
+
 # ---------------------------------------------------------------------------------------------- real data
 
 
