@@ -2,9 +2,11 @@
 
 Processes may share a study folder (shards, torchrun ranks, a second ``elf study`` started by hand).
 
-``<folder>/<run id>.lock`` is created exclusively (``O_CREAT | O_EXCL``) and holds the owner's host, pid and start
-time. A lock left by a process of this host that no longer exists (killed) is taken over; a lock held by another
-host cannot be checked from here, so that run is skipped until the lock file is removed.
+``<folder>/<run id>.lock`` is held with an exclusive ``flock`` for as long as its owner trains the run, and holds the
+owner's host, pid and start time for people to read. The operating system drops the lock when its owner exits, however
+it exits (killed, crashed, its machine restarted), so a lock is never left stale, a recycled pid cannot keep it, and
+two processes cannot both take it. Where ``fcntl`` is missing (Windows) the file is created exclusively instead
+(``O_CREAT | O_EXCL``), and a lock left by a killed process must be removed by hand.
 """
 
 from __future__ import annotations
@@ -15,18 +17,12 @@ import socket
 import time
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["RunLock"]
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 class RunLock:
@@ -34,50 +30,62 @@ class RunLock:
 
     def __init__(self, folder: Path, run_ids: list[str]) -> None:
         self.folder, self.run_ids = Path(folder), list(run_ids)
-        self._held: list[Path] = []
+        self._held: list[tuple[Path, int]] = []
 
     def _path(self, run_id: str) -> Path:
         return self.folder / f"{run_id}.lock"
 
-    def _take(self, path: Path) -> bool:
+    def _take(self, path: Path) -> int | None:
+        """The open, locked file descriptor of ``path``, or None when another process holds it."""
+        if fcntl is None:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                return None
+        else:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by a live process
+                os.close(fd)
+                return None
+            try:  # a holder releasing just now unlinks the file before unlocking it: ours may be that old one
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                os.close(fd)
+                return None
         owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(owner)
-        return True
+        os.ftruncate(fd, 0)
+        os.write(fd, owner.encode())
+        return fd
 
-    def holder(self, run_id: str) -> str | None:
-        """Who holds ``run_id``'s lock (``"pid 123 on host"``), or ``None`` when it is free or its owner (a process of
-        this host) no longer exists; such a stale lock is removed."""
-        path = self._path(run_id)
+    def holder(self, run_id: str) -> str:
+        """Who holds ``run_id``'s lock, as its file says (``"pid 123 on host since ..."``)."""
         try:
-            owner = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):  # being written this instant by its owner
+            owner = json.loads(self._path(run_id).read_text())
+            return f"pid {owner['pid']} on {owner['host']} since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):  # being written this instant, or just released
             return "another process"
-        if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
-            path.unlink(missing_ok=True)
-            return None
-        return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
 
     def acquire(self) -> str | None:
         """Take every run's lock: ``None`` on success, else who holds one (nothing is kept then)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for run_id in self.run_ids:
             path = self._path(run_id)
-            if not self._take(path):
-                held_by = self.holder(run_id)
-                if held_by is not None or not self._take(path):
-                    self.release()
-                    return held_by or "another process"
-            self._held.append(path)
+            fd = self._take(path)
+            if fd is None and fcntl is not None:
+                fd = self._take(path)  # once more: the file may have been replaced by a release between open and stat
+            if fd is None:
+                self.release()
+                return self.holder(run_id)
+            self._held.append((path, fd))
         return None
 
     def release(self) -> None:
-        for path in self._held:
+        """Remove the lock files taken, then unlock them (in that order, see :meth:`_take`)."""
+        for path, fd in self._held:
             path.unlink(missing_ok=True)
+            os.close(fd)
         self._held = []

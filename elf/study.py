@@ -907,8 +907,7 @@ def run_study(
         lock = RunLock(_partial_folder(cfg), [r.run_id for r in pending])
         held_by = lock.acquire()
         if held_by is not None:
-            log(f"{where}: skipped, another process is running it ({held_by}; if none is, remove its lock file in "
-                f"{_partial_folder(cfg)})")
+            log(f"{where}: skipped, another process is running it ({held_by})")
             continue
         try:
             pending = [r for r in pending if not (out / "runs" / f"{r.run_id}.json").exists()]  # finished meanwhile

@@ -702,28 +702,65 @@ def test_the_summary_counts_only_the_runs_the_study_file_has(workspace: Path) ->
 
 def test_a_run_another_process_holds_is_skipped_and_a_dead_ones_lock_taken_over(workspace: Path) -> None:
     """Regression: two processes on one study folder (overlapping --only, shards of a changed file) trained the same
-    run at once, and one crashed deleting the other's checkpoint files. A lock file per run prevents it; the lock of
-    a killed process (this host, pid gone) is taken over."""
+    run at once, and one crashed deleting the other's checkpoint files. A lock file per run prevents it; the lock
+    file of a process that is gone is taken over, even one naming a pid that now belongs to a live process (here
+    this one: pids are recycled, e.g. after a container restart, and such a lock was kept forever)."""
     import os
     import socket
-    import subprocess
-    import sys
+
+    from elf.run_lock import RunLock
 
     cfg = _config(workspace, "locks", models=["ConvNetW4D2"], seeds=[0, 1], random_real=False,
                   variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}})
     partial = workspace / "locks" / "partial"
     partial.mkdir(parents=True)
-    live = {"host": socket.gethostname(), "pid": os.getppid(), "since": "now"}  # a process that exists
-    (partial / "noise__ConvNetW4D2__baseline__s0.lock").write_text(json.dumps(live))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (partial / "noise__ConvNetW4D2__baseline__s1.lock").write_text(json.dumps({**live, "pid": int(dead.stdout)}))
+    live = RunLock(partial, ["noise__ConvNetW4D2__baseline__s0"])  # held, as by another process, while the study runs
+    assert live.acquire() is None
+    left = {"host": socket.gethostname(), "pid": os.getpid(), "since": "2024-01-01"}  # its owner is gone
+    (partial / "noise__ConvNetW4D2__baseline__s1.lock").write_text(json.dumps(left))
     said: list[str] = []
     run_study(cfg, device="cpu", progress=False, log=said.append)
     runs = workspace / "locks" / "runs"
     assert not (runs / "noise__ConvNetW4D2__baseline__s0.json").exists()
-    assert any("skipped, another process is running it" in s and f"pid {live['pid']}" in s for s in said)
+    assert any("skipped, another process is running it" in s and f"pid {os.getpid()} on" in s for s in said)
     assert (runs / "noise__ConvNetW4D2__baseline__s1.json").exists()
     assert sorted(p.name for p in partial.iterdir()) == ["noise__ConvNetW4D2__baseline__s0.lock"]  # ours released
+    live.release()
+    assert not list(partial.iterdir())
+
+
+def test_run_lock_is_held_by_one_process_at_a_time(tmp_path: Path) -> None:
+    """Regression: taking over a stale lock was read-unlink-create, so two processes that both saw the dead owner
+    could each unlink the other's new lock and both train the run; an empty lock file (its owner killed before
+    writing) was never taken over. A lock held by a process that exits is free at once."""
+    import subprocess
+    import sys
+
+    from elf.run_lock import RunLock
+
+    a, b = RunLock(tmp_path, ["r1", "r2"]), RunLock(tmp_path, ["r2"])
+    (tmp_path / "r1.lock").write_text("")  # left empty by a killed owner
+    assert a.acquire() is None
+    assert b.acquire() is not None and b.acquire() is not None  # no takeover of a live holder, however often asked
+    assert RunLock(tmp_path, ["r3", "r1"]).acquire() is not None and not (tmp_path / "r3.lock").exists()  # all or none
+    a.release()
+    assert b.acquire() is None
+    b.release()
+    code = ("import sys, time; from pathlib import Path; from elf.run_lock import RunLock; "
+            "lock = RunLock(Path(sys.argv[1]), ['r4']); assert lock.acquire() is None; print('held', flush=True); "
+            "time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        other = RunLock(tmp_path, ["r4"])
+        held_by = other.acquire()
+        assert held_by is not None and held_by.startswith(f"pid {child.pid} on ")
+        child.kill()  # killed: the lock file stays, the lock goes with the process
+        child.wait()
+        assert (tmp_path / "r4.lock").exists() and other.acquire() is None
+        other.release()
+    finally:
+        child.kill()
 
 
 def test_torchrun_waits_for_slow_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
