@@ -134,7 +134,9 @@ def train_teacher(
         epochs, momentum, weight_decay, seed: the expert protocol's numbers (see :func:`expert_protocol`; MTT's
             experts: momentum 0 and weight decay 0; the ELF paper's feature models: 0.9 and 5e-4).
         resume: continue from ``resume.safetensors`` when present (same seed, protocol, training images and
-            ``metadata``, e.g. the pixel space; another is refused).
+            ``metadata``, e.g. the pixel space; another is refused). ``False`` starts over and removes the
+            checkpoints of an earlier run in ``out_dir``; epoch checkpoints without a resume state are refused
+            unless ``resume=False``.
         metadata: strings stored in every checkpoint (e.g. the dataset's hash and normalization).
     """
     out = Path(out_dir)
@@ -144,6 +146,17 @@ def train_teacher(
     history_file = out / "history.json"
     state_file = out / "resume.safetensors"
     resume_from = state_file if resume and state_file.exists() else None
+    earlier = sorted(out.glob("epoch_*.safetensors"))
+    if resume_from is None and earlier:  # starting over must not leave the earlier run's later epochs beside the new
+        if resume:
+            raise ELFError(f"{out} holds {len(earlier)} checkpoint(s) of an earlier run but no resume.safetensors to "
+                           "continue it: start over with resume=False / --no-resume (removes them), or use another "
+                           "output directory")
+        for path in earlier:
+            path.unlink()
+        history_file.unlink(missing_ok=True)
+        state_file.unlink(missing_ok=True)
+        log(f"starting over in {out}: removed {len(earlier)} checkpoint(s) of the earlier run")
     meta = {"model": model, "protocol": json.dumps(protocol.to_dict()), "seed": str(seed),
             "train_sha256": tensor_sha256(train_images, train_labels), **(metadata or {})}
     if resume_from is not None and history_file.exists():

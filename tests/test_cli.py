@@ -153,6 +153,15 @@ def test_train_teacher_resumes(tmp_path: Path, image_folder: Path, capsys: pytes
     assert main(["train-teacher", "--out", str(tmp_path / "part"), "--epochs", "4", "--train-per-class", "4", *common]) == 2
     err = capsys.readouterr().err
     assert "trained with other data or settings" in err and "train_sha256" in err
+    # regression: starting over (--no-resume) overwrote epochs 1..N only, so the earlier run's later epochs stayed
+    # beside the new run's, described by nothing (history.json holds the new run alone)
+    part = tmp_path / "part"
+    assert main(["train-teacher", "--out", str(part), "--epochs", "1", "--seed", "1", "--no-resume", *common]) == 0
+    assert "removed 2 checkpoint(s) of the earlier run" in capsys.readouterr().out  # epochs 1 and 3 (2 deleted above)
+    assert sorted(p.name for p in part.glob("epoch_*")) == ["epoch_001.safetensors"]
+    (part / "resume.safetensors").unlink()  # epochs without a resume state: not written over unless asked
+    assert main(["train-teacher", "--out", str(part), "--epochs", "2", *common]) == 2
+    assert "no resume.safetensors" in capsys.readouterr().err
 
 
 def test_eval_errors_are_clean(tmp_path: Path, image_folder: Path, synthetic_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
