@@ -80,7 +80,12 @@ def front_shape(model_name: str | torch.nn.Module, image_shape: Sequence[int], n
     model = build_model(model_name, (c, h, w), num_classes, fresh=False).eval()
     front = split_model(model, split_at or default_split_point(model), options=options).front
     with torch.no_grad():
-        return tuple(front(torch.zeros(1, c, h, w)).shape[1:])
+        try:
+            return tuple(front(torch.zeros(1, c, h, w)).shape[1:])
+        except RuntimeError as e:  # (as the trainer says it: a model built for other images)
+            raise ELFError(f"{model_name if isinstance(model_name, str) else type(model).__name__} cannot run on images "
+                           f"of shape {(c, h, w)} ({e}); build it for these images (channels, size: a registered "
+                           "builder gets channel=, im_size= only if it takes them) or pass images that fit it") from e
 
 
 def pick_bank(shape: tuple[int, ...], banks: Sequence[FeatureBank]) -> FeatureBank | None:

@@ -269,3 +269,18 @@ def test_broken_plugin_is_a_warning_not_a_crash(tmp_path: Path) -> None:
     r = _elf(["models"], site, tmp_path)
     assert r.returncode == 0 and "ResNet18BN" in r.stdout
     assert "plugin 'broken'" in r.stderr and "skipped" in r.stderr
+
+
+def test_a_model_built_for_other_images_is_an_error_before_any_run() -> None:
+    """Regression: ELF's pre-flight (front_shape, used by compare_models / `elf eval` to pick the teacher) ran the
+    front unguarded, so a registered model whose builder takes no im_size= crashed with a traceback (exit 1)."""
+    from elf.evaluation import front_shape
+
+    @register_model("Fixed64Net", split_point="features")
+    def fixed64(num_classes: int = 10) -> nn.Module:  # written for 64x64 inputs; its builder takes no im_size
+        return nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AvgPool2d(16), nn.Flatten(),
+                                           nn.Linear(8 * 4 * 4, 8)), nn.Linear(8, num_classes))
+
+    assert front_shape("Fixed64Net", (3, 64, 64), 10, "0") == (8,)
+    with pytest.raises(ELFError, match=r"Fixed64Net cannot run on images of shape \(3, 32, 32\).*im_size="):
+        front_shape("Fixed64Net", (3, 32, 32), 10, "0")
