@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from .errors import ELFError
+from .modes import in_mode
 from .protocol import ADAPTER_MODES
 
 __all__ = ["FeatureLayout", "infer_layout", "FeatureAdapter", "ELFAdapters", "build_adapters", "token_grid", "prefix_mode_for",
@@ -200,12 +201,8 @@ def prefix_mode_for(rear: nn.Module, layout: FeatureLayout) -> str:
     a = torch.randn(2, *layout.shape, generator=gen)
     b = a.clone()
     b[:, layout.prefix:] = torch.randn(b[:, layout.prefix:].shape, generator=gen)
-    was_training = rear.training
-    rear.eval()
-    try:
+    with in_mode(rear, False):
         out_a, out_b = (rear(t.to(device=device, dtype=dtype)) for t in (a, b))
-    finally:
-        rear.train(was_training)
     return "learned" if not torch.allclose(out_a, out_b, rtol=1e-4, atol=1e-5) else "pooled"
 
 

@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, load_state_dict
 from .errors import ELFError
 from .fileio import PathLike, load_tensors, save_tensors, state_dict_sha256, tensor_sha256
 from .models import create_model, default_split_point
+from .modes import in_mode
 from .pixel_space import check_same_space, space_metadata
 from .split import SplitOptions, split_model
 from .synthetic import SyntheticSet
@@ -202,12 +203,7 @@ class FeatureBank:
         dtype = _resolve_dtype(dtype)
         param = next(teacher.parameters(), None)
         dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-        was_training = teacher.training
-        teacher.eval()  # before tracing: a forward that branches on self.training is traced in eval mode
-        try:
-            front = split_model(teacher, point, options=options).front
-        finally:
-            teacher.train(was_training)
+        front = split_model(teacher, point, options=options).front
         teacher_hash = teacher_sha256(teacher)
         images_hash = images_sha256(images)
         key = cls.cache_key(teacher_hash, images_hash, point, dtype, options, front_code_sha256(front))
@@ -224,7 +220,6 @@ class FeatureBank:
                 warnings.warn(f"feature cache {cache_file} holds another key; recomputing", stacklevel=2)
             except ELFError as e:
                 warnings.warn(f"feature cache {cache_file} is unusable ({e}); recomputing", stacklevel=2)
-        teacher.eval()
         chunks = []
         peak = torch.zeros((), device=dev)  # the largest |feature| before the cast to ``dtype``
         batches = range(0, images.shape[0], batch_size)
@@ -233,7 +228,7 @@ class FeatureBank:
 
             batches = tqdm(batches, desc="teacher features", unit="batch")
         try:
-            with torch.no_grad():
+            with torch.no_grad(), in_mode(teacher, False):
                 for start in batches:
                     x = images[start : start + batch_size].to(dev, non_blocking=True)
                     out = front(x)
@@ -242,8 +237,6 @@ class FeatureBank:
         except RuntimeError as e:
             raise ELFError(f"the teacher {type(teacher).__name__} cannot run on images of shape {tuple(images.shape[1:])} "
                            f"({e}); build the teacher for these images (channels, size)") from e
-        finally:
-            teacher.train(was_training)
         features = torch.cat(chunks)
         if not bool(torch.isfinite(features).all()):  # one read-back per bank
             top = float(peak)

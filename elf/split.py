@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import inspect
 import io
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import ELFError, model_name
+from .modes import in_mode
 
 __all__ = ["SplitModules", "SplitOptions", "SplitPoint", "split_model", "list_split_points", "auto_split_point",
            "model_split_options"]
@@ -112,15 +114,18 @@ def _options(options: SplitOptions | None, leaf_modules: Iterable[type], autowra
 
 
 class _MethodModule(nn.Module):
-    """Calls one method of a wrapped model (``forward_features`` or ``forward_head``); shares its parameters."""
+    """Calls one method of a wrapped model (``forward_features`` or ``forward_head``); shares its parameters.
+    ``copy_input``: call it on a copy (the head may write into its input in place, e.g. ``ReLU(inplace=True)``,
+    and must not change the front output ELF's feature loss still reads)."""
 
-    def __init__(self, model: nn.Module, method: str) -> None:
+    def __init__(self, model: nn.Module, method: str, copy_input: bool = False) -> None:
         super().__init__()
         self.model = model
         self.method = method
+        self.copy_input = copy_input
 
     def forward(self, x: torch.Tensor) -> Any:
-        return getattr(self.model, self.method)(x)
+        return getattr(self.model, self.method)(x.clone() if self.copy_input else x)
 
 
 class _ModeDispatch(nn.Module):
@@ -204,10 +209,9 @@ def _trace(model: nn.Module, train: bool, options: SplitOptions) -> _Traced:
     _warn_private_autowrap(opts, model)  # the user's and the model's own; timm's defaults are timm's business
     opts = opts.merged(SplitOptions(None, tuple(timm_leaves), tuple(timm_functions)))
     tracer = NodePathTracer(leaf_modules=list(opts.leaf_modules), autowrap_functions=opts.autowrap_functions)
-    was_training = model.training
-    model.train(train)
     try:
-        graph = tracer.trace(model, concrete_args=_optional_args(model))
+        with in_mode(model, train):
+            graph = tracer.trace(model, concrete_args=_optional_args(model))
     except Exception as e:
         raise ELFError(
             f"{model_name(model)} cannot be traced by torch.fx ({type(e).__name__}: {e}). Mark the untraceable "
@@ -215,8 +219,6 @@ def _trace(model: nn.Module, train: bool, options: SplitOptions) -> _Traced:
             "autowrap_functions=[fn]) (ELFTrainer(..., leaf_modules=..., autowrap_functions=...), or declare them once "
             "with register_model(..., leaf_modules=...)); or split the model yourself and pass (front, rear) to ELFTrainer."
         ) from e
-    finally:
-        model.train(was_training)
     gm = fx.GraphModule(model, graph, type(model).__name__)
     qualname = {n: tracer.node_to_qualname.get(n, n.name) for n in gm.graph.nodes}
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -241,6 +243,17 @@ def _crossing(traced: _Traced, cut: int) -> list[fx.Node]:
     return out
 
 
+def _shape_value(node: fx.Node) -> bool:
+    """Whether ``node`` is a number read from a tensor's shape (``x.shape``, ``x.shape[0]``, ``x.size(0)``)."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
+    return node.target is operator.getitem and isinstance(node.args[0], fx.Node) and _shape_value(node.args[0])
+
+
 def _all_names(traced: _Traced) -> list[str]:
     return sorted(traced.last_index, key=lambda s: (traced.last_index[s], len(s)))
 
@@ -260,12 +273,42 @@ def _resolve(traced: _Traced, at: str, model: nn.Module) -> int:
     crossing = _crossing(traced, cut)
     if len(crossing) != 1 or crossing[0] is not traced.nodes[cut]:
         names = ", ".join(repr(traced.qualname[n]) for n in crossing)
+        sizes = [traced.qualname[n] for n in crossing if _shape_value(n)]
+        if sizes:
+            raise ELFError(
+                f"split point {at!r} of {model_name(model)} is crossed by {len(crossing)} values ({names}): the "
+                f"input's shape is read before the cut ({', '.join(map(repr, sizes))}; e.g. b = x.shape[0] at the "
+                "top of forward) and used after it. Read the shape where it is used (x.flatten(1), or "
+                "x.reshape(x.shape[0], -1) after the cut) so that one tensor crosses; then the points inside the "
+                "model are valid."
+            )
         raise ELFError(
             f"split point {at!r} of {model_name(model)} is crossed by {len(crossing)} tensors ({names}), "
             "e.g. a residual skip connection; a cut must be crossed by exactly one tensor. Cut at a block boundary "
             "instead: elf.list_split_points(model, input_shape) lists the valid points."
         )
     return cut
+
+
+def _modes_disagree(train: _Traced, train_cut: int, eval_: _Traced, eval_cut: int) -> list[str]:
+    """The modules both modes call that one mode's cut puts in the front and the other's in the rear: a point name
+    (e.g. node ``add``) that names two places, because the forward branches on ``self.training`` before it."""
+    def calls(traced: _Traced, stop: int | None = None) -> set[str]:
+        return {str(n.target) for n in traced.nodes[:stop] if n.op == "call_module"}
+
+    shared = calls(train) & calls(eval_)
+    return sorted((calls(train, train_cut + 1) ^ calls(eval_, eval_cut + 1)) & shared)
+
+
+def _check_same_place(train: _Traced, train_cut: int, eval_: _Traced, eval_cut: int, at: str, model: nn.Module) -> None:
+    moved = _modes_disagree(train, train_cut, eval_, eval_cut)
+    if moved:
+        raise ELFError(
+            f"split point {at!r} of {model_name(model)} is not the same place in train and eval mode (the forward "
+            f"branches on self.training before it, so node names shift): module(s) {', '.join(moved[:4])} run before "
+            "the cut in one mode and after it in the other. Name the point by a module path instead (e.g. the module "
+            "the cut follows); elf.list_split_points(model, input_shape) lists the points valid in both modes."
+        )
 
 
 def _copy_nodes(traced: _Traced, nodes: list[fx.Node], inputs: dict[fx.Node, fx.Node], graph: fx.Graph, env: dict[fx.Node, fx.Node]) -> None:
@@ -286,9 +329,11 @@ def _copy_nodes(traced: _Traced, nodes: list[fx.Node], inputs: dict[fx.Node, fx.
 
 
 def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` may write into its input: in-place modules, ``inplace=True`` calls, ``x.op_()`` methods."""
+    """Whether ``node`` may write into its input: in-place modules, leaf modules that are not torch's own (their
+    code is not traced, so it may do anything), ``inplace=True`` calls, ``x.op_()`` methods."""
     if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+        module = gm.get_submodule(str(node.target))
+        return bool(getattr(module, "inplace", False)) or not type(module).__module__.startswith("torch.")
     if node.kwargs.get("inplace"):
         return True
     if node.op == "call_method":
@@ -353,7 +398,8 @@ def split_model(
     """Split ``model`` after point ``at`` into ``(front, rear)`` with ``rear(front(x)) == model(x)``.
 
     Both halves share parameters (and buffers) with ``model``, so training them trains ``model``; they follow
-    ``model``'s train/eval graphs. ``at="forward_features"`` uses the model's ``forward_features``/``forward_head``
+    ``model``'s train/eval graphs. Split after ``.to()`` / ``.double()``: those replace buffers, and one that
+    ``forward`` reads itself (not through a submodule) stays as it was at the split in the halves. ``at="forward_features"`` uses the model's ``forward_features``/``forward_head``
     methods instead of tracing.
 
     Args:
@@ -373,14 +419,17 @@ def split_model(
     if at == FORWARD_FEATURES:
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise ELFError(f"{model_name(model)} has no forward_features/forward_head; name a traced split point instead")
-        return SplitModules(_MethodModule(model, "forward_features"), _MethodModule(model, "forward_head"))
+        return SplitModules(_MethodModule(model, "forward_features"), _MethodModule(model, "forward_head", copy_input=True))
     opts = _options(options, leaf_modules, autowrap_functions)
     traced_train = _trace(model, True, opts)
     traced_eval = _trace(model, False, opts)
-    train_split = _partition(traced_train, _resolve(traced_train, at, model), model)
+    train_cut = _resolve(traced_train, at, model)
+    train_split = _partition(traced_train, train_cut, model)
     if _same_graph(traced_train.graph_module, traced_eval.graph_module):
         return train_split
-    eval_split = _partition(traced_eval, _resolve(traced_eval, at, model), model)
+    eval_cut = _resolve(traced_eval, at, model)
+    _check_same_place(traced_train, train_cut, traced_eval, eval_cut, at, model)
+    eval_split = _partition(traced_eval, eval_cut, model)
     return SplitModules(
         _ModeDispatch(train_split.front, eval_split.front, model),
         _ModeDispatch(train_split.rear, eval_split.rear, model),
@@ -410,14 +459,12 @@ def list_split_points(
     traced = _trace(model, False, opts)
     traced_train = _trace(model, True, opts)
     same = _same_graph(traced.graph_module, traced_train.graph_module)
-    was_training = model.training
-    model.eval()
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         # ShapeProp prints a traceback of its own before re-raising: keep it out of the user's terminal
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), in_mode(model, False):
             ShapeProp(traced.graph_module).propagate(torch.zeros((2, *in_shape), device=device, dtype=dtype))
     except Exception as e:
         root: BaseException = e
@@ -426,8 +473,6 @@ def list_split_points(
         raise ELFError(f"running {model_name(model)} on an input of shape {in_shape} failed "
                        f"({type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}); check input_shape "
                        "(channels, height, width of one image)") from e
-    finally:
-        model.train(was_training)
     aliases: dict[int, list[str]] = {}
     for name, idx in traced.last_index.items():
         aliases.setdefault(idx, []).append(name)
@@ -444,7 +489,7 @@ def list_split_points(
         names = sorted(aliases[i], key=lambda s: (s.count("."), len(s)))
         if not same:  # the train-mode graph differs (e.g. an auxiliary branch): the cut must be valid there too
             try:
-                _resolve(traced_train, names[0], model)
+                _check_same_place(traced_train, _resolve(traced_train, names[0], model), traced, i, names[0], model)
             except ELFError:
                 continue
         points.append(SplitPoint(names[0], tuple(meta.shape[1:]), tuple(names[1:])))

@@ -33,6 +33,7 @@ from .feature_bank import FeatureBank, teacher_sha256
 from .fileio import PathLike, tensor_sha256
 from .losses import check_test_labels, feature_distance, prepare_targets
 from .models import build_model, default_split_point, has_default_split_point
+from .modes import in_mode
 from .protocol import Protocol, get_protocol
 from .protocol import seed_list as resolve_seeds
 from .resume import SavedState, changed_settings, read_state, write_state
@@ -370,37 +371,32 @@ class ELFTrainer:
     def _check_shapes(self, model: nn.Module, front: nn.Module | None) -> tuple[int, ...] | None:
         """Check the model's output against the labels and its front against the bank (unless adapters may bridge
         them); returns the front's per-image output shape, or None without a front or bank."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                x = self.images[:2]
-                try:
-                    out = model(x.clone())  # a copy: a model that edits its input in place must not edit the set
-                except RuntimeError as e:
-                    raise ELFError(
-                        f"{self.model_name} cannot run on images of shape {tuple(x.shape[1:])} ({e}); build it for "
-                        "these images (channels, size) or pass images that fit it"
-                    ) from e
-                if not isinstance(out, torch.Tensor):
-                    raise ELFError(_not_logits(self.model_name, out, "in eval mode"))
-                if out.dim() != 2 or out.shape[1] != self.num_classes:
-                    raise ELFError(
-                        f"{self.model_name} outputs shape {tuple(out.shape)} but the labels have {self.num_classes} classes; "
-                        "build the model with num_classes matching the labels"
-                    )
-                if front is None or self.feature_bank is None:
-                    return None
-                h = front(x.clone())
-                if not isinstance(h, torch.Tensor):
-                    raise ELFError(f"{self.model_name}'s front (cut at {self.split_point!r}) returns a {type(h).__name__}, "
-                                   "not a tensor; cut where one tensor flows (elf.list_split_points lists such points)")
-                got = tuple(h.shape[1:])
-                if got != self.feature_bank.shape and self.protocol.adapter is None:
-                    raise ELFError(self._shape_mismatch_message(model, got, self.feature_bank.shape))
-                return got
-        finally:
-            model.train(was_training)
+        with in_mode(model, False), torch.no_grad():
+            x = self.images[:2]
+            try:
+                out = model(x.clone())  # a copy: a model that edits its input in place must not edit the set
+            except RuntimeError as e:
+                raise ELFError(
+                    f"{self.model_name} cannot run on images of shape {tuple(x.shape[1:])} ({e}); build it for "
+                    "these images (channels, size) or pass images that fit it"
+                ) from e
+            if not isinstance(out, torch.Tensor):
+                raise ELFError(_not_logits(self.model_name, out, "in eval mode"))
+            if out.dim() != 2 or out.shape[1] != self.num_classes:
+                raise ELFError(
+                    f"{self.model_name} outputs shape {tuple(out.shape)} but the labels have {self.num_classes} classes; "
+                    "build the model with num_classes matching the labels"
+                )
+            if front is None or self.feature_bank is None:
+                return None
+            h = front(x.clone())
+            if not isinstance(h, torch.Tensor):
+                raise ELFError(f"{self.model_name}'s front (cut at {self.split_point!r}) returns a {type(h).__name__}, "
+                               "not a tensor; cut where one tensor flows (elf.list_split_points lists such points)")
+            got = tuple(h.shape[1:])
+            if got != self.feature_bank.shape and self.protocol.adapter is None:
+                raise ELFError(self._shape_mismatch_message(model, got, self.feature_bank.shape))
+            return got
 
     def _shape_mismatch_message(self, model: nn.Module, got: tuple[int, ...], want: tuple[int, ...]) -> str:
         if isinstance(model, _Joined):  # a (front, rear) pair: split_at does not apply, the pair itself must change
@@ -766,15 +762,13 @@ class ELFTrainer:
             raise ELFError(f"test images are {tuple(images.shape[1:])} per image but the synthetic images are {tuple(self.images.shape[1:])}")
         check_test_labels(labels, self.num_classes)
         bs = batch_size or self.protocol.eval_batch_size
-        was_training = self.model.training
-        self.model.eval()
         layout = _memory_format(self.model)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for start in range(0, images.shape[0], bs):
-            x = images[start : start + bs].to(self.device, torch.float32, non_blocking=True).contiguous(memory_format=layout)
-            y = labels[start : start + bs].to(self.device, non_blocking=True)
-            correct += (self.model(x).argmax(1) == y).sum()
-        self.model.train(was_training)
+        with in_mode(self.model, False):
+            for start in range(0, images.shape[0], bs):
+                x = images[start : start + bs].to(self.device, torch.float32, non_blocking=True).contiguous(memory_format=layout)
+                y = labels[start : start + bs].to(self.device, non_blocking=True)
+                correct += (self.model(x).argmax(1) == y).sum()
         return float(correct) / images.shape[0] * 100.0
 
     def run(self, test_images: torch.Tensor, test_labels: torch.Tensor, seeds: int | Sequence[int] = 5, *,

@@ -503,3 +503,122 @@ def test_a_private_function_called_by_a_public_name_is_wrapped_without_a_warning
         warnings.simplefilter("error")
         names = [p.name for p in list_split_points(_GateNet(), (3, 8, 8), options=SplitOptions(autowrap_functions=(gate,)))]
     assert "_gate" in names and "mul" not in names
+
+
+def test_splitting_and_evaluating_keep_each_submodules_mode() -> None:
+    """Regression: split_model, list_split_points, FeatureBank.build and the trainer's checks restored the model's
+    mode with model.train(was_training), which sets every submodule to the root's flag: a model with frozen
+    BatchNorm layers (eval mode inside a training model) came back with all of them training."""
+    from elf import FeatureBank, create_model
+    from elf.modes import in_mode
+
+    model = create_model("ResNet18BN").train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][:5]
+    for m in frozen:
+        m.eval()
+    modes = [m.training for m in model.modules()]
+    split_model(model, "layer4.0")
+    list_split_points(model, (3, 32, 32))
+    FeatureBank.build(model, torch.randn(2, 3, 32, 32), "layer4.0")
+    assert [m.training for m in model.modules()] == modes
+    with pytest.raises(RuntimeError), in_mode(model, False):
+        assert not any(m.training for m in model.modules())
+        raise RuntimeError("restored after an exception too")
+    assert [m.training for m in model.modules()] == modes
+
+
+class _TrainNoise(nn.Module):
+    """A train-only branch before the cut: node names after it shift between the train and eval graphs."""
+
+    def __init__(self, noise_module: bool = False) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.noise = nn.Dropout(0.1) if noise_module else None
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.training:
+            x = self.noise(x) if self.noise is not None else x + 0.1
+        x = self.conv2(x) + 1
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_point_name_that_means_two_places_in_train_and_eval_mode_is_refused():
+    """Regression: the point was looked up by name in the train and the eval graph separately, so node 'add' cut
+    after conv2 in eval mode but before it (at the train-only add) in train mode: ELF trained the teacher's feature
+    into another tensor than the one the shapes were checked on, silently."""
+    model = _TrainNoise()
+    with pytest.raises(ELFError, match=r"'add' of _TrainNoise is not the same place in train and eval mode.*conv2"):
+        split_model(model, "add")
+    assert "add" not in [p.name for p in list_split_points(model, (3, 8, 8))]
+    x = torch.randn(2, 3, 8, 8)
+    for m in (model, _TrainNoise(noise_module=True)):  # a module path names one place in both modes
+        front, rear = split_model(m, "conv2")
+        for train in (True, False):
+            m.train(train)
+            torch.manual_seed(0)
+            want = m(x)
+            torch.manual_seed(0)
+            torch.testing.assert_close(rear(front(x)), want)
+        m.eval()
+        torch.testing.assert_close(front(x), m.conv2(m.conv1(x)))
+
+
+class _ClampInPlace(nn.Module):
+    """A leaf module (not traced) that writes into its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_(min=0)
+
+
+class _InPlaceHead(nn.Module):
+    """``forward_head`` starts with an in-place ReLU (``inplace_relu``); ``gate`` is a leaf that clamps in place."""
+
+    def __init__(self, inplace_relu: bool) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = _ClampInPlace()
+        self.head = nn.Sequential(nn.ReLU(inplace=inplace_relu), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.gate(self.forward_features(x)))
+
+
+def test_the_rear_never_writes_into_the_front_output():
+    """Regression: the rear runs on a copy when it may write in place, but the forward_features/forward_head path
+    and leaf modules of the user's (untraced code) skipped that guard: the rear's in-place ReLU/clamp changed the
+    front output that ELF's feature loss reads (measured: another front loss than the traced cut gave)."""
+    x = torch.randn(2, 3, 8, 8)
+    for at, inplace_relu, options in (("forward_features", True, {}), ("body", False, {"leaf_modules": [_ClampInPlace]})):
+        front, rear = split_model(_InPlaceHead(inplace_relu).eval(), at, **options)
+        h = front(x)
+        before = h.clone()
+        assert before.min() < 0
+        rear(h)
+        assert torch.equal(h, before), at
+
+
+class _BatchUpFront(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        self.fc = nn.Linear(8 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        return self.fc(self.features(x).reshape(b, -1))
+
+
+def test_a_shape_read_before_the_cut_is_named_as_the_cause():
+    """Regression: ``b = x.shape[0]`` at the top of forward crosses every cut; the error called it 'e.g. a residual
+    skip connection' and suggested cutting at a block boundary, which cannot help."""
+    with pytest.raises(ELFError, match=r"the input's shape is read before the cut \('getitem'; .*x\.flatten\(1\)") as e:
+        split_model(_BatchUpFront(), "features")
+    assert "residual" not in str(e.value)
