@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import struct
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -192,11 +195,17 @@ def load_tensors(path: PathLike, device: str | torch.device = "cpu") -> tuple[di
     return tensors, meta
 
 
+#: exceptions torch.load (weights_only) raises for a truncated or corrupt file (empty, cut zip, cut legacy pickle,
+#: damaged bytes), found by cutting and damaging files; pickle.UnpicklingError (the refusal) is handled apart
+_DAMAGED = (RuntimeError, OSError, EOFError, ValueError, IndexError, KeyError, struct.error, zipfile.BadZipFile)
+
+
 def safe_torch_load(path: PathLike, allowlist: Iterable[Any] = (), map_location: str | torch.device = "cpu") -> Any:
     """``torch.load`` that never runs pickled code: ``weights_only=True`` plus the given allowlisted globals.
 
     A file that needs anything beyond plain tensors, containers and the allowlist is refused with an
-    :class:`ELFError` that says why and how to convert it.
+    :class:`ELFError` that says why and how to convert it; a truncated or corrupt file is an :class:`ELFError`
+    that says to fetch it again.
     """
     path = Path(path)
     if not path.is_file():
@@ -207,10 +216,16 @@ def safe_torch_load(path: PathLike, allowlist: Iterable[Any] = (), map_location:
             with torch.serialization.safe_globals(allow):
                 return torch.load(path, map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends
+    except pickle.UnpicklingError as e:  # torch wraps every refusal of its weights-only unpickler in this
         raise ELFError(
             f"{path}: refused to load: the file needs objects that are not plain tensors or containers ({e}). "
             "elf-dd never unpickles arbitrary code. If you trust the file, convert it once with "
             "torch.load(path, weights_only=False) in your own session and save the tensors with "
-            "safetensors.torch.save_file or torch.save of a dict of tensors."
+            "safetensors.torch.save_file or torch.save of a dict of tensors. (A damaged file can fail this way "
+            "too: if it should hold only tensors, download or copy it again.)"
         ) from e
+    except PermissionError as e:
+        raise ELFError(f"{path}: cannot read it ({e}); check its permissions") from e
+    except _DAMAGED as e:  # what torch's zip and legacy readers raise on a cut or damaged file
+        raise ELFError(f"{path}: the file is truncated or corrupt ({type(e).__name__}: {e}); it is not a complete "
+                       "torch.save file: download or copy it again") from e

@@ -23,6 +23,8 @@ import json
 import os
 import re
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -233,23 +235,35 @@ def load_dc_result(
     classes: list[str] | None = None,
 ) -> SyntheticSet:
     """DC / DSA / DM results ``res_<method>_<dataset>_<model>_<ipc>ipc.pt`` = ``{'data': [[images, labels], ...],
-    'accs_all_exps': {model: [float64, ...]}}``; returns experiment ``experiment``.
+    'accs_all_exps': {model: [float64, ...]}}``; returns experiment ``experiment`` (negative counts from the end).
+
+    ``metadata`` records the file's ``sha256`` and the experiment's index from the start (-1 becomes e.g. "4"): DC
+    rewrites the file after each experiment, so a negative index names another set as the run goes on.
 
     Method, dataset, model and ipc come from the file name. ``normalization="auto"`` uses the DC code's statistics
     for CIFAR10 / CIFAR100 (:data:`CIFAR10_MTT` / :data:`CIFAR100_DC`) and None for other datasets.
     """
     path = Path(path).expanduser()
+    try:  # hashed before and after the load: the recorded hash must name the bytes that were read
+        sha256 = file_sha256(path)
+    except OSError:
+        sha256 = ""  # missing or unreadable: safe_torch_load says which
     obj = safe_torch_load(path, allowlist=_numpy_float64_allowlist())
     if not isinstance(obj, dict) or "data" not in obj or not isinstance(obj["data"], (list, tuple)):
         raise ELFError(f"{path}: not a DC/DSA/DM result (expected a dict with a 'data' list of [images, labels])")
     data = obj["data"]
     if not -len(data) <= experiment < len(data):
         raise ELFError(f"{path}: experiment {experiment} does not exist; the file holds {len(data)} experiment(s) (0..{len(data) - 1})")
+    experiment %= len(data)  # recorded from the start: DC appends an experiment per rewrite, so -1 moves on
     entry = data[experiment]
     if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not all(isinstance(t, Tensor) for t in entry):
         raise ELFError(f"{path}: data[{experiment}] should be [images, labels] tensors")
+    if file_sha256(path) != sha256:
+        raise ELFError(f"{path}: the file changed while it was read (a DC/DSA/DM run still writing it?); load it again "
+                       "once the run has finished")
     images, labels = entry[0].detach(), entry[1].detach()
-    meta: dict[str, str] = {"format": "dc", "path": str(path), "experiment": str(experiment), "num_experiments": str(len(data))}
+    meta: dict[str, str] = {"format": "dc", "path": str(path), "sha256": sha256, "experiment": str(experiment),
+                            "num_experiments": str(len(data))}
     m = _DC_NAME.fullmatch(path.name)
     ipc = None
     if m:
@@ -302,6 +316,8 @@ def load_npz(
     ("prob" when rows are distributions, else "logits"). ``zca=True`` warns (:data:`KIP_ZCA_NOTE`).
     """
     path = Path(path).expanduser()
+    if not path.is_file():
+        raise ELFError(f"{path}: no such file")
     if zca:
         warnings.warn(f"load_npz(zca=True): {KIP_ZCA_NOTE}", stacklevel=2)
     try:
@@ -314,8 +330,14 @@ def load_npz(
             x, y = np.asarray(z[ik]), np.asarray(z[lk])
     except ELFError:
         raise
-    except (ValueError, OSError, EOFError) as e:
-        raise ELFError(f"{path}: not a readable .npz of plain arrays ({e}); object arrays are refused because they need unpickling") from e
+    except PermissionError as e:
+        raise ELFError(f"{path}: cannot read it ({e}); check its permissions") from e
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:  # what numpy and zipfile raise on a cut .npz
+        raise ELFError(f"{path}: the .npz file is truncated or corrupt ({type(e).__name__}: {e}); download or copy it "
+                       "again") from e
+    except ValueError as e:
+        raise ELFError(f"{path}: not a readable .npz of plain arrays ({e}); object arrays are refused because they need "
+                       "unpickling (a damaged file can fail this way too: then download or copy it again)") from e
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:

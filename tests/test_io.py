@@ -166,6 +166,31 @@ def test_dc_allowlist_is_narrow(tmp_path):
         load_dc_result(p)
 
 
+def test_dc_negative_experiment_records_its_index_and_the_file_hash(tmp_path, monkeypatch):
+    """experiment=-1 was recorded as "-1", which names another set once DC appends an experiment, and no file hash was
+    recorded; the index from the start and the file's sha256 are recorded now, and a file rewritten mid-read is refused."""
+    import elf.io
+    from elf.fileio import file_sha256
+
+    p = tmp_path / "res_DM_CIFAR10_ConvNet_2ipc.pt"
+    data = _write_dc(p, 3)
+    s = load_dc_result(p, experiment=-1)
+    assert torch.equal(s.images, data[2][0])
+    assert (s.metadata["experiment"], s.metadata["num_experiments"], s.metadata["sha256"]) == ("2", "3", file_sha256(p))
+    assert load_any(p, experiment=-3).metadata["experiment"] == "0"
+
+    real_load = elf.io.safe_torch_load
+
+    def load_then_rewrite(path, *a, **kw):  # a DC run saving its next experiment while we read
+        obj = real_load(path, *a, **kw)
+        _write_dc(Path(path), 4)
+        return obj
+
+    monkeypatch.setattr(elf.io, "safe_torch_load", load_then_rewrite)
+    with pytest.raises(ELFError, match="changed while it was read"):
+        load_dc_result(p, experiment=-1)
+
+
 # ---------------------------------------------------------------------------------------------- npz, image dirs
 
 
@@ -215,6 +240,19 @@ def test_npz_label_column_is_class_indices(tmp_path):
     np.savez(tmp_path / "col.npz", images=x, labels=_class_major().numpy()[:, None])
     s = load_npz(tmp_path / "col.npz")
     assert s.label_kind == "index" and s.labels.tolist() == _class_major().tolist() and s.num_classes == K
+
+
+def test_damaged_npz_is_an_elf_error_naming_the_file(tmp_path):
+    """A truncated .npz escaped as a bare zipfile.BadZipFile, without the path."""
+    p = tmp_path / "kip.npz"
+    np.savez(p, images=np.zeros((N, 4, 4, 3), np.float32), labels=np.eye(K, dtype=np.float32)[_class_major().numpy()])
+    good = p.read_bytes()
+    for cut in (good[: len(good) // 2], good[:100], good[:-10]):
+        p.write_bytes(cut)
+        with pytest.raises(ELFError, match=rf"{p.name}: the .npz file is truncated or corrupt.*download or copy it again"):
+            load_npz(p)
+    with pytest.raises(ELFError, match="no such file"):
+        load_npz(tmp_path / "missing.npz")
 
 
 def test_load_image_dir(tmp_path):
@@ -420,3 +458,30 @@ def test_mtts_images_zca_view_files_are_refused(tmp_path):
     torch.save(_class_major(), tmp_path / "labels_5000.pt")
     with pytest.raises(ELFError, match=r"whitening undone.*images_5000.pt"):
         load_mtt(tmp_path / "images_zca_5000.pt", tmp_path / "labels_5000.pt", zca=True)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_pt_files_are_called_truncated_not_unsafe(tmp_path, legacy):
+    """A cut images_best.pt or replay_buffer_0.pt was "refused" as needing more than tensors, with advice to load it
+    with weights_only=False: wrong for a damaged file, and it tells people to turn the safety check off."""
+    d = tmp_path / "mtt"
+    d.mkdir()
+    save = lambda obj, path: torch.save(obj, path, _use_new_zipfile_serialization=not legacy)  # noqa: E731
+    save(torch.randn(50, 3, 8, 8), d / "images_best.pt")
+    save(_class_major(), d / "labels_best.pt")
+    save([[[torch.randn(4, 3, 3, 3), torch.randn(4)] for _ in range(3)]], tmp_path / "replay_buffer_0.pt")
+    for path, load in ((d / "images_best.pt", lambda: load_mtt(d)), (tmp_path / "replay_buffer_0.pt",
+                                                                     lambda: load_expert_buffer(tmp_path / "replay_buffer_0.pt"))):
+        good = path.read_bytes()
+        for cut in (b"", good[:100], good[: len(good) // 2], good[:-20]):
+            path.write_bytes(cut)
+            with pytest.raises(ELFError, match=r"truncated or corrupt.*download or copy it again") as e:
+                load()
+            assert "weights_only=False" not in str(e.value) and path.name in str(e.value)
+        # a legacy (pre-zip) file cut inside its pickle reaches the weights-only unpickler, which refuses the cut
+        # global name: indistinguishable from a refusal, so the refusal names damage too
+        path.write_bytes(good[:300])
+        with pytest.raises(ELFError, match="refused" if legacy else "truncated or corrupt") as e:
+            load()
+        assert "download or copy it again" in str(e.value)
+        path.write_bytes(good)
