@@ -94,9 +94,12 @@ def import_plugins(modules: Iterable[str], base_dir: str | Path | None = None) -
 def _import_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise ELFError(f"plugin file {path} does not exist")
-    name = f"elf_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
-    if name in sys.modules:
-        return sys.modules[name]
+    resolved = path.resolve()
+    for module in list(sys.modules.values()):  # imported already, e.g. by its module name: its models are registered
+        file = getattr(module, "__file__", None)
+        if file and file.endswith(".py") and Path(file).resolve() == resolved:
+            return module
+    name = f"elf_plugin_{path.stem}_{abs(hash(str(resolved))) % 10**8}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ELFError(f"cannot import plugin file {path}: not a Python module")

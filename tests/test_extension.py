@@ -246,6 +246,9 @@ def test_import_option_and_study_key(tmp_path: Path, make_image_folder) -> None:
     assert r.returncode == 0 and "LocalNet" in r.stdout, r.stderr
     r = _elf(["split-points", "LocalNet", "--import", str(tmp_path / "my_models.py")], tmp_path / "nowhere", Path("/"))
     assert r.returncode == 0 and "<- default ELF point" in r.stdout, r.stderr
+    # regression: one file imported by its module name and by its path registered its models twice (an error)
+    r = _elf(["models", "--import", "my_models", "--import", "my_models.py"], tmp_path / "nowhere", tmp_path)
+    assert r.returncode == 0 and "LocalNet" in r.stdout, r.stderr
     r = _elf(["models", "--import", "no_such_models"], tmp_path / "nowhere", tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("elf models: error: cannot import plugin module 'no_such_models'")
 
