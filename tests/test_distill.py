@@ -447,3 +447,74 @@ def test_a_glad_run_does_not_resume_with_another_generator_or_latent_init(sample
     for other in (make(gen_seed=1), make(latent_seed=1)):
         with pytest.raises(ELFError, match="another pixel space, initialization or optimizer setting"):
             distill(*other, 3, seed=4, progress=False, checkpoint_dir=part_dir)
+
+
+def test_drawing_a_network_seeds_only_the_cpu_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: RandomInitPool seeded with torch.manual_seed inside a CPU-only fork, which also reseeded every CUDA
+    generator (not forked): on a GPU each draw reset the CUDA RNG."""
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    pool = RandomInitPool(MODEL, 3, K, (SIDE, SIDE))
+    m1, m2 = pool.sample(_gen(0)), pool.sample(_gen(0))
+    assert reseeded == []
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))  # still seeded
+
+
+class _DropoutNet(nn.Module):
+    """A tiny network with dropout in its features (DM's embedding) and head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4 * SIDE * SIDE, K)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.relu(self.conv(x))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.forward_features(x)))
+
+
+@pytest.mark.parametrize("kind", ["dm", "dc-loops"])
+def test_dropout_masks_come_from_the_loop_generator(kind: str, sampler: RealSampler) -> None:
+    """Regression: dropout drew its masks from torch's global RNG, so one seed gave different sets (and a resumed run
+    differed from an uninterrupted one) depending on the global RNG."""
+    torch.manual_seed(0)
+    pool = EarlyStagePool([_DropoutNet()])
+
+    def run(global_seed: int, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+        if kind == "dm":
+            obj: object = DistributionMatching(sampler, pool, batch_real=6, dsa=None)
+        else:
+            obj = GradientMatching(sampler, pool, batch_real=6, dsa=None, outer_loop=2, inner_loop=1, batch_train=3)
+        param = PixelParam(K, 2, (3, SIDE, SIDE), sampler=sampler, generator=_gen(1), lr=0.1)
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        sset = distill(param, obj, 3, seed=seed, progress=False, log_every=1)  # type: ignore[arg-type]
+        assert torch.equal(before, torch.random.get_rng_state())  # the global RNG is left as it was
+        return sset.images, _history(sset)
+
+    a, b = run(1), run(2)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert a[1] != run(1, seed=1)[1]  # the loop's seed still decides
+
+
+def test_the_loop_does_not_backpropagate_into_the_matched_network(sampler: RealSampler) -> None:
+    """Regression: the loop's loss.backward() also filled .grad of the network gradient matching holds across steps
+    (its second-order graph reaches the weights): work for nothing, and grads left on a network the caller may use."""
+    obj = GradientMatching(sampler, _fixed_pool(), batch_real=6, dsa=None, outer_loop=3, inner_loop=0)
+    param = PixelParam(K, 1, (3, SIDE, SIDE), sampler=sampler, generator=_gen(1), lr=0.1)
+    distill(param, obj, 1, progress=False)
+    assert obj._net is not None and all(p.grad is None for p in obj._net.parameters())
+
+
+def test_embed_docs_say_what_embed_returns() -> None:
+    """embed() is the features before the head: the final linear layer's input only for one-layer heads (not LeNet)."""
+    from elf.distill import embed
+
+    net = elf.create_model("LeNet", num_classes=K, im_size=(32, 32))
+    assert embed(net, torch.zeros(2, 3, 32, 32)).shape == (2, 16 * 5 * 5)  # flattened conv features, not fc2's 84
+    doc = embed.__doc__ or ""
+    assert "input of its final linear layer" not in doc and "LeNet" in doc

@@ -201,3 +201,28 @@ def test_train_save_load_generator_and_build(tmp_path) -> None:
         build_glad_param("random", 2, 2, None, image_size=8, z_dim=8, width=4, init="real", real_images=x, real_labels=y)
     with pytest.raises(ELFError, match="unknown generator kind"):
         build_glad_param("stylegan", 2, 2, None)
+
+
+def test_recipe_refuses_pixel_options_with_glad() -> None:
+    """Regression: --param glad silently ignored --lr-img, --momentum-img, --factor and --init (pixel options)."""
+    from elf.distill import DistillRecipe
+
+    DistillRecipe(method="dm", ipc=1, param="glad").check()  # the defaults pass
+    for field, value, flag in (("init", "real", "--init"), ("factor", 2, "--factor"), ("lr_img", 5.0, "--lr-img"),
+                               ("momentum_img", 0.9, "--momentum-img")):
+        with pytest.raises(ELFError, match=f"pixel option\\(s\\) {flag} would be ignored.*--glad-init"):
+            DistillRecipe(method="dm", ipc=1, param="glad", **{field: value}).check()  # type: ignore[arg-type]
+    DistillRecipe(method="dm", ipc=1, init="noise", factor=2, lr_img=5.0, momentum_img=0.9).check()  # pixels: fine
+
+
+def test_generators_are_seeded_on_the_cpu_generator_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: torch.manual_seed inside a CPU-only fork also reseeded every CUDA generator (not forked)."""
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    a = build_glad_param("random", 2, 1, None, image_size=8, z_dim=8, width=4, seed=3)
+    b = build_glad_param("random", 2, 1, None, image_size=8, z_dim=8, width=4, seed=3)
+    assert torch.equal(a.images(), b.images())  # still seeded
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    train_generator(x, normalization=None, epochs=1, z_dim=8, width=4, batch_size=8, log=None)
+    assert reseeded == []

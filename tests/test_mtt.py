@@ -208,3 +208,41 @@ def test_the_dsa_op_generator_of_a_gpu_run_is_checkpointed(expert_dir: Path) -> 
     again.load_state_dict(state)
     assert again._op_gen is not None
     assert torch.equal(torch.rand(5, generator=again._op_gen), torch.rand(5, generator=obj._op_gen))
+
+
+def test_recipe_refuses_a_pool_for_mtt_and_builds_none(expert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: --method mtt with --pool early / --perturb trained an Acc-DD pool that trajectory matching never
+    draws from (and every MTT run built a random-init pool)."""
+    import elf.distill.recipe as recipe_mod
+    from elf.data import CIFAR10_MTT
+    from elf.distill import DistillRecipe, RealSampler, build_distillation
+
+    for extra in ({"pool": "early"}, {"perturb": True}):
+        with pytest.raises(ELFError, match="method 'mtt' draws no network from a pool"):
+            DistillRecipe(method="mtt", ipc=1, model=MODEL, experts=str(expert_dir), **extra).check()  # type: ignore[arg-type]
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("build_pool called for MTT")
+
+    monkeypatch.setattr(recipe_mod, "build_pool", no_pool)
+    x, y, _ = _real_data()
+    recipe = DistillRecipe(method="mtt", ipc=1, model=MODEL, experts=str(expert_dir), max_start_epoch=3)
+    built = build_distillation(recipe, RealSampler(x, y, normalization=CIFAR10_MTT), CIFAR10_MTT,
+                               device=torch.device("cpu"), log=lambda s: None)
+    assert isinstance(built.objective, TrajectoryMatching) and built.pool is None
+
+
+def test_student_dropout_masks_come_from_the_loop_generator() -> None:
+    """Regression: a student with dropout drew its masks from torch's global RNG: one loop seed, different losses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    experts = ExpertTrajectories.from_snapshots([[[p.detach() + 0.1 * i for p in model.parameters()] for i in range(3)]])
+    obj = TrajectoryMatching(model, experts, syn_steps=3, expert_epochs=1, max_start_epoch=2, dsa=None)
+    x, y = torch.randn(6, 1, 3, 4, generator=torch.Generator().manual_seed(1)), torch.arange(3).repeat(2)
+    losses = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        losses.append(obj.loss(x, y, 0, torch.Generator().manual_seed(0)).detach())
+        assert torch.equal(before, torch.random.get_rng_state())
+    assert torch.equal(losses[0], losses[1])

@@ -8,6 +8,9 @@ read. Objectives (DM, DC/DSA, MTT) only ever see ``images()`` and ``labels``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,7 +20,28 @@ from ..errors import ELFError
 from ..pixel_space import Normalization
 from ..synthetic import SyntheticSet
 
-__all__ = ["Parameterization", "Objective", "class_major_labels"]
+__all__ = ["Parameterization", "Objective", "class_major_labels", "seeded_global_rng"]
+
+
+@contextlib.contextmanager
+def seeded_global_rng(generator: torch.Generator, device: torch.device | str) -> Iterator[None]:
+    """Torch's global RNG (the CPU one, and ``device``'s when it is a CUDA device) forked and seeded from the state
+    of ``generator``: what a network draws from it (dropout masks) is then reproducible from the loop's generator,
+    and the global RNG is as before afterwards.
+
+    The seed hashes ``generator.get_state()`` (read, not drawn: the generator's stream is unchanged, and nothing
+    waits for a device). Other accelerators' (MPS, XPU) global generators are neither forked nor seeded.
+    """
+    digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+    seed = int.from_bytes(digest, "little") >> 1  # 63 bits
+    dev = torch.device(device)
+    cuda = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every CUDA device, unforked
+        if cuda:
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(seed)  # the current (= dev's) generator only
+        yield
 
 
 def class_major_labels(num_classes: int, ipc: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -245,8 +245,8 @@ def train_generator(
     x_all = to_pm1(images, normalization)
     c, s = int(images.shape[1]), int(images.shape[-1])
     cpu_gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: seed the CPU generator only (not CUDA's)
+        torch.default_generator.manual_seed(seed)
         generator = SmallGenerator(z_dim, c, width, s, style_dim)
         encoder = LatentEncoder(z_dim, c, width, s)
     generator.to(dev).train()

@@ -290,8 +290,8 @@ def build_glad_param(
     """
     encoder = None
     if kind == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: seed the CPU generator only (not CUDA's)
+            torch.default_generator.manual_seed(seed)
             gen: nn.Module = SmallGenerator(z_dim, channels, width, image_size, style_dim)
     elif kind == "trained":
         if real_images is None:

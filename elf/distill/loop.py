@@ -1,7 +1,8 @@
 """The distillation loop shared by every parameterization and objective, with checkpoints and exact resume.
 
 Per step: ``x = param.images_for_loss()``; ``loss = objective.loss(x, param.labels, step, generator)``;
-``loss.backward()``; ``param.finish_backward(x)``; one SGD step over the parameterization's and the objective's
+``loss.backward(inputs=...)`` into the optimized parameters (and ``x`` when it is a detached leaf) only;
+``param.finish_backward(x)``; one SGD step over the parameterization's and the objective's
 parameter groups. Every random choice is drawn from one seeded ``torch.Generator`` on the device; the loss is read
 back to the host only every ``log_every`` steps.
 """
@@ -171,7 +172,7 @@ def distill(
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ELFError(f"{type(objective).__name__}.loss must return a scalar tensor")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward(inputs=_backward_inputs(opt, x))  # not into the weights of a network in the graph (gradient matching)
         param.finish_backward(x)
         opt.step()
         loss_sum += loss.detach()
@@ -200,6 +201,16 @@ def distill(
         meta["eval"] = json.dumps(evals[-1], default=str)
     meta.update(metadata or {})
     return param.export(meta, lr=_learned_lr(objective))
+
+
+def _backward_inputs(opt: torch.optim.Optimizer, images: torch.Tensor) -> list[torch.Tensor] | None:
+    """What ``loss.backward()`` fills: the optimized tensors, and ``images`` when it is a leaf that
+    :meth:`~Parameterization.finish_backward` passes on (GLaD); no other tensor of the graph gets a ``.grad``.
+    None (every leaf, as a plain ``backward()``) when no optimized tensor requires grad."""
+    inputs = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    if images.is_leaf and images.requires_grad and not any(images is p for p in inputs):
+        inputs.append(images)
+    return inputs or None
 
 
 def _learned_lr(objective: Objective) -> float | None:

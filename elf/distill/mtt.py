@@ -41,7 +41,7 @@ from ..errors import ELFError
 from ..fileio import PathLike, portable_path, safe_torch_load
 from ..models import create_model
 from ..pixel_space import check_same_space
-from .base import Objective
+from .base import Objective, seeded_global_rng
 
 __all__ = [
     "ExpertSegment",
@@ -363,7 +363,12 @@ class TrajectoryMatching(Objective):
 
     def loss(self, images: Tensor, labels: Tensor, step: int, generator: torch.Generator) -> Tensor:
         """``||θ_N - θ*_{t+M}||² / ||θ*_t - θ*_{t+M}||²`` for a sampled expert segment; 0-dim, differentiable w.r.t.
-        ``images`` ``(N_img, C, H, W)`` and :attr:`syn_lr`. ``labels``: ``(N_img,)`` indices or ``(N_img, K)`` soft."""
+        ``images`` ``(N_img, C, H, W)`` and :attr:`syn_lr`. ``labels``: ``(N_img,)`` indices or ``(N_img, K)`` soft.
+        The student's own draws from torch's global RNG (dropout) come from a fork seeded from ``generator``."""
+        with seeded_global_rng(generator, images.device):
+            return self._loss(images, labels, generator)
+
+    def _loss(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         dev = images.device
         if self.syn_lr.device != dev:
             raise ELFError(f"the synthetic images are on {dev} but MTT's learned lr is on {self.syn_lr.device}; build TrajectoryMatching with device={str(dev)!r}")

@@ -8,9 +8,11 @@
   images, optionally with DC's outer/inner loop (the network is trained on the synthetic set between image updates).
 
 Every random choice (network, real batches, augmentation parameters) is drawn from the ``generator`` the loop
-passes in. DSA's op choice (mode "S") needs a host-side generator: on the CPU it is that same generator; on an
-accelerator the objective keeps its own CPU generator, seeded once from the loop's generator and saved in
-:meth:`state_dict`, so no call waits for the device.
+passes in. What a network draws from torch's global RNG itself (dropout masks in train mode, e.g. VGG11's head from 64
+pixels up) comes from a fork of it seeded from that generator's state (:func:`~elf.distill.base.seeded_global_rng`).
+DSA's op choice (mode "S") needs a host-side generator: on the CPU it is that same generator; on an accelerator the
+objective keeps its own CPU generator, seeded once from the loop's generator and saved in :meth:`state_dict`, so no
+call waits for the device.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..augment import DSA, OFFICIAL_STRATEGY
 from ..batchnorm import batchnorm_layers, batchnorm_momentum, has_batchnorm
 from ..errors import ELFError
 from ..models import ResNet
-from .base import Objective
+from .base import Objective, seeded_global_rng
 from .pool import ModelPool
 from .real import RealSampler
 
@@ -70,10 +72,12 @@ def _as_dsa(dsa: DSA | str | bool | None) -> DSA | None:
 
 
 def embed(net: nn.Module, x: Tensor) -> Tensor:
-    """The network's embedding ``(N, D)``: the input of its final linear layer (DM's ``net.embed``).
+    """The network's embedding ``(N, D)``: the features before its classification head (DM's ``net.embed``).
 
     A model's own ``embed`` method wins; built-ins use ``forward_features`` (flattened; ResNet: global average pooled),
-    timm models ``forward_head(..., pre_logits=True)``.
+    timm models ``forward_head(..., pre_logits=True)``. With a one-layer head (ConvNet, ResNet, AlexNet, MLP, VGG11
+    below 64 pixels) that is the input of the final linear layer; LeNet (120-84 hidden layers) and VGG11 from 64 pixels
+    up (4096-4096 head) give their flattened conv features, before the hidden linear layers.
     """
     own = getattr(net, "embed", None)
     if callable(own):
@@ -204,6 +208,10 @@ class DistributionMatching(_PoolObjective):
         super().__init__(sampler, pool, batch_real, dsa)
 
     def loss(self, images: Tensor, labels: Tensor, step: int, generator: torch.Generator) -> Tensor:
+        with seeded_global_rng(generator, images.device):  # dropout masks: reproducible from the loop's generator
+            return self._loss(images, generator)
+
+    def _loss(self, images: Tensor, generator: torch.Generator) -> Tensor:
         ipc = self._ipc(images)
         net = self.pool.sample(generator)
         net.train()
@@ -329,6 +337,10 @@ class GradientMatching(_PoolObjective):
             m.eval()
 
     def loss(self, images: Tensor, labels: Tensor, step: int, generator: torch.Generator) -> Tensor:
+        with seeded_global_rng(generator, images.device):  # dropout masks: reproducible from the loop's generator
+            return self._loss(images, labels, step, generator)
+
+    def _loss(self, images: Tensor, labels: Tensor, step: int, generator: torch.Generator) -> Tensor:
         ipc = self._ipc(images)
         opg = self._op_generator(generator)
         if step % self.outer_loop == 0 or self._net is None:

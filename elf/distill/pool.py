@@ -69,8 +69,8 @@ class ModelPool:
 
 class RandomInitPool(ModelPool):
     """A fresh random initialization of ``model_name`` per draw: the network's seed is drawn from the generator and
-    the model is built on the CPU under that seed (torch's global RNG is forked, not disturbed), then moved to
-    ``device``; the same seed gives the same network on every device.
+    the model is built on the CPU under that seed (torch's CPU generator is forked and seeded; no other generator is
+    touched, CUDA's included), then moved to ``device``; the same seed gives the same network on every device.
 
     Args:
         model_name: a :func:`~elf.create_model` name ("ConvNet", "ConvNetBN", ...).
@@ -85,9 +85,9 @@ class RandomInitPool(ModelPool):
         self.build()  # fail early on a bad name
 
     def _create(self, seed: int | None) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: the model is initialized on the CPU
             if seed is not None:
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also reseed every CUDA generator)
             model = create_model(self.model_name, channel=self.channel, num_classes=self.num_classes, im_size=self.im_size)
         return model.to(self.device).train()
 

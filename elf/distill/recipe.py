@@ -41,6 +41,9 @@ class DistillRecipe:
     ``inner_loop``, ``lr_net``. MTT: ``experts`` and the MTT settings. GLaD: ``generator`` ("random" | "trained" |
     a checkpoint path), ``generator_epochs``, ``glad_init``, ``glad_split``, ``chunk_size``. Pool: ``pool``
     ("random" | "early"), ``pool_size``, ``pool_epochs``, ``perturb`` (Acc-DD).
+
+    :meth:`check` refuses options that a run would ignore: the pixel options (``init``, ``factor`` > 1, ``lr_img``,
+    ``momentum_img``) with ``param="glad"``, and an early-stage or perturbed pool with ``method="mtt"``.
     """
 
     method: str
@@ -91,6 +94,19 @@ class DistillRecipe:
         if self.method == "mtt" and not self.experts:
             raise ELFError("method 'mtt' needs experts (--experts): an `elf train-teacher` output folder or MTT "
                            "replay_buffer_*.pt files")
+        if self.method == "mtt" and (self.pool != "random" or self.perturb):
+            raise ELFError("method 'mtt' draws no network from a pool (it matches the experts' trajectories), so "
+                           "--pool early / --perturb would do nothing; drop them, or use --method dm, dc or dsa for an "
+                           "Acc-DD pool")
+        if self.param == "glad":
+            given = [flag for flag, set_ in (("--init", self.init is not None), ("--factor", self.factor != 1),
+                                             ("--lr-img", self.lr_img is not None),
+                                             ("--momentum-img", self.momentum_img is not None)) if set_]
+            if given:
+                raise ELFError("--param glad learns generator latents, not pixels, so the pixel option(s) "
+                               f"{', '.join(given)} would be ignored; drop them. The latents start from --glad-init "
+                               "(noise | real) and take GLaD's own lrs and momentum (docs/glad.md; from Python: "
+                               "build_glad_param(lr_features=, lr_style=, momentum=))")
 
 
 @dataclass
@@ -100,7 +116,7 @@ class Distillation:
     param: Parameterization
     objective: Objective
     iterations: int
-    pool: ModelPool
+    pool: ModelPool | None  # None for MTT, which draws no network
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -146,7 +162,9 @@ def build_distillation(
     c, h, w = sampler.image_shape
     k = sampler.num_classes
     t_pool = time.perf_counter()
-    pool = build_pool(recipe, sampler, device=device, cache_dir=cache_dir, source_hash=source_hash, progress=progress, log=log)
+    pool: ModelPool | None = None
+    if recipe.method != "mtt":  # MTT matches expert trajectories: no network pool
+        pool = build_pool(recipe, sampler, device=device, cache_dir=cache_dir, source_hash=source_hash, progress=progress, log=log)
     pool_seconds = time.perf_counter() - t_pool
 
     dsa = recipe.dsa_strategy if recipe.dsa_strategy is not None else preset.get("dsa")
@@ -154,9 +172,11 @@ def build_distillation(
     iterations = recipe.iterations
     objective: Objective
     if recipe.method == "dm":
+        assert pool is not None
         objective = DistributionMatching(sampler, pool, batch_real=batch_real, dsa=dsa)
         iterations = iterations if iterations is not None else preset["iterations"]
     elif recipe.method in ("dc", "dsa"):
+        assert pool is not None
         outer, inner = dc_loops(recipe.ipc)
         outer = recipe.outer_loop if recipe.outer_loop is not None else outer
         inner = recipe.inner_loop if recipe.inner_loop is not None else inner
