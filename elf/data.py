@@ -38,6 +38,7 @@ __all__ = [
     "default_cache_dir",
     "default_data_path",
     "decode_image_tree",
+    "image_folder_source_hash",
     "load_image_folder",
     "load_cifar",
     "load_dataset",
@@ -407,21 +408,39 @@ def _assemble(
 def decode_image_tree(path: PathLike, split: str | None = None, *, mode: str = "RGB", progress: bool = False) -> ImageSet:
     """Decode an ImageFolder directory or tar archive without any caching (for small trees); see :func:`load_image_folder`."""
     path = Path(path)
-    folders: set[tuple[tuple[str, ...], str]] = set()
-    if _is_archive(path):
-        content = file_sha256(path)
-        items: Iterable[tuple[str, tuple[str, ...], str, bytes]] = _iter_archive(path, split, folders)
-        total = None
-    elif path.is_dir():
-        files = _list_directory(path, split)
-        folders = _list_class_folders(path, split)
-        content = _with_empty_folders(_directory_hash(path, (f[0] for f in files)), files, folders)
-        items = ((rel, pre, cls, (path / rel).read_bytes()) for rel, pre, cls in files)
-        total = len(files)
-    else:
-        raise ELFError(f"{path}: not an image folder or a tar archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    content, files, folders = _source_content(path, split)
+    items, total = _items(path, split, files, folders)
     images, labels, classes = _assemble(path, items, split, mode, progress, total, folders)
     return ImageSet(images, labels, classes, _source_key(content, split, mode), str(path))
+
+
+def _source_content(path: Path, split: str | None) -> tuple[str, list[tuple[str, tuple[str, ...], str]] | None,
+                                                             set[tuple[tuple[str, ...], str]]]:
+    """``(content hash, image files, class folders)`` of an ImageFolder source: an archive's SHA-256 (its files and
+    folders are found while reading it: None and an empty set to fill), or a hash over a directory's image files."""
+    if _is_archive(path):
+        return file_sha256(path), None, set()
+    if path.is_dir():
+        files = _list_directory(path, split)
+        folders = _list_class_folders(path, split)
+        return _with_empty_folders(_directory_hash(path, (f[0] for f in files)), files, folders), files, folders
+    if path.exists():
+        raise ELFError(f"{path}: not a directory or a tar archive ({', '.join(ARCHIVE_SUFFIXES)}); give an ImageFolder tree")
+    raise ELFError(f"{path}: no such file or directory")
+
+
+def _items(path: Path, split: str | None, files: list[tuple[str, tuple[str, ...], str]] | None,
+           folders: set[tuple[tuple[str, ...], str]]) -> tuple[Iterable[tuple[str, tuple[str, ...], str, bytes]], int | None]:
+    """The image files of a source to decode, as ``(name, prefix, class, bytes)``, and their number when known."""
+    if files is None:
+        return _iter_archive(path, split, folders), None
+    return ((rel, pre, cls, (path / rel).read_bytes()) for rel, pre, cls in files), len(files)
+
+
+def image_folder_source_hash(path: PathLike, split: str | None = None, mode: str = "RGB") -> str:
+    """The ``source_hash`` :func:`load_image_folder` gives this source, split and mode, without decoding an image
+    (hashes the archive, or a directory's image files): what identifies real data in records."""
+    return _source_key(_source_content(Path(path).expanduser(), split)[0], split, mode)
 
 
 def _with_empty_folders(content_hash: str, files: list[tuple[str, tuple[str, ...], str]],
@@ -456,18 +475,7 @@ def load_image_folder(
     path = Path(path).expanduser()
     if mode not in ("RGB", "L"):
         raise ELFError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    folders: set[tuple[tuple[str, ...], str]] = set()
-    if _is_archive(path):
-        content = file_sha256(path)
-        files = None
-    elif path.is_dir():
-        files = _list_directory(path, split)
-        folders = _list_class_folders(path, split)
-        content = _with_empty_folders(_directory_hash(path, (f[0] for f in files)), files, folders)
-    elif path.exists():
-        raise ELFError(f"{path}: not a directory or a tar archive ({', '.join(ARCHIVE_SUFFIXES)}); give an ImageFolder tree")
-    else:
-        raise ELFError(f"{path}: no such file or directory")
+    content, files, folders = _source_content(path, split)
     key = _source_key(content, split, mode)
     cache_file = Path(cache_dir or default_cache_dir()).expanduser() / f"imageset-{key[:40]}.safetensors"
 
@@ -477,12 +485,7 @@ def load_image_folder(
             images, labels, classes = cached
             return ImageSet(images, labels, classes, key, str(path))
 
-    if files is None:
-        items: Iterable[tuple[str, tuple[str, ...], str, bytes]] = _iter_archive(path, split, folders)
-        total = None
-    else:
-        items = ((rel, pre, cls, (path / rel).read_bytes()) for rel, pre, cls in files)
-        total = len(files)
+    items, total = _items(path, split, files, folders)
     images, labels, classes = _assemble(path, items, split, mode, progress, total, folders)
     meta = {
         "format": "elf-dd/imageset",

@@ -136,6 +136,17 @@ class StudyConfig:
                 or self.checkpoint_minutes < 0):
             raise ELFError(f"checkpoint_minutes takes a number of minutes >= 0 (0: no checkpoints inside runs), "
                            f"got {self.checkpoint_minutes!r}")
+        if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
+            raise ELFError(f"models takes a list of model names, e.g. [\"ConvNet\", \"ResNet18BN\"], got {self.models!r}")
+        if not isinstance(self.sets, dict) or not all(isinstance(v, str) for v in self.sets.values()):
+            raise ELFError(f"sets takes a table of name = file, e.g. [sets] dm = \"dm.safetensors\", got {self.sets!r}")
+        for key in ("random_real", "full_data"):
+            if not isinstance(getattr(self, key), bool):
+                raise ELFError(f"{key} takes true/false, got {getattr(self, key)!r}")
+        for key in ("test_per_class", "validation_per_class"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ELFError(f"{key} takes a number of images per class >= 1, got {value!r}")
         if not self.models:
             raise ELFError("a study needs at least one model in 'models'")
         if not self.sets:
@@ -331,17 +342,28 @@ def plan_runs(cfg: StudyConfig, *, sets_at_hand: bool = False) -> list[RunSpec]:
     runs = [RunSpec(s, m, v, seed) for s in cfg.sets for m in cfg.models for v in cfg.variants for seed in cfg.seeds]
     if cfg.order not in ("cells", "seeds"):
         raise ELFError(f"study order must be 'cells' or 'seeds', got {cfg.order!r}")
-    baseline_variants = [v for v in cfg.variants if not _is_elf(cfg, v)]
-    ref_variant = baseline_variants[0] if baseline_variants else "baseline"
+    ref_variant = _reference_variant(cfg)
+    if ref_variant is None:  # the references train as baselines: with no baseline variant they have no column
+        return _in_order(cfg, runs)
     if cfg.random_real:
         sizes = dict.fromkeys(_images_per_class(_load_set(cfg, path)) for path in cfg.sets.values()
                               if not sets_at_hand or Path(path).exists())
         runs += [RunSpec(random_real_name(n), m, ref_variant, seed) for n in sizes for m in cfg.models for seed in cfg.seeds]
     if cfg.full_data:
         runs += [RunSpec(FULL_DATA, m, ref_variant, seed) for m in cfg.models for seed in cfg.seeds]
+    return _in_order(cfg, runs)
+
+
+def _in_order(cfg: StudyConfig, runs: list[RunSpec]) -> list[RunSpec]:
     if cfg.order == "seeds":  # every cell's first seed before any cell's second: a study cut short has whole rows
         runs.sort(key=lambda r: cfg.seeds.index(r.seed))
     return runs
+
+
+def _reference_variant(cfg: StudyConfig) -> str | None:
+    """The variant the random-real and full-data references train under: the first baseline variant (no ELF terms;
+    they have no teacher features), or None when the study has none (then no reference is planned)."""
+    return next((v for v in cfg.variants if not _is_elf(cfg, v)), None)
 
 
 DISTRIBUTED_TIMEOUT_S = 7 * 24 * 3600  # how long rank 0 waits at the end for the other ranks' runs
@@ -477,6 +499,10 @@ class _Resources:
         checkpoint replaced later makes the run stale, see :func:`stale_runs`)."""
         label = next(k for k, b in self.banks(set_name).items() if b is bank)
         return {"teacher_label": label, "teacher_checkpoint_sha256": self.file_sha256(self.cfg.teachers[label]["checkpoint"])}
+
+    def data_source(self) -> dict[str, str] | None:
+        """:func:`_data_source` of the study's real data, hashed once per process."""
+        return self._get("data_source", lambda: _data_source(self.cfg))
 
     def file_sha256(self, path: str) -> str:
         """SHA-256 of a file (a teacher checkpoint), hashed once per process."""
@@ -717,15 +743,29 @@ def _data_name(spec: str) -> str:
     return spec.lower() if spec.lower() in ("cifar10", "cifar100") else Path(spec).name
 
 
-def _asked(cfg: StudyConfig, run: RunSpec, used_teacher: str | None, file_hash: Callable[[str], str]) -> dict[str, Any]:
+def _data_source(cfg: StudyConfig) -> dict[str, str] | None:
+    """The ``source_hash`` of the real data's train and test splits (an archive's or a folder's content, without
+    decoding it), so that other data under the same name is found; None for torchvision's CIFAR downloads (fixed
+    datasets) and for data not at hand."""
+    from .data import image_folder_source_hash
+
+    if cfg.data.lower() in ("cifar10", "cifar100") or not Path(cfg.data).expanduser().exists():
+        return None
+    return {split: image_folder_source_hash(cfg.data, split) for split in ("train", "test")}
+
+
+def _asked(cfg: StudyConfig, run: RunSpec, used_teacher: str | None, file_hash: Callable[[str], str],
+           data_source: dict[str, str] | None = None) -> dict[str, Any]:
     """What the study file asked of ``run`` beyond its protocol, for its record (``asked``) and :func:`stale_runs`:
-    the split point as written (``None``: the model's default), the real data's name, the normalization and
-    ``test_per_class``; for an ELF run, the teachers its choice of teacher depended on (label and
-    :func:`_teacher_signature`): the one a variant names, else the teachers tried in order up to the one used (all
-    of them for a run no teacher fits)."""
+    the split point as written (``None``: the model's default), the real data's name and content (``data_source``,
+    :func:`_data_source`, when known), the normalization and ``test_per_class``; for an ELF run, the teachers its
+    choice of teacher depended on (label and :func:`_teacher_signature`): the one a variant names, else the teachers
+    tried in order up to the one used (all of them for a run no teacher fits)."""
     proto, named, split_at = _resolved_settings(cfg, run.variant, run.model)
     asked: dict[str, Any] = {"split_at": split_at, "data": _data_name(cfg.data), "normalization": cfg.normalization,
                              "test_per_class": cfg.test_per_class}
+    if data_source is not None:
+        asked["data_source"] = data_source
     if proto.uses_features:
         labels = list(cfg.teachers)
         if named is not None:
@@ -761,6 +801,7 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     set_hashes: dict[str, str] = {}
     set_lrs: dict[str, float | None] = {}
     file_hashes: dict[str, str] = {}
+    sources: dict[str, dict[str, str] | None] = {}
 
     def load_set(name: str) -> None:
         if name not in set_hashes:
@@ -788,6 +829,11 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
     def teacher_hash(label: str) -> str:
         return teacher_file_hash(cfg.teachers[label]["checkpoint"])
 
+    def data_source() -> dict[str, str] | None:
+        if "data" not in sources:  # (hashed once, and only when a record is compared)
+            sources["data"] = _data_source(cfg)
+        return sources["data"]
+
     for run in plan_runs(cfg, sets_at_hand=True):
         path = out / f"{run.run_id}.json"
         if not path.exists():
@@ -814,9 +860,13 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
             elif record["teacher_checkpoint_sha256"] != teacher_hash(label):
                 why = f"teacher {label!r}: {cfg.teachers[label]['checkpoint']} is not the checkpoint the run used"
         if why is None and isinstance(record.get("asked"), dict):
-            now = _asked(cfg, run, record.get("teacher_label"), teacher_file_hash)
+            now = _asked(cfg, run, record.get("teacher_label"), teacher_file_hash, data_source())
+            if "data_source" in record["asked"] and "data_source" not in now:  # the data is not at hand: not compared
+                now["data_source"] = record["asked"]["data_source"]
             why = next((f"{key}: recorded {value!r}, study file now {now.get(key)!r}"
                         for key, value in record["asked"].items() if now.get(key) != value), None)
+            if why is not None and why.startswith("data_source:"):
+                why = f"the real data {cfg.data} holds other images than the run was trained and measured on"
             if why is None and "teachers" in now and "teachers" not in record["asked"]:
                 why = "teachers: the run was made without a teacher, the study file now gives it one"
         if why is not None:
@@ -871,6 +921,9 @@ def run_study(
     """
     distributed = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
     cfg.check(running=True)
+    if (cfg.random_real or cfg.full_data) and _reference_variant(cfg) is None:
+        log("note: no variant is a baseline (every one uses the ELF terms), so the random-real / full-data references, "
+            "which train as baselines, are not planned; add a variant with lambda_front = lambda_rear = 0 for them")
     for name, t in cfg.teachers.items():  # now, not when the first ELF run starts (possibly after hours of baselines)
         if not Path(t["checkpoint"]).is_file():
             raise ELFError(f"teacher {name!r}: checkpoint {t['checkpoint']} does not exist (paths in a study file are "
@@ -897,6 +950,11 @@ def run_study(
     if only is not None:
         groups = _select(groups, only)
     groups = groups[rank::world]
+    pending_runs = [r for group in groups for r in group if not (out / "runs" / f"{r.run_id}.json").exists()]
+    if pending_runs:  # what runs are measured on, now: a test_per_class the data cannot give fails before training
+        res.test(pending_runs[0].set)
+        if cfg.also_test:
+            res.test(pending_runs[0].set, final=True)
     files = [out / "runs" / f"{r.run_id}.json" for group in groups for r in group]
     for k, group in enumerate(groups, 1):
         pending = [r for r in group if not (out / "runs" / f"{r.run_id}.json").exists()]
@@ -924,7 +982,11 @@ def run_study(
                 continue
             by_id = {r.run_id: r for r in pending}
             for record in records:
-                record["asked"] = _asked(cfg, by_id[record["run_id"]], record.get("teacher_label"), res.file_sha256)
+                run = by_id[record["run_id"]]
+                record["asked"] = _asked(cfg, run, record.get("teacher_label"), res.file_sha256, res.data_source())
+                # (failed and not-applicable records too, so the stale check finds them as it finds finished ones)
+                record.setdefault("set_sha256", res.set_sha256(run.set))
+                record.setdefault("measured_on", _measured_on(cfg))
                 path = out / "runs" / f"{record['run_id']}.json"
                 atomic_write(path, lambda p, rec=record: Path(p).write_text(json.dumps(rec, indent=1, default=str)))
                 _discard_partial(cfg, record["run_id"])
@@ -946,13 +1008,16 @@ def run_study(
     return files
 
 
-def _in_study(cfg: StudyConfig, run: dict[str, Any]) -> bool:
+def _in_study(cfg: StudyConfig, run: dict[str, Any], references: set[str] | None = None) -> bool:
     """Whether a record's run (``{"set", "model", "variant", ...}``) is of a set or reference, model and variant the
-    study file has now (its seed is checked apart); reads no set file."""
+    study file has now (its seed is checked apart). A reference must be planned now: under the reference variant
+    (:func:`_reference_variant`) and, given ``references`` (the planned reference names), one of them."""
     s = run["set"]
-    planned_set = (s in cfg.sets or (cfg.random_real and s.startswith(RANDOM_REAL + ":"))
-                   or (cfg.full_data and s == FULL_DATA))
-    return planned_set and run["model"] in cfg.models and run["variant"] in cfg.variants
+    if s in cfg.sets:
+        return run["model"] in cfg.models and run["variant"] in cfg.variants
+    planned = (cfg.random_real and s.startswith(RANDOM_REAL + ":")) or (cfg.full_data and s == FULL_DATA)
+    return (planned and (references is None or s in references) and run["model"] in cfg.models
+            and run["variant"] == _reference_variant(cfg))
 
 
 def _mean_std(xs: Sequence[float]) -> str:
@@ -968,12 +1033,16 @@ def summarize(cfg: StudyConfig) -> Path:
     """Collect every run JSON of the study into ``summary.csv``, ``summary.md`` and (with matplotlib) ``summary.png``."""
     out = Path(cfg.out)
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    leftovers = sorted(r["run_id"] for r in records if not _in_study(cfg, r["run"]))
-    records = [r for r in records if _in_study(cfg, r["run"])]  # (a set, model or variant since removed: not counted)
+    # the references planned now (their sizes read from the sets; any reference while a set file is not at hand)
+    references = ({r.set for r in plan_runs(cfg) if r.set not in cfg.sets}
+                  if all(Path(p).exists() for p in cfg.sets.values()) else None)
+    leftovers = sorted(r["run_id"] for r in records if not _in_study(cfg, r["run"], references))
+    records = [r for r in records if _in_study(cfg, r["run"], references)]  # (since removed from the study: not counted)
     other_seeds = sorted({r["run"]["seed"] for r in records} - set(cfg.seeds))
     records = [r for r in records if r["run"]["seed"] in cfg.seeds]  # the tables say which seeds they average
     not_applicable = {(r["run"]["set"], r["run"]["model"], r["run"]["variant"]) for r in records
                       if r.get("accuracy") is None and not r.get("failed")}
+    unfinished = [r for r in records if r.get("accuracy") is None]  # failed or not applicable: csv rows all the same
     failed: dict[tuple[str, str, str], int] = {}
     for r in records:
         if r.get("failed"):
@@ -985,14 +1054,21 @@ def summarize(cfg: StudyConfig) -> Path:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["set", "model", "variant", "seed", "accuracy", "wall_time_s", "epochs", "lambda_front", "lambda_rear",
-                     "distance", "test_accuracy"])
-    for r in records:
-        run, p = r["run"], r["protocol"]
+                     "distance", "test_accuracy", "status"])
+    seeds: dict[tuple[str, str, str], list[int]] = {}
+    for r in records + unfinished:
+        run, p = r["run"], r.get("protocol") or {}
         test = r.get("test_accuracy")
-        writer.writerow([run["set"], run["model"], run["variant"], run["seed"], f"{r['accuracy']:.4f}", f"{r['wall_time_s']:.1f}",
-                         p["epochs"], p["lambda_front"], p["lambda_rear"], p["distance"],
-                         "" if test is None else f"{test:.4f}"])
+        done = r.get("accuracy") is not None
+        status = "ok" if done else (f"failed: {r['failed']}" if r.get("failed") else "not applicable")
+        writer.writerow([run["set"], run["model"], run["variant"], run["seed"], f"{r['accuracy']:.4f}" if done else "",
+                         f"{r['wall_time_s']:.1f}" if "wall_time_s" in r else "", p.get("epochs", ""),
+                         p.get("lambda_front", ""), p.get("lambda_rear", ""), p.get("distance", ""),
+                         "" if test is None else f"{test:.4f}", status])
+        if not done:
+            continue
         acc.setdefault((run["set"], run["model"], run["variant"]), []).append(r["accuracy"])
+        seeds.setdefault((run["set"], run["model"], run["variant"]), []).append(run["seed"])
         if test is not None:
             test_acc.setdefault((run["set"], run["model"], run["variant"]), []).append(test)
     atomic_write(out / "summary.csv", lambda t: Path(t).write_text(buf.getvalue()))
@@ -1002,7 +1078,7 @@ def summarize(cfg: StudyConfig) -> Path:
                 if cfg.validation_per_class else "Test accuracy")
     lines = [f"# {cfg.name}", "", f"{measured} (%), mean ± std over seeds {cfg.seeds}; protocol {cfg.protocol!r}"
              + (f" with {cfg.overrides}" if cfg.overrides else "") + ".", ""]
-    lines += _table(cfg, acc, set_names, not_applicable, failed)
+    lines += _table(cfg, acc, set_names, not_applicable, failed, seeds)
     if other_seeds:
         lines += ["", f"(Runs of seeds {other_seeds} are in `runs/` but not in the study's seeds: not counted above.)"]
     if leftovers:
@@ -1024,17 +1100,18 @@ def summarize(cfg: StudyConfig) -> Path:
         lines += ["", "Test accuracy (%) of the same runs (`also_test`) on the dataset's test split"
                   + (f" ({cfg.test_per_class} images per class)" if cfg.test_per_class else " (all of it)")
                   + ": for reporting; settings are chosen on the validation table above.", ""]
-        lines += _table(cfg, test_acc, set_names, not_applicable, failed)
+        lines += _table(cfg, test_acc, set_names, not_applicable, failed, seeds)
     atomic_write(out / "summary.md", lambda t: Path(t).write_text("\n".join(lines) + "\n"))
     _plot(cfg, acc, set_names, out / "summary.png")
     return out / "summary.md"
 
 
 def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_names: list[str],
-           not_applicable: set[tuple[str, str, str]], failed: dict[tuple[str, str, str], int]) -> list[str]:
+           not_applicable: set[tuple[str, str, str]], failed: dict[tuple[str, str, str], int],
+           seeds: dict[tuple[str, str, str], list[int]]) -> list[str]:
     """Markdown rows: one per set and model, mean ± std per variant, and the ELF gain (first ELF variant minus the
     first baseline variant). A cell with fewer finished runs than the study has seeds says how many it averages,
-    and a gain over cells with different numbers of runs says so."""
+    and a gain over cells of other seeds says so (their numbers, or "other seeds" when only the seeds differ)."""
     variants = list(cfg.variants)
     baseline = next((v for v in variants if not _is_elf(cfg, v)), None)
     elf_variant = next((v for v in variants if _is_elf(cfg, v)), None)
@@ -1056,6 +1133,8 @@ def _table(cfg: StudyConfig, acc: dict[tuple[str, str, str], list[float]], set_n
                 row += f" | {printed_difference(e, b):+.2f}" if b and e else " | -"
                 if b and e and len(b) != len(e):  # not the same seeds on both sides: the gain mixes seed effects
                     row += f" ({len(e)} vs {len(b)} runs)"
+                elif b and e and sorted(seeds[(s, m, elf_variant)]) != sorted(seeds[(s, m, baseline)]):
+                    row += " (other seeds)"
             lines.append(row + " |")
     return lines
 

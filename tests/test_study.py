@@ -615,9 +615,13 @@ def test_a_gain_over_cells_of_different_run_counts_says_so(workspace: Path) -> N
     cfg = _config(workspace, "gain", models=["M"], seeds=[0, 1, 2],
                   variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}, "elf": {}})
     acc = {("s", "M", "baseline"): [30.0, 31.0, 32.0], ("s", "M", "elf"): [40.0, 41.0]}
-    row = _table(cfg, acc, ["s"], set(), {("s", "M", "elf"): 1})[-1]
+    seeds = {("s", "M", "baseline"): [0, 1, 2], ("s", "M", "elf"): [0, 1]}
+    row = _table(cfg, acc, ["s"], set(), {("s", "M", "elf"): 1}, seeds)[-1]
     assert row.endswith("| +9.50 (2 vs 3 runs) |") and "(1 failed)" in row
-    assert _table(cfg, {**acc, ("s", "M", "elf"): [40.0, 41.0, 42.0]}, ["s"], set(), {})[-1].endswith("| +10.00 |")
+    full = {**acc, ("s", "M", "elf"): [40.0, 41.0, 42.0]}
+    assert _table(cfg, full, ["s"], set(), {}, {**seeds, ("s", "M", "elf"): [2, 1, 0]})[-1].endswith("| +10.00 |")
+    # regression: as many runs, but of other seeds (baseline 0, 1, 2; elf 1, 2, 3), was shown as a plain gain
+    assert _table(cfg, full, ["s"], set(), {}, {**seeds, ("s", "M", "elf"): [1, 2, 3]})[-1].endswith("| +10.00 (other seeds) |")
 
 
 def test_checkpoints_turned_off_still_run(workspace: Path) -> None:
@@ -809,3 +813,97 @@ def test_an_image_folder_set_is_normalized_like_the_test_images(workspace: Path)
     assert stale_runs(cfg) == []  # and the stale check hashes it as the runs load it
     with pytest.raises(elf.ELFError, match="records no normalization"):
         load_image_dir(folder)
+
+
+def test_other_real_data_under_the_same_name_makes_the_runs_stale(workspace: Path, tmp_path: Path) -> None:
+    """Regression: records named the real data by its folder or file name only, so runs measured on other test images
+    (or references trained on other training images) under the same name were summarized with the new ones."""
+    import shutil
+
+    from PIL import Image
+
+    from elf.study import stale_runs
+
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    cfg = _config(workspace, str(tmp_path / "out"), data=str(data), sets={"noise": str(workspace / "syn.safetensors")},
+                  models=["ConvNetW4D2"], seeds=[0], variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}})
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    record = json.loads((tmp_path / "out" / "runs" / "noise__ConvNetW4D2__baseline__s0.json").read_text())
+    assert set(record["asked"]["data_source"]) == {"train", "test"}
+    assert stale_runs(cfg) == []
+    image = next((data / "test").rglob("*.png"))
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(image)  # one test image replaced
+    stale = stale_runs(cfg)
+    assert sorted(run_id for run_id, _ in stale) == ["noise__ConvNetW4D2__baseline__s0",
+                                                     "random-real:ipc2__ConvNetW4D2__baseline__s0"]
+    assert all(why == f"the real data {data} holds other images than the run was trained and measured on" for _, why in stale)
+    shutil.rmtree(data)  # not at hand: not compared on it (a set at hand still is)
+    assert stale_runs(cfg) == []
+
+
+def test_references_train_as_baselines_or_not_at_all(workspace: Path) -> None:
+    """Regression: with no baseline variant, the references were planned under a variant "baseline" the study did not
+    have, trained with the ELF terms on (the preset's λ) and then left out of the summary (hours of CPU lost); and a
+    reference record under a variant other than the references' one, or of a size no set has now, was counted."""
+    from elf.study import _in_study
+
+    only_elf = _config(workspace, "refs", variants={"elf": {}})
+    assert not [r for r in plan_runs(only_elf) if r.set not in only_elf.sets]
+    said: list[str] = []
+    run_study(_config(workspace, "refs", variants={"elf": {}}, models=["ConvNetW4D2"], seeds=[0]), device="cpu",
+              progress=False, log=said.append)
+    assert any("no variant is a baseline" in s for s in said)
+    assert sorted(p.name for p in (workspace / "refs" / "runs").iterdir()) == ["noise__ConvNetW4D2__elf__s0.json"]
+    two = _config(workspace, "refs", variants={"short": {"lambda_front": 0.0, "lambda_rear": 0.0, "epochs": 1},
+                                               "baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}})
+    ref = {"set": "random-real:ipc2", "model": "ConvNetW4D2", "variant": "baseline", "seed": 0}
+    assert not _in_study(two, ref) and _in_study(two, {**ref, "variant": "short"})
+    assert not _in_study(two, {**ref, "set": "random-real:ipc3", "variant": "short"}, {"random-real:ipc2"})
+
+
+def test_failed_runs_are_checked_and_listed_like_finished_ones(workspace: Path, tmp_path: Path) -> None:
+    """Regression: a diverged run's record had no set hash nor what it was measured on, so the stale check kept a
+    failure of an old set in the new cell; summary.csv left failed runs out without a word."""
+    import shutil
+
+    from elf.study import stale_runs
+
+    syn = tmp_path / "syn.safetensors"
+    shutil.copy(workspace / "syn.safetensors", syn)
+    cfg = _config(workspace, str(tmp_path / "out"), data=str(workspace / "data"), sets={"noise": str(syn)},
+                  models=["ConvNetW4D2"], seeds=[0], random_real=False, variants={"baseline": {"lambda_front": 0.0, "lambda_rear": 0.0}},
+                  overrides={"epochs": 1, "batch_size": 3, "lr": 1e12})
+    run_study(cfg, device="cpu", progress=False, log=lambda _: None)
+    record = json.loads((tmp_path / "out" / "runs" / "noise__ConvNetW4D2__baseline__s0.json").read_text())
+    assert record["failed"] and len(record["set_sha256"]) == 64 and record["measured_on"] == "test"
+    rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    assert [(r["accuracy"], r["status"].split(":")[0]) for r in rows] == [("", "failed")]
+    save_synthetic(syn, SyntheticSet(torch.zeros(6, 3, 8, 8), torch.arange(3).repeat_interleave(2), normalization=CIFAR10_MTT))
+    assert [run_id for run_id, _ in stale_runs(cfg)] == ["noise__ConvNetW4D2__baseline__s0"]
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"random_real": "false"}, "random_real takes true/false"),
+    ({"models": "ConvNet"}, "models takes a list of model names"),
+    ({"sets": ["a.safetensors"]}, "sets takes a table of name = file"),
+    ({"test_per_class": 0}, "test_per_class takes a number of images per class >= 1"),
+    ({"validation_per_class": 0.5}, "validation_per_class takes a number"),
+])
+def test_study_settings_of_the_wrong_type_are_refused(setting: dict, match: str) -> None:
+    """Regression: random_real = "false" (a string) ran the references, models = "ConvNet" was split into letters,
+    a list of sets was a raw AttributeError, validation_per_class = 0.5 a bare TypeError."""
+    base = {"sets": {"a": "a.safetensors"}, "models": ["ConvNet"], "data": "d"}
+    with pytest.raises(elf.ELFError, match=match):
+        StudyConfig.from_dict({**base, **setting})
+
+
+def test_a_test_subset_the_data_cannot_give_stops_the_study_before_training(workspace: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: test_per_class = 1000 on data with 4 test images per class was refused only once the first run had
+    trained (hours, in a real study)."""
+    executed: list[str] = []
+    monkeypatch.setattr(elf.study, "_execute", lambda run, *a: executed.append(run.run_id))
+    with pytest.raises(elf.ELFError):
+        run_study(_config(workspace, "too-many", test_per_class=1000), device="cpu", progress=False, log=lambda _: None)
+    assert executed == []
