@@ -455,6 +455,14 @@ def _eval_data(args: argparse.Namespace, log: Any) -> tuple[Any, torch.Tensor, t
     else:  # MTT files, .npz, image folders: in the given normalization (uint8 images converted with it); a DC result
         # infers it from its file name, an elf-dd set records its own
         sset = load_assuming(args.images, given, **({"experiment": args.experiment} if name.startswith("res_") else {}))
+    if args.normalization and sset.normalization is not None and sset.normalization.to_dict() != given.to_dict():
+        if name.endswith(".safetensors"):  # an elf-dd set records the space it was made in: a disagreement is an error
+            raise ELFError(f"{args.images} records normalization {sset.normalization.name!r}, but --normalization is "
+                           f"{given.name!r}: drop --normalization (the set's own is used)")
+        # a DC result's normalization is inferred from its file name: the explicit flag wins, said
+        print(f"elf eval: note: --normalization {given.name} replaces {sset.normalization.name!r}, inferred from "
+              f"{Path(args.images).name}", file=sys.stderr)
+        sset.normalization = given
     if sset.normalization is None:  # e.g. a DC/DM result of a dataset without known statistics: said, not silent
         print(f"elf eval: note: {args.images} records no normalization: assuming {given.name} (mean {given.mean}, "
               f"std {given.std}); pass --normalization if the set was made with other statistics", file=sys.stderr)
@@ -528,6 +536,10 @@ class _EvalRecord:
             "git_revision": git_revision(),
             "wall_time_s": 0.0,
         }
+        if previous and runs:  # the sessions before a resume: their runs ran on that machine and code, not this one's
+            session = {"environment": previous.get("environment"), "git_revision": previous.get("git_revision"),
+                       "finished_runs": runs - sum(s["finished_runs"] for s in previous.get("earlier_sessions", []))}
+            self.result["earlier_sessions"] = [*previous.get("earlier_sessions", []), session]
 
     def save(self, rows: list[Any], complete: bool = False) -> None:
         """Write ``rows`` (every finished run so far) to ``--out``; nothing without ``--out``."""

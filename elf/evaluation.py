@@ -40,8 +40,9 @@ class ModelComparison:
 
     @property
     def gain(self) -> float | None:
-        """ELF mean minus baseline mean, in accuracy points."""
-        if self.baseline is None or self.elf is None:
+        """ELF mean minus baseline mean, in accuracy points, over the same seeds; None when either is absent or they
+        hold other seeds (an interrupted comparison: the means of unpaired seeds can even flip the gain's sign)."""
+        if self.baseline is None or self.elf is None or sorted(self.baseline.seeds) != sorted(self.elf.seeds):
             return None
         return self.elf.mean - self.baseline.mean
 
@@ -220,12 +221,27 @@ def compare_models(
         if elf:
             chosen[name] = choose_bank(name, image_shape, num_classes, banks, split_at.get(name), elf_proto.adapter,
                                        split_options)
+            alike = [b for b in banks if b.shape == chosen[name].shape]
+            if len(alike) > 1:
+                log(f"[{name}] {len(alike)} teachers give features {chosen[name].shape}: the first given is used "
+                    f"({_teacher_name(chosen[name])})")
         else:
             build_model(name, image_shape, num_classes)  # type: ignore[arg-type]
     before = {r.model: r for r in previous}
+    for row in previous:  # (before anything trains) a resume must not drop finished runs
+        for method in ("baseline", "elf"):
+            result = getattr(row, method)
+            left_out = sorted(set(result.seeds) - set(seeds)) if result is not None else []
+            if left_out and row.model in models:
+                raise ELFError(f"the earlier {method} results of {row.model} hold seeds {left_out} that seeds "
+                               f"{seeds} leave out, and would be dropped: include them (elf eval: a --runs that "
+                               "covers them), or start over elsewhere")
     for name, bank in chosen.items():  # (before anything trains) earlier ELF seeds must come from the same bank
         earlier = before.get(name)
-        if earlier is not None and earlier.elf is not None and earlier.bank and earlier.bank != _bank_info(bank):
+        now = _bank_info(bank)
+        if earlier is not None and earlier.elf is not None and earlier.bank \
+                and any(now.get(k, "") != v for k, v in earlier.bank.items() if k != "teacher_checkpoint"):
+            # (keys a record predates are not compared, nor where the checkpoint file lies: its hash is)
             raise ELFError(f"the earlier ELF results of {name} were computed with another feature bank "
                            f"({earlier.bank} vs {_bank_info(bank)}); start over instead of resuming")
 
@@ -275,7 +291,7 @@ def compare_models(
         if elf:
             bank = chosen[name]
             row.bank = _bank_info(bank)
-            log(f"[{name}] ELF with {row.bank['teacher_model']} features {bank.shape}"
+            log(f"[{name}] ELF with {_teacher_name(bank)} features {bank.shape}"
                 + (" (adapters where shapes differ)" if elf_proto.adapter else ""))
             evaluate(row, "elf", elf_proto, lambda: trainer(name, elf_proto, feature_bank=bank, split_at=point))
             assert row.elf is not None
@@ -305,8 +321,17 @@ def _split_points_by_model(split_at: dict[str, str], models: Sequence[str]) -> d
 
 
 def _bank_info(bank: FeatureBank) -> dict[str, str]:
-    """What a comparison row records of its feature bank: teacher, content hashes and cut point."""
-    return {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
+    """What a comparison row records of its feature bank: teacher, content hashes and cut point, and the teacher's
+    checkpoint file and its SHA-256 when the bank was made from one."""
+    keys = ("teacher_model", "teacher_sha256", "point", "images_sha256", "teacher_checkpoint", "teacher_checkpoint_sha256")
+    return {k: bank.metadata[k] if k in bank.metadata else "" for k in keys
+            if k in bank.metadata or not k.startswith("teacher_checkpoint")}
+
+
+def _teacher_name(bank: FeatureBank) -> str:
+    """A bank's teacher as a log line names it: model, and checkpoint file when known."""
+    ckpt = bank.metadata.get("teacher_checkpoint")
+    return bank.metadata.get("teacher_model", "?") + (f" ({ckpt})" if ckpt else "")
 
 
 def _seed_result(result: EvalResult, i: int) -> EvalResult:

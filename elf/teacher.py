@@ -158,7 +158,9 @@ def train_teacher(
         state_file.unlink(missing_ok=True)
         log(f"starting over in {out}: removed {len(earlier)} checkpoint(s) of the earlier run")
     meta = {"model": model, "protocol": json.dumps(protocol.to_dict()), "seed": str(seed),
-            "train_sha256": tensor_sha256(train_images, train_labels), **(metadata or {})}
+            "train_sha256": tensor_sha256(train_images, train_labels),
+            # the test images too: a resume scored on others would mix two test sets in history.json
+            "test_sha256": tensor_sha256(*test) if test is not None else "", **(metadata or {})}
     if resume_from is not None and history_file.exists():
         old = json.loads(history_file.read_text())
         before = old.get("meta", {})  # what the saved epochs were trained with (keys it predates are not compared)

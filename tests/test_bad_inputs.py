@@ -513,8 +513,12 @@ def test_eval_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, fold
         counter = FitCounter(m)
         assert main(_eval_argv(synthetic, teacher, part, folder, cache, "--resume")) == 0
         assert counter.calls == 2  # only the two ELF runs
-    assert json.loads(part.read_text())["complete"] is True
+    resumed = json.loads(part.read_text())
+    assert resumed["complete"] is True
     assert _accuracies(part) == _accuracies(full)
+    # regression: the resumed file named only this session's machine and code; the first session's runs are its own
+    assert [s["finished_runs"] for s in resumed["earlier_sessions"]] == [2]
+    assert resumed["earlier_sessions"][0]["environment"] == saved["environment"]
 
 
 def test_eval_writes_after_every_run(tmp_path: Path, folder: Path, cache: Path, synthetic: Path, teacher: Path,
@@ -592,6 +596,60 @@ def test_eval_resume_with_more_runs_adds_seeds(tmp_path: Path, folder: Path, cac
     assert counter.calls == 1
     (row,) = _accuracies(out)
     assert row[2] == [0, 1] and row[3][0] == first[0][3][0]
+
+
+def test_eval_resume_with_fewer_runs_keeps_the_finished_ones(tmp_path: Path, folder: Path, cache: Path, synthetic: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: --resume with a smaller --runs rewrote --out without the finished seeds it left out (and logged
+    them as kept)."""
+    out = tmp_path / "r.json"
+    argv = ["eval", "--images", str(synthetic), "--no-elf", "--models", TINY, "--epochs", "1", "--out", str(out),
+            *common(folder, cache)]
+    assert main([*argv, "--runs", "2"]) == 0
+    saved = out.read_text()
+    counter = FitCounter(monkeypatch)
+    cli_error(capsys, "eval", [*argv, "--runs", "1", "--resume"], "hold seeds [1] that seeds [0] leave out")
+    assert counter.calls == 0 and out.read_text() == saved
+
+
+def test_a_gain_needs_the_same_seeds_on_both_sides() -> None:
+    """Regression: an interrupted eval's file gave a gain of ELF over seed 0 against a baseline over seeds 0-2 (its
+    sign can differ from the finished eval's)."""
+    from elf.evaluation import ModelComparison
+    from elf.trainer import EvalResult
+
+    row = ModelComparison("M", None, EvalResult("M", [10.0, 30.0, 20.0], [0, 1, 2], {}), EvalResult("M", [15.0], [0], {}))
+    assert row.gain is None and row.to_dict()["gain"] is None
+    row.elf = EvalResult("M", [15.0, 25.0, 35.0], [2, 0, 1], {})
+    assert row.gain == pytest.approx(5.0)
+
+
+def test_eval_names_the_teacher_it_uses_when_several_fit(tmp_path: Path, folder: Path, cache: Path, synthetic: Path,
+                                                        teacher: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: two --teacher of one feature shape: the first was used without a word, and the record named the
+    teacher by its weights' hash only, not by its file."""
+    import shutil
+
+    second = tmp_path / "second.safetensors"
+    shutil.copy(teacher, second)
+    out = tmp_path / "r.json"
+    argv = ["eval", "--images", str(synthetic), "--teacher", str(teacher), "--teacher-model", TINY, "--teacher",
+            str(second), "--teacher-model", TINY, "--models", TINY, "--no-baseline", "--epochs", "1", "--runs", "1",
+            "--out", str(out), "--cache-dir", str(cache), "--data", str(folder), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "2 teachers give features" in capsys.readouterr().err
+    bank = json.loads(out.read_text())["results"][0]["feature_bank"]
+    assert bank["teacher_checkpoint"] == str(teacher) and len(bank["teacher_checkpoint_sha256"]) == 64
+
+
+def test_eval_refuses_a_normalization_the_set_does_not_record(tmp_path: Path, folder: Path, cache: Path,
+                                                              synthetic: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: --normalization imagenet on an elf-dd set recorded as cifar10_mtt ran with cifar10_mtt, silently."""
+    cli_error(capsys, "eval", ["eval", "--images", str(synthetic), "--no-elf", "--models", TINY, "--epochs", "1",
+                               "--normalization", "imagenet", *common(folder, cache)],
+              "records normalization 'cifar10_mtt', but --normalization is 'imagenet'")
 
 
 def test_eval_does_not_overwrite_finished_runs_without_resume(tmp_path: Path, folder: Path, cache: Path, synthetic: Path,

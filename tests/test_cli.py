@@ -153,6 +153,10 @@ def test_train_teacher_resumes(tmp_path: Path, image_folder: Path, capsys: pytes
     assert main(["train-teacher", "--out", str(tmp_path / "part"), "--epochs", "4", "--train-per-class", "4", *common]) == 2
     err = capsys.readouterr().err
     assert "trained with other data or settings" in err and "train_sha256" in err
+    # regression: a resume scored on other test images (--test-per-class) mixed two test sets in history.json
+    assert main(["train-teacher", "--out", str(tmp_path / "part"), "--epochs", "4", "--test-per-class", "1", *common]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other data or settings" in err and "test_sha256" in err
     # regression: starting over (--no-resume) overwrote epochs 1..N only, so the earlier run's later epochs stayed
     # beside the new run's, described by nothing (history.json holds the new run alone)
     part = tmp_path / "part"
