@@ -48,7 +48,7 @@ from .adapters import ELFAdapters
 from .dc_augment import make_augmentation
 from .errors import DivergedError, ELFError
 from .losses import FeatureDistance, feature_distance
-from .trainer import DivergenceWatch, ELFTrainer
+from .trainer import DivergenceWatch, ELFTrainer, finite_state, newly_nonfinite
 
 if TYPE_CHECKING:
     from .trainer import EvalResult
@@ -315,6 +315,14 @@ def _fall_back(trainer: ELFTrainer, result: EvalResult, why: str) -> bool:
     return False
 
 
+def _finite_state(params: Tensors, buffers: Tensors, k: int) -> dict[str, Tensor]:
+    """:func:`~elf.trainer.finite_state` of the stacked weights, named as the model names them (no ``model.``)."""
+    def unprefixed(tensors: Tensors) -> Tensors:
+        return {n.removeprefix("model."): t for n, t in tensors.items()}
+
+    return finite_state(unprefixed(params), unprefixed(buffers), k)
+
+
 def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], params: Tensors, buffers: Tensors,
            step: StepFn, teacher_front: nn.Module | None, seeds: list[int]) -> list[list[dict[str, float]]]:
     """The epoch loop of ``fit`` for k stacked seeds (``step`` swaps them into ``template``); writes the trained
@@ -343,6 +351,7 @@ def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], param
         bar = epochs = tqdm(epochs, desc=f"{trainer.model_name} seeds {seeds[0]}..{seeds[-1]} (batched)", unit="ep",
                             leave=False)
     watch = DivergenceWatch((k,), n, device)  # as in fit: read at the logged epochs only
+    finite_before = _finite_state(params, buffers, k)  # read once, after training (as fit does)
     start_time = time.perf_counter()
     for epoch in epochs:
         template.train()
@@ -380,6 +389,12 @@ def _train(trainer: ELFTrainer, template: _Bundle, bundles: list[_Bundle], param
                 bar.set_postfix(task_loss=f"{means[-1][1]:.3g}", train_acc=f"{means[-1][4] * 100:.1f}%")
     if bar is not None:
         bar.close()
+    # the loss watch sees losses before each step: a last step that blows up shows only in the weights
+    bad = newly_nonfinite(finite_before, _finite_state(params, buffers, k))
+    if bad is not None:
+        raise DivergedError(f"diverged: {bad[1]} of {trainer.model_name} seed {seeds[bad[0]]} is NaN or inf after "
+                            f"the last step (batched with seeds {seeds}; the losses before it were finite); lower "
+                            "lr or lambda")
     with torch.no_grad():
         for i, bundle in enumerate(bundles):
             for name, t in [*bundle.named_parameters(), *bundle.named_buffers()]:

@@ -30,6 +30,9 @@ ELF_TERM_FIELDS = frozenset({"distance", "features_on_augmented", "rear_bn_stats
 ADAPTER_MODES: tuple[str | None, ...] = (None, "auto", "always")
 #: ``Protocol.align_targets``: off, every geometric DSA op, or flips only.
 ALIGN_MODES: tuple[bool | str, ...] = (False, True, "flip")
+#: Protocol fields that must be ``True`` or ``False`` (``align_targets`` also takes ``"flip"``, see ALIGN_MODES).
+_BOOL_FIELDS: tuple[str, ...] = ("extra_epoch", "reset_optimizer_at_decay", "features_on_augmented",
+                                 "rear_bn_stats_from_features", "learned_lr")
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,14 @@ class Protocol:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTER_MODES:
             raise ELFError(f"protocol adapter must be one of {ADAPTER_MODES}, got {self.adapter!r}")
-        if self.align_targets not in ALIGN_MODES:
-            raise ELFError(f"protocol align_targets must be one of {ALIGN_MODES}, got {self.align_targets!r}")
+        for name in _BOOL_FIELDS:  # a string "false" (a quoted YAML/TOML value) would count as true
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ELFError(f"protocol {name} must be True or False, got {value!r} ({type(value).__name__}): "
+                               "pass a bool (in a TOML/YAML file, true or false unquoted)")
+        if not isinstance(self.align_targets, (bool, str)) or self.align_targets not in ALIGN_MODES:
+            raise ELFError(f"protocol align_targets must be one of {ALIGN_MODES} (True/False, or the string 'flip'), "
+                           f"got {self.align_targets!r}")
         if not callable(self.distance):
             from .losses import DISTANCES
 

@@ -34,7 +34,7 @@ from .fileio import PathLike, tensor_sha256
 from .losses import check_test_labels, feature_distance, prepare_targets
 from .models import build_model, default_split_point, has_default_split_point
 from .modes import in_mode
-from .protocol import Protocol, get_protocol
+from .protocol import PROTOCOL_FIELDS, Protocol, get_protocol
 from .protocol import seed_list as resolve_seeds
 from .resume import SavedState, changed_settings, read_state, write_state
 from .split import SplitOptions, auto_split_point, list_split_points, split_model
@@ -79,6 +79,27 @@ class DivergenceWatch:
         bad = self.epoch.reshape(-1).tolist()
         i = next((i for i, e in enumerate(bad) if e >= 0), None)
         return None if i is None else (i, bad[i], float(self.loss.reshape(-1)[i]))
+
+
+def finite_state(params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
+                 seeds: int = 1) -> dict[str, torch.Tensor]:
+    """Per parameter and floating buffer (``"parameter 'name'"``, ``"buffer 'name'"``), whether its values are all
+    finite: a ``(seeds,)`` bool on the device (tensors stacked over ``seeds`` seeds, :mod:`elf.batched`; else
+    ``(1,)``). No host read."""
+    named = {f"parameter {n!r}": t for n, t in params.items()}
+    named.update({f"buffer {n!r}": t for n, t in buffers.items() if t.is_floating_point()})
+    return {what: torch.isfinite(t.detach().reshape(seeds, -1)).all(1) for what, t in named.items()}
+
+
+def newly_nonfinite(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> tuple[int, str] | None:
+    """``(seed index, entry)`` of the first entry finite in ``before`` but not in ``after`` (both from
+    :func:`finite_state`), else None; one host read. A buffer that holds inf on purpose from the start (an attention
+    mask) is not flagged."""
+    keys = [k for k in after if k in before]
+    if not keys:
+        return None
+    turned = torch.stack([before[k] & ~after[k] for k in keys]).tolist()  # (entries, seeds)
+    return next(((i, k) for i in range(len(turned[0])) for k, row in zip(keys, turned) if row[i]), None)
 
 
 class Callback:
@@ -311,10 +332,11 @@ class ELFTrainer:
     def from_synthetic(cls, model: ModelSpec, synthetic: Any, **kwargs: Any) -> ELFTrainer:
         """A trainer for a loaded :class:`~elf.io.SyntheticSet`, carrying its metadata into the results.
 
-        Uses the set's label kind; with a protocol whose ``learned_lr`` is on ("mtt", "glad") its learned lr
-        replaces the protocol lr (unless ``lr=`` is given; a protocol made with an explicit ``lr`` has ``learned_lr``
-        off, see :meth:`Protocol.replace`). A feature bank or teacher given here must come from
-        the same pixel space (normalization, ZCA) as the set when both record it.
+        Uses the set's label kind; with a protocol whose ``learned_lr`` is on ("mtt", "glad", or
+        ``learned_lr=True`` given here) its learned lr replaces the protocol lr. Field overrides given here apply
+        first, so ``learned_lr=False`` keeps the protocol lr; an explicit ``lr=`` always wins (a protocol made with
+        an explicit ``lr`` has ``learned_lr`` off, see :meth:`Protocol.replace`). A feature bank or teacher given
+        here must come from the same pixel space (normalization, ZCA) as the set when both record it.
         """
         from .pixel_space import check_same_space, space_metadata
 
@@ -322,8 +344,10 @@ class ELFTrainer:
         bank = kwargs.get("feature_bank")
         if bank is not None:
             check_same_space(bank.metadata, space, "the feature bank", "the synthetic set")
-        proto = get_protocol(kwargs.pop("protocol", "elf"))
-        if "lr" not in kwargs:  # an explicit lr wins over the set's learned one
+        # field overrides first (learned_lr=... decides whether the set's lr applies), then the set's lr
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in PROTOCOL_FIELDS}
+        proto = get_protocol(kwargs.pop("protocol", "elf"), **overrides)
+        if "lr" not in overrides:  # an explicit lr wins over the set's learned one
             proto = protocol_for_set(proto, synthetic.lr)  # recorded in the trainer's protocol as used
         kwargs.setdefault("label_kind", synthetic.label_kind)
         kwargs.setdefault("num_classes", synthetic.num_classes)  # class names count even when a class has no image
@@ -492,6 +516,7 @@ class ELFTrainer:
             opt = self._optimizer(model, lr)
             saved.restore_momentum(opt)
         self._loop = _LoopState(seed, opt, gen, dsa, lr, start_epoch - 1)
+        finite_before = finite_state(dict(model.named_parameters()), dict(model.named_buffers()))  # read after training
         n, bs = self.images.shape[0], p.batch_size
         total = p.total_epochs
         log_every = self.log_every or max(1, total // 20)
@@ -563,6 +588,11 @@ class ELFTrainer:
                 break
         if bar is not None:
             bar.close()
+        # the loss watch sees losses before each step: a last step that blows up shows only in the weights
+        bad = newly_nonfinite(finite_before, finite_state(dict(model.named_parameters()), dict(model.named_buffers())))
+        if bad is not None:
+            raise DivergedError(f"diverged: {bad[1]} of {self.model_name} seed {seed} is NaN or inf after the last step "
+                                "(the losses before it were finite); lower lr or lambda")
         for cb in self.callbacks:
             cb.on_fit_end(self)
         return self.history

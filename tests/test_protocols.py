@@ -232,3 +232,30 @@ def test_elf_aug_baselines_need_no_teacher() -> None:
                           log=lambda _: None, **kw)
     assert rows[0].baseline is not None and rows[0].elf is not None
     assert rows[0].elf.protocol["features_on_augmented"] is True
+
+
+def test_protocol_overrides_to_from_synthetic_apply_before_the_sets_learned_lr() -> None:
+    """The set's learned lr was applied before keyword overrides: protocol="mtt", learned_lr=False trained with the
+    set's lr while recording learned_lr=False, and protocol="dsa", learned_lr=True trained at 0.01."""
+    s = _set()
+    common = dict(epochs=1, augment=None, progress=False, device="cpu", log_every=1)
+    off = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="mtt", learned_lr=False, **common)
+    assert off.protocol.lr == 0.01 and not off.protocol.learned_lr
+    assert off.fit(0)[0]["lr"] == pytest.approx(0.01)
+    on = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="dsa", learned_lr=True, **common)
+    assert on.protocol.lr == pytest.approx(0.03) and on.protocol.learned_lr
+    assert on.fit(0)[0]["lr"] == pytest.approx(0.03)
+    given = ELFTrainer.from_synthetic("ConvNetW4D1", s, protocol="dsa", learned_lr=True, lr=0.5, **common)
+    assert given.protocol.lr == 0.5  # an explicit lr still wins
+
+
+@pytest.mark.parametrize("name", ["extra_epoch", "reset_optimizer_at_decay", "features_on_augmented",
+                                  "rear_bn_stats_from_features", "learned_lr", "align_targets"])
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None])
+def test_boolean_protocol_fields_take_only_bools(name: str, value: object) -> None:
+    """A boolean field took any value: "false" (a quoted YAML/TOML value) counted as true, silently."""
+    with pytest.raises(ELFError, match=rf"protocol {name} must be .*got {value!r}"):
+        elf.get_protocol("elf", **{name: value})
+    for ok in (True, False):
+        assert getattr(elf.get_protocol("dsa", **{name: ok}), name) is ok
+    assert elf.get_protocol("elf", align_targets="flip").align_targets == "flip"

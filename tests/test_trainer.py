@@ -368,7 +368,10 @@ def test_no_host_sync_per_step(host_reads):
     assert logged_a == logged_b == 2 and logged_c == 6
     assert few_steps > 0, "the counter does not see the logging syncs"
     assert many_steps == few_steps, "host syncs grow with the number of steps"
-    assert every == 3 * few_steps, "host syncs should scale with the number of logged epochs"
+    # the same reads per logged epoch, plus one after training (are the weights still finite?)
+    per_logged = (every - few_steps) // (logged_c - logged_a)
+    assert per_logged > 0 and every - few_steps == per_logged * (logged_c - logged_a)
+    assert few_steps == per_logged * logged_a + 1, "host syncs should scale with the number of logged epochs"
 
 
 def test_teacher_features_are_not_recomputed_during_fit():
@@ -929,3 +932,36 @@ def test_an_elf_result_names_the_teacher_feature_it_trained_against():
     assert result.data["teacher"] == {k: bank.metadata[k] for k in ("teacher_model", "teacher_sha256", "point", "shape",
                                                                    "dtype", "images_sha256")}
     assert "teacher" not in _trainer(x=x, y=y, feature_bank=bank, lambda_front=0, lambda_rear=0, epochs=1).run(x, y, [0]).data
+
+
+class _Linear(nn.Module):
+    """A linear classifier with a float buffer holding -inf from the start (as an attention mask may)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * SIZE * SIZE, K)
+        self.register_buffer("mask", torch.full((2,), float("-inf")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_a_blow_up_on_the_last_step_is_a_divergence_not_an_accuracy():
+    """The divergence watch reads the losses computed before each step: a step that made the weights inf on the last
+    step went unseen, and run() reported an accuracy from argmax over NaN logits."""
+    from elf import DivergedError
+
+    x, y = _data()
+    x = 100 * x
+    # one epoch (epochs=0 + the extra one), one step: its loss is finite, the weights after it are not
+    blow_up = _trainer(_Linear(), x=x, y=y, lambda_front=0, lambda_rear=0, epochs=0, lr=1e38)
+    with pytest.raises(DivergedError, match=r"^diverged: parameter 'fc\.\w+' of _Linear seed 0 is NaN or inf after "
+                                            r"the last step .*lower lr or lambda$"):
+        blow_up.run(x, y, [0])
+    with pytest.raises(DivergedError, match=r"^diverged: parameter 'fc\.\w+' of _Linear seed 0 is NaN or inf after "
+                                            r"the last step \(batched with seeds \[0, 1\]"):
+        blow_up.run(x, y, [0, 1], batched=True, fall_back=False)
+    # a buffer that is inf from the start (a mask) is not a divergence
+    fine = _trainer(_Linear(), x=x, y=y, lambda_front=0, lambda_rear=0, epochs=1)
+    assert len(fine.run(x, y, [0]).accuracies) == 1
+    assert len(fine.run(x, y, [0, 1], batched=True, fall_back=False).accuracies) == 2
