@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import sys
@@ -736,6 +737,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     import shutil
 
     from .distill import DistillRecipe, RealSampler, build_distillation, distill
+    from .distill.loop import CHECKPOINT_NAME
     from .fileio import check_writable, portable_path
     from .io import save_synthetic
 
@@ -766,6 +768,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             **run.metadata}
     out = Path(args.out)
     t_start = time.perf_counter()
+    if args.no_resume or not (ckpt_dir / CHECKPOINT_NAME).exists():  # a fresh run: --out and its snapshots are rewritten
+        earlier = sorted(out.expanduser().parent.glob(f"{glob.escape(out.stem)}.step[0-9]*{out.suffix}"))
+        for path in earlier:  # (those of steps this run does not reach would otherwise pass for this run's)
+            path.unlink()
+        if earlier:
+            print(f"elf distill: note: starting over: removed {len(earlier)} snapshot(s) of an earlier run of "
+                  f"{args.out}", file=sys.stderr)
 
     def snapshot(s: Any, step: int) -> str:
         path = out.with_name(f"{out.stem}.step{step:06d}{out.suffix}")

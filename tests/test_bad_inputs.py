@@ -708,6 +708,24 @@ def test_distill_checkpoints_beside_out_and_resumes(tmp_path: Path, folder: Path
     assert torch.equal(load_synthetic(out).images, load_synthetic(full).images)
 
 
+def test_a_fresh_distill_removes_the_snapshots_of_an_earlier_run(tmp_path: Path, folder: Path, cache: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a new run to the same --out left the earlier run's snapshots of the steps it does not reach, which
+    then passed for this run's (an accuracy-vs-time curve over set.step*.safetensors mixed two runs)."""
+    out = tmp_path / "set.safetensors"
+    assert main(_distill_argv(out, folder, cache, "--snapshot-every", "1")) == 0
+    assert len(list(tmp_path.glob("set.step*.safetensors"))) == 4
+    keep = tmp_path / "set.step_notes.safetensors"  # not a snapshot name: left alone
+    keep.write_bytes(b"")
+    argv = _distill_argv(out, folder, cache, "--snapshot-every", "1")
+    argv[argv.index("--iterations") + 1] = "2"
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "removed 4 snapshot(s) of an earlier run" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("set.step*")) == ["set.step000001.safetensors", "set.step000002.safetensors",
+                                                                   "set.step_notes.safetensors"]
+
+
 # ---- 3. divergence ----------------------------------------------------------------------------------------------
 class LateNaNNet(NaNNet):
     """Finite logits for the first two training steps, NaN from the third on (one step per epoch here)."""
