@@ -278,12 +278,18 @@ def run_batched(trainer: ELFTrainer, test_images: Tensor, test_labels: Tensor, r
     template: _Bundle | None = None
     info: dict[str, Any] = {}
     total = 0.0
+    if size < len(seeds):  # the later groups' seeds, one model at a time, before any group trains: found after the
+        first = _Bundle(trainer, *trainer._init_model(seeds[0]), distance)  # first group, it would be wasted work
+        for seed in seeds[size:]:
+            why = _differs(first, [_Bundle(trainer, *trainer._init_model(seed), distance)])
+            if why is not None:
+                return _fall_back(trainer, result, why)
+        del first
     for chunk in [seeds[i : i + size] for i in range(0, len(seeds), size)]:
         t0 = time.perf_counter()
         bundles = [_Bundle(trainer, *trainer._init_model(seed), distance) for seed in chunk]
         why = _differs(template or bundles[0], bundles)
-        if why is not None:  # (in a later group: its seeds are discarded with the groups before, and all run again)
-            result.accuracies.clear(), result.histories.clear(), result.wall_time_s.clear(), result.also.clear()
+        if why is not None:  # (the first group: later ones were checked above)
             return _fall_back(trainer, result, why)
         params, buffers = stack_module_state(bundles)  # type: ignore[arg-type]
         if step is None:

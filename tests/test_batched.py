@@ -450,12 +450,19 @@ def test_a_mistake_in_the_model_is_raised_not_taken_for_a_limit_of_vmap(capsys):
     assert "fall back" not in capsys.readouterr().err
 
 
-def test_a_later_group_whose_plain_attribute_differs_reruns_every_seed_sequentially():
-    """With groups of one seed, the step's module is seed 0's: seed 1's own mask must not be replaced by it."""
+def test_a_later_group_whose_plain_attribute_differs_reruns_every_seed_sequentially(monkeypatch):
+    """With groups of one seed, the step's module is seed 0's: seed 1's own mask must not be replaced by it. The later
+    groups are checked before the first trains (it used to train and then be thrown away)."""
+    import elf.batched as batched
+
     expected = _trainer(_PlainMask).run(*TEST, SEEDS)
+    trained: list[list[int]] = []
+    original = batched._train
+    monkeypatch.setattr(batched, "_train", lambda *a: trained.append(list(a[-1])) or original(*a))
     result = _trainer(_PlainMask).run(*TEST, SEEDS, batched=1)
     assert "mask is a tensor attribute" in result.data["batched"]["fallback"]
     assert result.accuracies == expected.accuracies and len(result.histories) == len(SEEDS) == len(result.wall_time_s)
+    assert trained == []
 
 
 def test_fall_back_false_leaves_the_seeds_to_the_caller():
