@@ -353,6 +353,16 @@ def test_the_elf_codes_model_names_are_accepted(elf_name, ours, size):
     assert a.elf_model_name == ours and repr(a) == repr(b) and a.elf_split_point == b.elf_split_point
 
 
+@pytest.mark.parametrize(("name", "match"), [
+    ("VGG11_L2", "not one of the ELF code's layered models"), ("ConvNet_L1", "give the plain name 'ConvNet'"),
+    ("ConvNetBNIN", "gives the ConvNet's norm twice"), ("ConvNetD4D3", "gives the ConvNet's depth twice")])
+def test_names_that_say_something_the_model_would_not_do_are_refused(name, match):
+    """Regression: an ELF-style name with another layer number (VGG11_L2: ELF cuts after conv 2) built the model with
+    our default cut, and a ConvNet name with two norms or depths took the last one, both silently."""
+    with pytest.raises(ELFError, match=match):
+        create_model(name)
+
+
 @pytest.mark.parametrize(("name", "channel", "size", "params"), [
     ("MLP", 3, 32, 411_146), ("MLP", 1, 28, 118_282), ("LeNet", 3, 32, 62_006), ("LeNet", 1, 28, 61_706)])
 def test_dcs_mlp_and_lenet(name, channel, size, params):

@@ -176,17 +176,23 @@ def _convnet_from_name(name: str, overrides: dict[str, object]) -> Callable[...,
     if not m:
         return None
     kw: dict[str, object] = {}
+    given: dict[str, str] = {}
     for tok in _CONVNET_TOKEN.findall(m.group(1)):
         if tok[0] == "W" and tok[1:].isdigit():
-            kw["width"] = int(tok[1:])
+            key, value = "width", int(tok[1:])
         elif tok[0] == "D" and tok[1:].isdigit():
-            kw["depth"] = int(tok[1:])
+            key, value = "depth", int(tok[1:])
         elif tok in _NORM_CODES:
-            kw["norm"] = _NORM_CODES[tok]
+            key, value = "norm", _NORM_CODES[tok]
         elif tok in _ACT_CODES:
-            kw["activation"] = _ACT_CODES[tok]
+            key, value = "activation", _ACT_CODES[tok]
         elif tok in _POOL_CODES:
-            kw["pooling"] = _POOL_CODES[tok]
+            key, value = "pooling", _POOL_CODES[tok]
+        else:
+            continue
+        if key in given:  # ConvNetBNIN, ConvNetD4D3: not the last part silently
+            raise ELFError(f"model name {name!r} gives the ConvNet's {key} twice ({given[key]} and {tok}); give it once")
+        given[key], kw[key] = tok, value
     kw.update(overrides)
     return lambda channel, num_classes, im_size: ConvNet(channel, num_classes, im_size=im_size, **kw)  # type: ignore[arg-type]
 
@@ -387,8 +393,14 @@ def _flat(name: str) -> str:
 
 
 #: The ELF code's names for its layered models (``ConvNet_L3``, ``ResNet18_Layered``, ``VGG11ImageNet_L6``, ...): the
-#: same networks as ours, the suffix naming where its forward splits (here: the default split point)
+#: same networks as ours, the suffix naming where its forward splits (here: the default split point). Only the names
+#: its ``get_network`` knows are aliases: another number would name another cut, not ours.
 _ELF_LAYERED = re.compile(r"^(.+?)_(L\d+|Layered)$", re.IGNORECASE)
+_ELF_LAYERED_NAMES = (
+    "ConvNet_L3", "ConvNetNN_L3", "ConvNetBN_L3", "ConvNetLN_L3", "ConvNetIN_L3", "ConvNetGN_L3", "ConvNetD4_L4",
+    "ConvNetD4BN_L4", "ConvNetW512_L3", "ConvNetW256_L3", "ConvNetD4W256_L4", "ConvNetD4W512_L4", "VGG11_L5",
+    "VGG11BN_L5", "ResNet18_Layered", "ResNet18BN_Layered", "ResNet18ImageNet_L4", "ResNet18BNImageNet_L4",
+    "VGG11ImageNet_L6", "VGG11BNImageNet_L6")
 _ELF_ALIASES = {"vgg11imagenet": "VGG11", "vgg11bnimagenet": "VGG11BN"}  # its 64x64 VGG: our VGG11 at 64x64
 
 
@@ -400,6 +412,10 @@ def _canonical(name: str, aliases: bool = True) -> str:
             return key
     layered = _ELF_LAYERED.match(name) if aliases else None
     if layered:
+        if name.replace("-", "").lower() not in {n.lower() for n in _ELF_LAYERED_NAMES}:
+            raise ELFError(f"{name!r} is not one of the ELF code's layered models (its suffix names where the model is "
+                           f"cut: {', '.join(_ELF_LAYERED_NAMES)}); give the plain name "
+                           f"{layered.group(1)!r} and the cut with split_at= / --split-at (elf split-points lists them)")
         return _canonical(layered.group(1))
     if aliases and flat.lower() in _ELF_ALIASES:
         return _ELF_ALIASES[flat.lower()]
