@@ -189,8 +189,10 @@ def prefix_mode_for(rear: nn.Module, layout: FeatureLayout) -> str:
     Probes ``rear`` (in eval mode, its mode restored after) on two random inputs ``(2, *layout.shape)`` that share
     their prefix tokens and differ in the patch tokens: if the outputs differ, the rear reads the patch tokens
     (attention blocks, or an average-pooling head) and the prefix tokens are ``"learned"``; if not, the rear reads
-    only the prefix tokens (a class-token head) and they are ``"pooled"`` from the patch tokens. The draws use a
-    private generator, so the global RNG (model seeds) is untouched. Maps have no prefix tokens: ``"learned"``.
+    only the prefix tokens (a class-token head) and they are ``"pooled"`` from the patch tokens. Weights that are all
+    zero at initialization (a zero-initialized head, e.g. timm's ``weight_init="jax"``) would make every output
+    equal: they are filled with small random values for the probe and put back after. The draws use a private
+    generator, so the global RNG (model seeds) is untouched. Maps have no prefix tokens: ``"learned"``.
     """
     if layout.kind != "tokens" or layout.prefix == 0:
         return "learned"
@@ -201,8 +203,16 @@ def prefix_mode_for(rear: nn.Module, layout: FeatureLayout) -> str:
     a = torch.randn(2, *layout.shape, generator=gen)
     b = a.clone()
     b[:, layout.prefix:] = torch.randn(b[:, layout.prefix:].shape, generator=gen)
-    with in_mode(rear, False):
-        out_a, out_b = (rear(t.to(device=device, dtype=dtype)) for t in (a, b))
+    zero = [p for p in rear.parameters() if p.is_floating_point() and p.numel() > 1 and not bool(p.any())]
+    saved = [p.clone() for p in zero]
+    try:
+        for p in zero:
+            p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        with in_mode(rear, False):
+            out_a, out_b = (rear(t.to(device=device, dtype=dtype)) for t in (a, b))
+    finally:
+        for p, value in zip(zero, saved):
+            p.copy_(value)
     return "learned" if not torch.allclose(out_a, out_b, rtol=1e-4, atol=1e-5) else "pooled"
 
 

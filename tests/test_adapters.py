@@ -805,3 +805,31 @@ def test_a_non_square_map_is_not_read_as_channels_last() -> None:
     source = trainer.adapters.to_teacher.source
     assert (source.kind, source.channels, source.grid) == ("map", 8, (8, 16))
     assert infer_layout((8, 8, 16), image_size=(32, 32)).kind == "channels_last"  # a square image's channels-last stage
+
+
+class _MixThenClassToken(nn.Module):
+    """A rear that mixes the tokens (as attention does) and then reads the class token; its head starts at zero."""
+
+    def __init__(self, tokens: int, dim: int, zero_head: bool) -> None:
+        super().__init__()
+        self.mix = nn.Linear(tokens, tokens)
+        self.head = nn.Linear(dim, 3)
+        if zero_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(x.transpose(1, 2)).transpose(1, 2)[:, 0])
+
+
+def test_prefix_mode_sees_through_a_zero_initialized_head() -> None:
+    """Regression: a rear whose head starts at zero (timm's weight_init="jax") gives equal outputs whatever it reads,
+    so the probe called it a class-token head ("pooled") though the tokens are mixed before it ("learned")."""
+    from elf.adapters import prefix_mode_for
+
+    layout = infer_layout((17, 8))  # 4x4 patches + a class token
+    for zero_head in (False, True):
+        rear = _MixThenClassToken(17, 8, zero_head)
+        before = {k: v.clone() for k, v in rear.state_dict().items()}
+        assert prefix_mode_for(rear, layout) == "learned", zero_head
+        assert all(torch.equal(v, rear.state_dict()[k]) for k, v in before.items())  # its weights put back
