@@ -137,7 +137,7 @@ for _model_name, _norm_kind in (("ResNet18", "instancenorm"), ("ResNet18BN", "ba
                    "ELF's ImageNet stem, cut layer3, 256x4x4")
     register_model(f"{_model_name}_AP", functools.partial(resnet18_ap, norm=_norm_kind),
                    f"ResNet-18, {_norm_kind}, downsampling by 2x2 average pools, flattened head, as DC/MTT's "
-                   f"{_model_name}_AP (MTT's cross-architecture pool); default cut layer4.0, 512x4x4")
+                   f"{_model_name}_AP (MTT's cross-architecture pool); default cut layer4.0, 512x4x4 at 32x32")
     register_model(f"{_model_name}ImageNet", functools.partial(resnet18, norm=_norm_kind, stem="imagenet"),
                    f"ResNet-18, {_norm_kind}, ImageNet stem (7x7/2 conv + max-pool) at any size, as the ELF code's "
                    f"{_model_name}ImageNet; default cut layer3 (256x4x4 at 64x64)")
