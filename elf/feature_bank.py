@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, load_state_dict
 from .errors import ELFError
-from .fileio import PathLike, file_sha256, load_tensors, save_tensors, state_dict_sha256, tensor_sha256
+from .fileio import PathLike, file_sha256, load_tensors, portable_path, save_tensors, state_dict_sha256, tensor_sha256
 from .models import create_model, default_split_point
 from .modes import in_mode
 from .pixel_space import check_same_space, space_metadata
@@ -298,7 +298,7 @@ class FeatureBank:
             teacher.to(device)
         bank = cls.build(teacher, images, point, **build_kwargs)
         bank.metadata.update(accuracy)  # the teacher's own test accuracy, when its checkpoint records it
-        bank.metadata.update(teacher_checkpoint=str(checkpoint), teacher_checkpoint_sha256=file_sha256(checkpoint))
+        bank.metadata.update(teacher_checkpoint=portable_path(checkpoint), teacher_checkpoint_sha256=file_sha256(checkpoint))
         return bank
 
     # ---- files ----------------------------------------------------------------------------------------------

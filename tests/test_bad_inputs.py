@@ -641,7 +641,7 @@ def test_eval_names_the_teacher_it_uses_when_several_fit(tmp_path: Path, folder:
     assert main(argv) == 0
     assert "2 teachers give features" in capsys.readouterr().err
     bank = json.loads(out.read_text())["results"][0]["feature_bank"]
-    assert bank["teacher_checkpoint"] == str(teacher) and len(bank["teacher_checkpoint_sha256"]) == 64
+    assert Path(bank["teacher_checkpoint"]).resolve() == teacher.resolve() and len(bank["teacher_checkpoint_sha256"]) == 64
 
 
 def test_eval_refuses_a_normalization_the_set_does_not_record(tmp_path: Path, folder: Path, cache: Path,
