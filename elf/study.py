@@ -136,10 +136,13 @@ class StudyConfig:
                 or self.checkpoint_minutes < 0):
             raise ELFError(f"checkpoint_minutes takes a number of minutes >= 0 (0: no checkpoints inside runs), "
                            f"got {self.checkpoint_minutes!r}")
+        if isinstance(self.models, tuple):
+            self.models = list(self.models)
         if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
             raise ELFError(f"models takes a list of model names, e.g. [\"ConvNet\", \"ResNet18BN\"], got {self.models!r}")
-        if not isinstance(self.sets, dict) or not all(isinstance(v, str) for v in self.sets.values()):
+        if not isinstance(self.sets, dict) or not all(isinstance(v, (str, os.PathLike)) for v in self.sets.values()):
             raise ELFError(f"sets takes a table of name = file, e.g. [sets] dm = \"dm.safetensors\", got {self.sets!r}")
+        self.sets = {k: os.fspath(v) for k, v in self.sets.items()}  # (Path objects from Python: as strings)
         for key in ("random_real", "full_data"):
             if not isinstance(getattr(self, key), bool):
                 raise ELFError(f"{key} takes true/false, got {getattr(self, key)!r}")

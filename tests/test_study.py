@@ -896,6 +896,9 @@ def test_study_settings_of_the_wrong_type_are_refused(setting: dict, match: str)
     base = {"sets": {"a": "a.safetensors"}, "models": ["ConvNet"], "data": "d"}
     with pytest.raises(elf.ELFError, match=match):
         StudyConfig.from_dict({**base, **setting})
+    # from Python, a Path for a set file and a tuple of models are fine
+    cfg = StudyConfig.from_dict({**base, "sets": {"a": Path("a.safetensors")}, "models": ("ConvNet",)})
+    assert cfg.sets == {"a": "a.safetensors"} and cfg.models == ["ConvNet"]
 
 
 def test_a_test_subset_the_data_cannot_give_stops_the_study_before_training(workspace: Path,
