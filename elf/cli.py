@@ -581,7 +581,7 @@ def _eval_settings(args: argparse.Namespace, sset: Any, banks: Sequence[Any], te
         out["teacher_points"] = [b.point for b in banks]
     out["test_n"] = int(test_x.shape[0])
     # the contents, not only the paths: a set file replaced in place, or other --data, must not be resumed into
-    out["set_sha256"] = tensor_sha256(sset.images, sset.labels)
+    out["set_sha256"] = sset.content_sha256()
     out["test_sha256"] = tensor_sha256(test_x, test_y)
     return json.loads(json.dumps(out, default=str))
 

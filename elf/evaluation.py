@@ -22,7 +22,7 @@ from .models import build_model, default_split_point, has_default_split_point
 from .protocol import Protocol, get_protocol, seed_list
 from .split import SplitOptions, list_split_points, split_model
 from .synthetic import SyntheticSet
-from .trainer import ELFTrainer, EvalResult, protocol_for_set
+from .trainer import ELFTrainer, EvalResult, cannot_run, protocol_for_set
 
 __all__ = ["ModelComparison", "compare_models", "front_shape", "pick_bank", "choose_bank", "format_table", "environment",
            "git_revision"]
@@ -83,10 +83,9 @@ def front_shape(model_name: str | torch.nn.Module, image_shape: Sequence[int], n
     with torch.no_grad():
         try:
             return tuple(front(torch.zeros(1, c, h, w)).shape[1:])
-        except RuntimeError as e:  # (as the trainer says it: a model built for other images)
-            raise ELFError(f"{model_name if isinstance(model_name, str) else type(model).__name__} cannot run on images "
-                           f"of shape {(c, h, w)} ({e}); build it for these images (channels, size: a registered "
-                           "builder gets channel=, im_size= only if it takes them) or pass images that fit it") from e
+        except RuntimeError as e:  # (as the trainer says it)
+            name = model_name if isinstance(model_name, str) else type(model).__name__
+            raise cannot_run(name, (c, h, w), e) from e
 
 
 def pick_bank(shape: tuple[int, ...], banks: Sequence[FeatureBank]) -> FeatureBank | None:
@@ -323,9 +322,9 @@ def _split_points_by_model(split_at: dict[str, str], models: Sequence[str]) -> d
 def _bank_info(bank: FeatureBank) -> dict[str, str]:
     """What a comparison row records of its feature bank: teacher, content hashes and cut point, and the teacher's
     checkpoint file and its SHA-256 when the bank was made from one."""
-    keys = ("teacher_model", "teacher_sha256", "point", "images_sha256", "teacher_checkpoint", "teacher_checkpoint_sha256")
-    return {k: bank.metadata[k] if k in bank.metadata else "" for k in keys
-            if k in bank.metadata or not k.startswith("teacher_checkpoint")}
+    info = {k: bank.metadata.get(k, "") for k in ("teacher_model", "teacher_sha256", "point", "images_sha256")}
+    info.update({k: bank.metadata[k] for k in ("teacher_checkpoint", "teacher_checkpoint_sha256") if k in bank.metadata})
+    return info
 
 
 def _teacher_name(bank: FeatureBank) -> str:

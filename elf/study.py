@@ -494,8 +494,8 @@ class _Resources:
         return self._get(f"set:{name}", make)
 
     def set_sha256(self, name: str) -> str:
-        """:func:`_set_sha256` of a set as the runs get it (a random-real subset drawn from other data gets another)."""
-        return self._get(f"sha256:{name}", lambda: _set_sha256(self.synthetic(name)))
+        """``content_sha256`` of a set as the runs get it (a random-real subset drawn from other data gets another)."""
+        return self._get(f"sha256:{name}", lambda: self.synthetic(name).content_sha256())
 
     def teacher_of(self, set_name: str, bank: Any) -> dict[str, str]:
         """The study file's label of ``bank``'s teacher and the SHA-256 of its checkpoint file, for the record (a
@@ -547,14 +547,6 @@ def _load_set(cfg: StudyConfig, path: str) -> Any:
 def printed_difference(a: Sequence[float], b: Sequence[float]) -> float:
     """``mean(a) - mean(b)`` of the means as printed (2 decimals each), so a table's numbers add up as read."""
     return round(float(np.mean(a)), 2) - round(float(np.mean(b)), 2)
-
-
-def _set_sha256(sset: Any) -> str:
-    """SHA-256 of a synthetic set's images and labels: what a run trains on (a file replaced under the same name
-    gets another)."""
-    from .fileio import tensor_sha256
-
-    return tensor_sha256(sset.images, sset.labels)
 
 
 def _resolved_settings(cfg: StudyConfig, variant: str, model: str) -> tuple[Any, str | None, str | None]:
@@ -812,7 +804,7 @@ def stale_runs(cfg: StudyConfig) -> list[tuple[str, str]]:
                 set_hashes[name], set_lrs[name] = "", None
                 return
             sset = _load_set(cfg, cfg.sets[name])
-            set_hashes[name], set_lrs[name] = _set_sha256(sset), sset.lr
+            set_hashes[name], set_lrs[name] = sset.content_sha256(), sset.lr
 
     def set_hash(name: str) -> str:
         load_set(name)

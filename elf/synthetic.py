@@ -106,6 +106,13 @@ class SyntheticSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def content_sha256(self) -> str:
+        """SHA-256 of the images and labels: what a run trains on (a file replaced under the same name gets another);
+        records of ``elf eval`` and ``elf study`` keep it to refuse resuming or summarizing across sets."""
+        from .fileio import tensor_sha256
+
+        return tensor_sha256(self.images, self.labels)
+
     @property
     def num_classes(self) -> int:
         """K: the soft-label width, else the number of class names, else max label + 1."""

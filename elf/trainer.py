@@ -81,6 +81,13 @@ class DivergenceWatch:
         return None if i is None else (i, bad[i], float(self.loss.reshape(-1)[i]))
 
 
+def cannot_run(model_name: str, image_shape: tuple[int, ...], error: BaseException) -> ELFError:
+    """The error for a model that fails on images of ``image_shape`` ``(C, H, W)``: built for other images."""
+    return ELFError(f"{model_name} cannot run on images of shape {image_shape} ({error}); build it for these images "
+                    "(channels, size: a registered builder gets channel=, im_size= only if it takes them) or pass "
+                    "images that fit it")
+
+
 def finite_state(params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
                  seeds: int = 1) -> dict[str, torch.Tensor]:
     """Per parameter and floating buffer (``"parameter 'name'"``, ``"buffer 'name'"``), whether its values are all
@@ -400,10 +407,7 @@ class ELFTrainer:
             try:
                 out = model(x.clone())  # a copy: a model that edits its input in place must not edit the set
             except RuntimeError as e:
-                raise ELFError(
-                    f"{self.model_name} cannot run on images of shape {tuple(x.shape[1:])} ({e}); build it for "
-                    "these images (channels, size) or pass images that fit it"
-                ) from e
+                raise cannot_run(self.model_name, tuple(x.shape[1:]), e) from e
             if not isinstance(out, torch.Tensor):
                 raise ELFError(_not_logits(self.model_name, out, "in eval mode"))
             if out.dim() != 2 or out.shape[1] != self.num_classes:
